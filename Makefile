@@ -1,0 +1,33 @@
+# moverd: every target sets itself up (virtualenv + installs) on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYPROJECTS := pyproject.toml plugins/storage_s3/pyproject.toml plugins/storage_lts/pyproject.toml plugins/catalog_scicat/pyproject.toml
+
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: run test test-fast bench lint clean
+
+$(STAMP): $(PYPROJECTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]' -e plugins/storage_lts -e plugins/storage_s3 -e plugins/catalog_scicat
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m moverd.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check moverd plugins flows tests bench
+	$(BIN)/mypy moverd plugins/storage_s3/moverd_storage_s3 plugins/storage_lts/moverd_storage_lts plugins/catalog_scicat/moverd_catalog_scicat
+
+clean:
+	rm -rf $(VENV)

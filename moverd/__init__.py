@@ -1,0 +1,62 @@
+"""moverd: a plugin-based data mover for scientific archives.
+
+This module is the public API that plugins and tools use; everything not exported here may change.
+"""
+
+from __future__ import annotations
+
+from .catalog import Catalog
+from .checksums import Hasher, HasherFactory
+from .errors import (
+    CatalogError,
+    ConfigError,
+    MissingFileError,
+    MoverdError,
+    NoSpaceError,
+    NotFoundError,
+    OfflineTimeoutError,
+    PluginError,
+    StorageError,
+    SystemError_,
+    UnknownDatasetError,
+    UnknownJobError,
+    UnsafePathError,
+    UserError,
+    VerificationError,
+)
+from .events import Transfer
+from .hookspecs import hookimpl
+from .keys import join_key, path_safe_id, safe_key
+from .limits import Slots
+from .models import (
+    ArchiveStatus,
+    Datablock,
+    Dataset,
+    FileEntry,
+    Job,
+    JobDataset,
+    JobStatus,
+    JobType,
+    LifecycleUpdate,
+    Member,
+    RetrieveStatus,
+)
+from .options import Options, read_secret_file
+from .registry import CatalogType, Context, StorageType
+from .retry import retry_async
+from .storage import ObjectInfo, Reader, Storage, Writer, read_slot, write_slot
+from .units import ByteSize, Duration, format_size, parse_duration, parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchiveStatus", "ByteSize", "Catalog", "CatalogError", "CatalogType", "ConfigError",
+    "Context", "Datablock", "Dataset", "Duration", "FileEntry", "Hasher", "HasherFactory", "Job",
+    "JobDataset", "JobStatus", "JobType", "LifecycleUpdate", "Member", "MissingFileError",
+    "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo", "OfflineTimeoutError",
+    "Options", "PluginError", "Reader", "RetrieveStatus", "Slots", "Storage", "StorageError",
+    "StorageType", "SystemError_", "Transfer", "UnknownDatasetError", "UnknownJobError",
+    "UnsafePathError", "UserError", "VerificationError", "Writer", "format_size", "hookimpl",
+    "join_key", "parse_duration", "parse_size", "path_safe_id", "read_secret_file", "read_slot",
+    "retry_async", "safe_key", "write_slot",
+]

@@ -1,0 +1,1 @@
+"""The embedded default catalog (SQLite in the state directory). Being written."""

@@ -1,0 +1,73 @@
+"""The exceptions moverd raises.
+
+Two families matter to callers: :class:`UserError` (the request or the data is wrong; retrying
+will not help, the catalog is told ``missingFilesError``) and :class:`SystemError_` (a storage or
+catalog failed; the job may be run again and resumes). Every error carries one clear line of text
+so that the CLI and the catalog can show it as it is.
+"""
+
+from __future__ import annotations
+
+
+class MoverdError(Exception):
+    """Base class of every error moverd raises on purpose."""
+
+
+class UserError(MoverdError):
+    """The input is wrong: unsafe names, missing files, unknown datasets, bad requests."""
+
+
+class UnsafePathError(UserError):
+    """A key or path that could escape its root (``..``, absolute, NUL, outside symlink)."""
+
+
+class MissingFileError(UserError):
+    """A file the plan needs is absent from the source, or has another size than listed."""
+
+
+class UnknownDatasetError(UserError):
+    """The catalog has no dataset with this id."""
+
+
+class UnknownJobError(UserError):
+    """The catalog has no job with this id."""
+
+
+class ConfigError(MoverdError):
+    """The configuration is broken; the message lists every problem found."""
+
+
+class SystemError_(MoverdError):  # noqa: N801 - trailing underscore: the builtin name is taken
+    """A storage, catalog or verification failure: the job can be run again and resumes."""
+
+
+class StorageError(SystemError_):
+    """A storage backend failed (I/O error, server error after retries, ...)."""
+
+
+class NotFoundError(StorageError):
+    """The key does not exist in the storage."""
+
+
+class NoSpaceError(StorageError):
+    """The sink is full, or stayed below its free-space minimum for longer than allowed."""
+
+
+class OfflineTimeoutError(StorageError):
+    """An offline (HSM) file was not recalled within the configured timeout."""
+
+
+class VerificationError(SystemError_):
+    """Bytes read back do not match the checksums recorded when they were written."""
+
+    def __init__(self, message: str, *, member: str | None = None) -> None:
+        super().__init__(message)
+        self.member = member
+
+
+class CatalogError(SystemError_):
+    """The catalog failed or refused a request."""
+
+
+class PluginError(MoverdError):
+    """A storage, catalog or checksum name that no loaded plugin provides."""

@@ -1,0 +1,154 @@
+"""The data moverd moves and records: datasets, files, datablocks, jobs.
+
+These are the core's own shapes; catalog plugins translate them to and from their API
+(SciCat's OrigDatablock ``dataFileList`` becomes a list of :class:`FileEntry`, a
+:class:`Datablock` becomes a SciCat Datablock).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .keys import safe_key
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class FileEntry(_Model):
+    """One file of a dataset, as the catalog lists it (path relative to the dataset root)."""
+
+    path: str
+    size: int = Field(ge=0)
+    mtime: float = 0.0
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    checksum: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        return safe_key(v)
+
+    @property
+    def time_iso(self) -> str:
+        return datetime.fromtimestamp(self.mtime, UTC).isoformat().replace("+00:00", "Z")
+
+
+class Member(_Model):
+    """A file inside a datablock: where its bytes are in the tar, and their checksum."""
+
+    path: str
+    size: int
+    offset: int
+    """Offset of the file's data (after its headers) within the tar."""
+    header_offset: int
+    mtime: float = 0.0
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    checksum: str
+
+
+class Datablock(_Model):
+    """One tar on the LTS, with its member index."""
+
+    archive_id: str
+    index: int
+    size: int
+    """Sum of the members' sizes (SciCat's unpacked ``size``)."""
+    packed_size: int
+    """Bytes of the tar file."""
+    checksum_alg: str
+    """Algorithm of the members' checksums (SciCat's ``chkAlg``)."""
+    datablock_checksum: str
+    """``<alg>:<hex>`` of the whole tar, for read-back verification."""
+    members: list[Member]
+    version: str = "1"
+    catalog_id: str | None = None
+    """Id the catalog gave the registered datablock (None before registration)."""
+
+    @property
+    def index_key(self) -> str:
+        return index_key(self.archive_id)
+
+
+def index_key(archive_id: str) -> str:
+    """Key of the member index stored beside a datablock."""
+    return archive_id + ".index.json"
+
+
+class Dataset(_Model):
+    """A dataset as the catalog knows it."""
+
+    pid: str
+    size: int | None = None
+    number_of_files: int | None = None
+    source_folder: str | None = None
+    """Where the data is. For the local catalog: the folder archived from."""
+    lifecycle: dict[str, Any] = Field(default_factory=dict)
+    owner_group: str | None = None
+
+
+class JobType(str, Enum):
+    archive = "archive"
+    retrieve = "retrieve"
+
+
+class JobStatus(str, Enum):
+    """SciCat's job status codes, used by every catalog."""
+
+    submitted = "jobSubmitted"
+    in_progress = "inProgress"
+    finished_successful = "finishedSuccessful"
+    finished_with_dataset_errors = "finishedWithDatasetErrors"
+    finished_unsuccessful = "finishedUnsuccessful"
+
+
+class JobDataset(_Model):
+    pid: str
+    files: list[str] = Field(default_factory=list)
+    """Dataset-relative paths; empty means the whole dataset."""
+
+
+class Job(_Model):
+    id: str
+    type: JobType
+    datasets: list[JobDataset]
+    status: str = JobStatus.submitted.value
+    result: dict[str, Any] = Field(default_factory=dict)
+
+
+class ArchiveStatus(str, Enum):
+    """SciCat's ``archiveStatusMessage`` values moverd sets."""
+
+    started = "started"
+    on_archive_disk = "datasetOnArchiveDisk"
+    missing_files = "missingFilesError"
+    failed = "scheduleArchiveJobFailed"
+
+
+class RetrieveStatus(str, Enum):
+    """SciCat's ``retrieveStatusMessage`` values moverd sets."""
+
+    started = "started"
+    retrieved = "datasetRetrieved"
+    failed = "datasetRetrievalFailed"
+
+
+class LifecycleUpdate(_Model):
+    """A partial lifecycle change: only fields that are set are sent (a merge, never a reset)."""
+
+    archive_status: ArchiveStatus | None = None
+    retrieve_status: RetrieveStatus | None = None
+    archivable: bool | None = None
+    retrievable: bool | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, mode="json")

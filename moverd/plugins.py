@@ -1,0 +1,92 @@
+"""The plugin manager: built-in defaults first, then every ``moverd.plugins`` entry point.
+
+A plugin that fails to import or to register is reported with its name and skipped, so one broken
+third-party package cannot take the daemon down. ``MOVERD_DISABLE_PLUGINS`` (comma-separated entry
+point names) skips plugins without uninstalling them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import os
+from dataclasses import dataclass, field
+
+import pluggy
+
+from . import hookspecs
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "moverd.plugins"
+
+DEFAULT_PLUGINS = (
+    "moverd.builtin.checksums",
+    "moverd.builtin.local_catalog",
+)
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    version: str | None
+    hooks: list[str]
+    builtin: bool
+
+
+@dataclass
+class LoadReport:
+    broken: dict[str, str] = field(default_factory=dict)
+    """Entry point name → one line saying why it was not loaded."""
+
+
+def _new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("moverd")
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def load_plugins(*, entry_points: bool = True) -> tuple[pluggy.PluginManager, LoadReport]:
+    """Build a plugin manager with the defaults and (unless disabled) the installed plugins."""
+    pm = _new_manager()
+    report = LoadReport()
+    for modname in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(modname), name=modname)
+    if not entry_points:
+        return pm, report
+    disabled = {s.strip() for s in os.environ.get("MOVERD_DISABLE_PLUGINS", "").split(",") if s.strip()}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in disabled or pm.has_plugin(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+            pm.check_pending()
+        except Exception as exc:  # noqa: BLE001 - any failure of third-party code is reported
+            if pm.has_plugin(ep.name):
+                pm.unregister(name=ep.name)
+            why = f"{type(exc).__name__}: {exc}"
+            report.broken[ep.name] = why
+            log.warning("plugin %r (%s) was not loaded: %s", ep.name, ep.value, why)
+            continue
+        dist = ep.dist
+        if dist is not None:
+            _versions[ep.name] = dist.version
+    return pm, report
+
+
+_versions: dict[str, str] = {}
+
+
+def describe_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
+    """What ``moverd plugins`` prints: each plugin, its version and the hooks it implements."""
+    from . import __version__
+
+    out = []
+    for name, plugin in pm.list_name_plugin():
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        builtin = name in DEFAULT_PLUGINS
+        version = __version__ if builtin else _versions.get(name)
+        out.append(PluginInfo(name=name, version=version, hooks=hooks, builtin=builtin))
+    return sorted(out, key=lambda p: (not p.builtin, p.name))

@@ -1,0 +1,139 @@
+"""What plugins registered: storage types, catalog types, checksum algorithms.
+
+The registry is filled once from the registration hooks and is the only way the core turns a
+type name from the configuration into an object, so the core never imports a plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from .errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
+    from .checksums import Hasher, HasherFactory
+    from .storage import Storage
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a plugin may need from moverd besides its own options."""
+
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class StorageType:
+    name: str
+    options: type[BaseModel]
+    create: Callable[[str, Any, Context], Storage]
+    """``create(instance_name, validated_options, context)``."""
+    description: str = ""
+    plugin: str = ""
+
+
+@dataclass(frozen=True)
+class CatalogType:
+    name: str
+    options: type[BaseModel]
+    create: Callable[[Any, Context], Catalog]
+    description: str = ""
+    plugin: str = ""
+
+
+def format_validation_error(prefix: str, exc: ValidationError) -> list[str]:
+    """One line per problem, each naming the full key (``storages.lts.root: ...``)."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return lines
+
+
+@dataclass
+class Registry:
+    storages: dict[str, StorageType] = field(default_factory=dict)
+    catalogs: dict[str, CatalogType] = field(default_factory=dict)
+    checksums: dict[str, HasherFactory] = field(default_factory=dict)
+
+    @classmethod
+    def from_plugins(cls, pm: pluggy.PluginManager) -> Registry:
+        reg = cls()
+        for hook, add in (
+            (pm.hook.register_storages, reg._add_storage),
+            (pm.hook.register_catalogs, reg._add_catalog),
+            (pm.hook.register_checksums, reg._add_checksum),
+        ):
+            for impl in hook.get_hookimpls():
+                plugin_name = pm.get_name(impl.plugin) or "?"
+                impl.function(register=lambda item, *rest, _p=plugin_name, _a=add: _a(_p, item, *rest))
+        return reg
+
+    def _add_storage(self, plugin: str, st: StorageType) -> None:
+        self.storages.setdefault(st.name, StorageType(**{**st.__dict__, "plugin": plugin}))
+
+    def _add_catalog(self, plugin: str, ct: CatalogType) -> None:
+        self.catalogs.setdefault(ct.name, CatalogType(**{**ct.__dict__, "plugin": plugin}))
+
+    def _add_checksum(self, plugin: str, name: str, factory: HasherFactory) -> None:
+        self.checksums.setdefault(name, factory)
+
+    def hasher(self, name: str) -> Hasher:
+        try:
+            return self.checksums[name]()
+        except KeyError:
+            raise PluginError(
+                f"unknown checksum algorithm {name!r}; known: {', '.join(sorted(self.checksums))}"
+            ) from None
+
+    def storage_options(self, type_name: str, options: dict[str, Any], where: str) -> BaseModel:
+        st = self._storage_type(type_name, where)
+        try:
+            return st.options.model_validate(options)
+        except ValidationError as exc:
+            raise ConfigError("\n".join(format_validation_error(where, exc))) from None
+
+    def create_storage(self, type_name: str, name: str, options: dict[str, Any], ctx: Context) -> Storage:
+        st = self._storage_type(type_name, f"storages.{name}")
+        opts = self.storage_options(type_name, options, f"storages.{name}")
+        storage = st.create(name, opts, ctx)
+        storage.name = name
+        storage.type_name = type_name
+        return storage
+
+    def create_catalog(self, type_name: str, options: dict[str, Any], ctx: Context) -> Catalog:
+        try:
+            ct = self.catalogs[type_name]
+        except KeyError:
+            raise ConfigError(
+                f"catalog.type: unknown catalog type {type_name!r}; "
+                f"known: {', '.join(sorted(self.catalogs)) or 'none'}"
+            ) from None
+        try:
+            opts = ct.options.model_validate(options)
+        except ValidationError as exc:
+            raise ConfigError("\n".join(format_validation_error("catalog", exc))) from None
+        catalog = ct.create(opts, ctx)
+        catalog.type_name = type_name
+        return catalog
+
+    def _storage_type(self, type_name: str, where: str) -> StorageType:
+        try:
+            return self.storages[type_name]
+        except KeyError:
+            raise ConfigError(
+                f"{where}.type: unknown storage type {type_name!r}; "
+                f"known: {', '.join(sorted(self.storages)) or 'none (are the plugins installed?)'}"
+            ) from None

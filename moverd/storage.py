@@ -1,0 +1,152 @@
+"""The storage contract: what a source or sink plugin implements.
+
+Keys are relative POSIX paths that :func:`moverd.keys.safe_key` accepted before a plugin sees
+them. Bytes move through :class:`Reader.readinto` into buffers the core owns and reuses, and out
+through :class:`Writer.write`, which must be done with the buffer when it returns: that is what
+keeps the pipeline zero-copy and its memory flat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+from .errors import NotFoundError
+from .limits import Slots
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One object (file) of a storage. ``mode``/``uid``/``gid`` are None where unknown (S3)."""
+
+    key: str
+    size: int
+    mtime: float = 0.0
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    etag: str | None = None
+
+
+class Reader(Protocol):
+    """A stream over one object, or a byte range of it."""
+
+    async def readinto(self, buf: memoryview) -> int:
+        """Fill ``buf`` (possibly partly); return the count, 0 only at the end."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Writer(ABC):
+    """A new object being written. Nothing is visible under its key before :meth:`commit`."""
+
+    @abstractmethod
+    async def write(self, data: memoryview | bytes) -> None:
+        """Append ``data``; the caller reuses the buffer as soon as this returns."""
+
+    @abstractmethod
+    async def commit(self) -> None:
+        """Publish atomically and durably under the key (replacing an older object)."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Discard everything written; must leave nothing behind and never raise on cleanup."""
+
+
+class Storage(ABC):
+    """A place objects live: the landing zone, the LTS share, a retrieval bucket.
+
+    Optional capabilities have defaults that say "not supported": :meth:`presign` raises,
+    :meth:`free_space` answers None, :meth:`ensure_online` returns at once, and the slots are
+    unbounded. ``read_slots``/``write_slots`` are the bounded semaphores of the LTS.
+    """
+
+    #: Registered type name (``"posix"``, ``"s3"``) and configured instance name (``"lts"``).
+    type_name: str = ""
+    name: str = ""
+    read_slots: Slots | None = None
+    write_slots: Slots | None = None
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Every object whose key starts with the folder ``prefix``, recursively, any order."""
+
+    @abstractmethod
+    async def stat(self, key: str) -> ObjectInfo:
+        """Metadata of one object; :class:`~moverd.errors.NotFoundError` when absent."""
+
+    @abstractmethod
+    async def open_reader(
+        self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False
+    ) -> Reader:
+        """Stream ``length`` bytes from ``offset`` (to the end when None).
+
+        ``uncached=True`` asks for the bytes as they are on the medium, not from a cache: the
+        read-back verification uses it. Storages without a local cache ignore it.
+        """
+
+    @abstractmethod
+    async def open_writer(self, key: str, size_hint: int | None = None) -> Writer:
+        """Start writing a new object."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete one object; deleting a missing object is not an error."""
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``; return how many were deleted."""
+        keys = [info.key async for info in self.list(prefix)]
+        for key in keys:
+            await self.delete(key)
+        return len(keys)
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.stat(key)
+        except NotFoundError:
+            return False
+        return True
+
+    async def presign(self, key: str, expires: timedelta) -> str:
+        """A URL that downloads ``key`` without credentials until it expires."""
+        raise NotImplementedError(f"storage {self.name!r} ({self.type_name}) cannot presign URLs")
+
+    async def free_space(self) -> int | None:
+        """Bytes free for new objects, or None when the storage cannot tell."""
+        return None
+
+    async def ensure_online(self, key: str) -> None:
+        """Wait until an offline (HSM) object is readable; no-op where there is no HSM."""
+        return None
+
+    async def wait_for_space(self, needed: int) -> None:
+        """Block until ``needed`` bytes may be written; raise NoSpaceError on timeout."""
+        return None
+
+    async def aclose(self) -> None:
+        """Release connections and other resources."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Non-secret facts for ``moverd plugins``/``config show`` and health checks."""
+        return {"type": self.type_name, "name": self.name}
+
+
+@contextlib.asynccontextmanager
+async def _no_slot() -> AsyncIterator[None]:
+    yield
+
+
+def read_slot(storage: Storage) -> contextlib.AbstractAsyncContextManager[None]:
+    """The storage's read semaphore, or nothing when it has none."""
+    return storage.read_slots.hold() if storage.read_slots else _no_slot()
+
+
+def write_slot(storage: Storage) -> contextlib.AbstractAsyncContextManager[None]:
+    """The storage's write semaphore, or nothing when it has none."""
+    return storage.write_slots.hold() if storage.write_slots else _no_slot()

@@ -1,0 +1,10 @@
+"""Test-session fixtures. Each real part lives in its own support module under tests/support."""
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+pytest_plugins = [
+    "tests.support.s3",
+]
