@@ -113,7 +113,7 @@ class Registry:
         storage.type_name = type_name
         return storage
 
-    def create_catalog(self, type_name: str, options: dict[str, Any], ctx: Context) -> Catalog:
+    def catalog_options(self, type_name: str, options: dict[str, Any]) -> BaseModel:
         try:
             ct = self.catalogs[type_name]
         except KeyError:
@@ -122,10 +122,13 @@ class Registry:
                 f"known: {', '.join(sorted(self.catalogs)) or 'none'}"
             ) from None
         try:
-            opts = ct.options.model_validate(options)
+            return ct.options.model_validate(options)
         except ValidationError as exc:
             raise ConfigError("\n".join(format_validation_error("catalog", exc))) from None
-        catalog = ct.create(opts, ctx)
+
+    def create_catalog(self, type_name: str, options: dict[str, Any], ctx: Context) -> Catalog:
+        opts = self.catalog_options(type_name, options)
+        catalog = self.catalogs[type_name].create(opts, ctx)
         catalog.type_name = type_name
         return catalog
 

@@ -112,6 +112,10 @@ class Storage(ABC):
             return False
         return True
 
+    async def set_metadata(self, key: str, *, mtime: float | None = None, mode: int | None = None) -> None:
+        """Set a file's modification time and permission bits where the storage has them."""
+        return None
+
     async def presign(self, key: str, expires: timedelta) -> str:
         """A URL that downloads ``key`` without credentials until it expires."""
         raise NotImplementedError(f"storage {self.name!r} ({self.type_name}) cannot presign URLs")

@@ -1,0 +1,290 @@
+"""``moverd``: archive, retrieve and verify datasets; inspect plugins and configuration.
+
+Every command works with no configuration at all (the embedded default under the state
+directory). Errors print one line and exit non-zero: 2 for a user error (bad input, missing
+files, unknown dataset), 3 for broken configuration, 1 for system errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..app import App
+from ..errors import ConfigError, MoverdError, UserError
+from ..events import Transfer
+from ..units import format_size
+from .progress import show_progress
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="moverd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="moverd: move datasets into tar datablocks on long-term storage, verified, and back.",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Check or show the configuration.")
+app.add_typer(config_app, name="config")
+out = Console()
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML configuration file (default: $MOVERD_CONFIG, else the embedded default).",
+                 show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts, no progress bars.")]
+
+
+class _State:
+    config: Path | None = None
+
+
+def fail(exc: BaseException) -> None:
+    code = 3 if isinstance(exc, ConfigError) else 2 if isinstance(exc, UserError) else 1
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    typer.echo(f"moverd: error: {lines[0]}", err=True)
+    for line in lines[1:]:
+        typer.echo(f"  {line}", err=True)
+    raise typer.Exit(code)
+
+
+def run(fn: Callable[[App], Awaitable[T]], config: Path | None) -> T:
+    """Load the app, run ``fn`` on it, close it; map errors to one line and an exit code."""
+    async def main() -> T:
+        async with App.load(config) as application:
+            return await fn(application)
+
+    try:
+        return anyio.run(main)
+    except MoverdError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("moverd: interrupted", err=True)
+        raise typer.Exit(130) from None
+    except OSError as exc:
+        fail(MoverdError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")))
+    raise AssertionError("unreachable")
+
+
+def emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def archive(
+    source: Annotated[str, typer.Argument(help="A folder to archive as a new dataset, or the id of a catalogued dataset.")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Archive a folder (as a new dataset in the local catalog) or a catalogued dataset to the LTS."""
+    from ..builtin.local_catalog import LocalCatalog
+    from ..services import archive_dataset
+
+    async def go(a: App) -> dict[str, Any]:
+        folder = Path(source)
+        if folder.is_dir():
+            catalog = a.catalog
+            if not isinstance(catalog, LocalCatalog):
+                raise UserError("archiving a folder needs the local catalog; with another catalog give a dataset id")
+            src = a.local_folder(folder.resolve(), "source")
+            files = [_file_entry(i) async for i in src.list("")]
+            if not files:
+                raise UserError(f"folder {source!r} has no files to archive")
+            ds = await catalog.create_dataset(files, source_folder=str(folder.resolve()))
+            pid, prefix = ds.pid, ""
+        else:
+            if os.sep in source and not folder.exists() and source.startswith((".", "/", "~")):
+                raise UserError(f"folder {source!r} does not exist")
+            ds = await a.catalog.get_dataset(source)
+            pid = ds.pid
+            if ds.source_folder and Path(ds.source_folder).is_absolute() and Path(ds.source_folder).is_dir():
+                src, prefix = a.local_folder(Path(ds.source_folder), "source"), ""
+            else:
+                src = a.storage("landing")
+                prefix = a.settings.archive.landing_prefix.format(pid=pid)
+        transfer = Transfer(kind="archive", dataset=pid)
+        t0 = time.monotonic()
+        async with show_progress(transfer, enabled=not as_json):
+            result = await archive_dataset(a, pid, source=src, prefix=prefix, transfer=transfer)
+        seconds = time.monotonic() - t0
+        return {
+            "dataset": pid, "bytes": result.size, "files": transfer.files_total, "seconds": round(seconds, 3),
+            "datablocks": [
+                {"archive_id": d.archive_id, "size": d.size, "packed_size": d.packed_size, "files": len(d.members)}
+                for d in result.datablocks
+            ],
+            "written": result.written, "reused": result.reused,
+        }
+
+    res = run(go, config)
+    if as_json:
+        emit_json(res)
+        return
+    rate = res["bytes"] / res["seconds"] if res["seconds"] else 0
+    out.print(
+        f"archived [bold]{res['dataset']}[/]: {res['files']} files, {format_size(res['bytes'])} in "
+        f"{len(res['datablocks'])} datablock(s) ({res['written']} written, {res['reused']} reused), "
+        f"{res['seconds']:.1f} s, {format_size(rate)}/s, verified"
+    )
+    out.print(f"retrieve with: moverd retrieve {res['dataset']} --to DIR")
+
+
+def _file_entry(info: Any) -> Any:
+    from ..models import FileEntry
+
+    return FileEntry(path=info.key, size=info.size, mtime=info.mtime, mode=info.mode, uid=info.uid, gid=info.gid)
+
+
+@app.command()
+def retrieve(
+    dataset: Annotated[str, typer.Argument(help="Dataset id.")],
+    to: Annotated[Path, typer.Option("--to", help="Folder to write the files into (created if missing).")],
+    files: Annotated[list[str] | None, typer.Option("--file", "-f", help="Only this file (repeatable).")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Retrieve a dataset, or only some of its files, from the LTS into a folder, verified."""
+    from ..services import retrieve_dataset
+
+    async def go(a: App) -> dict[str, Any]:
+        target = a.local_folder(to.resolve(), "target", create=True, fsync=False)
+        transfer = Transfer(kind="retrieve", dataset=dataset)
+        t0 = time.monotonic()
+        async with show_progress(transfer, enabled=not as_json):
+            result = await retrieve_dataset(a, dataset, target, files=files, transfer=transfer)
+        return {
+            "dataset": dataset, "to": str(to.resolve()), "files": len(result.files), "bytes": result.size,
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+
+    res = run(go, config)
+    if as_json:
+        emit_json(res)
+    else:
+        out.print(
+            f"retrieved [bold]{res['dataset']}[/]: {res['files']} files, {format_size(res['bytes'])} "
+            f"into {res['to']} in {res['seconds']:.1f} s, every file verified"
+        )
+
+
+@app.command()
+def verify(
+    dataset: Annotated[str, typer.Argument(help="Dataset id.")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read every datablock of a dataset back from the LTS and check it."""
+    from ..services import verify_dataset
+
+    async def go(a: App) -> Any:
+        transfer = Transfer(kind="verify", dataset=dataset)
+        async with show_progress(transfer, enabled=not as_json):
+            return await verify_dataset(a, dataset, transfer)
+
+    res = run(go, config)
+    if as_json:
+        emit_json({"dataset": res.pid, "ok": res.ok, "failed": res.failed})
+    else:
+        for archive_id in res.ok:
+            out.print(f"[green]ok[/]      {archive_id}")
+        for archive_id, why in res.failed.items():
+            out.print(f"[red]CORRUPT[/] {archive_id}: {why}")
+    if res.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def datasets(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """List the datasets of the local catalog."""
+    from ..builtin.local_catalog import LocalCatalog
+
+    async def go(a: App) -> list[Any]:
+        if not isinstance(a.catalog, LocalCatalog):
+            raise UserError(f"'datasets' lists the local catalog; the configured catalog is {a.catalog.type_name!r}")
+        return await a.catalog.list_datasets()
+
+    items = run(go, config)
+    if as_json:
+        emit_json([d.model_dump() for d in items])
+        return
+    table = Table("dataset", "files", "size", "archive status", "source")
+    for d in items:
+        table.add_row(d.pid, str(d.number_of_files), format_size(d.size or 0),
+                      str(d.lifecycle.get("archive_status", "")), d.source_folder or "")
+    out.print(table)
+
+
+@app.command()
+def plugins(as_json: JsonOpt = False) -> None:
+    """List the loaded plugins with their versions and hooks, and what they register."""
+    from ..plugins import describe_plugins, load_plugins
+    from ..registry import Registry
+
+    pm, report = load_plugins()
+    reg = Registry.from_plugins(pm)
+    infos = describe_plugins(pm)
+    if as_json:
+        emit_json({
+            "plugins": [i.__dict__ for i in infos], "broken": report.broken,
+            "storages": sorted(reg.storages), "catalogs": sorted(reg.catalogs), "checksums": sorted(reg.checksums),
+        })
+        return
+    table = Table("plugin", "version", "hooks")
+    for i in infos:
+        table.add_row(i.name + (" (built-in)" if i.builtin else ""), i.version or "?", ", ".join(i.hooks))
+    out.print(table)
+    out.print(f"storage types: {', '.join(sorted(reg.storages))}")
+    out.print(f"catalog types: {', '.join(sorted(reg.catalogs))}")
+    out.print(f"checksums: {', '.join(sorted(reg.checksums))}")
+    for name, why in report.broken.items():
+        out.print(f"[yellow]not loaded[/] {name}: {why}")
+
+
+@config_app.command("check")
+def config_check(config: ConfigOpt = None) -> None:
+    """Validate the configuration; print every problem and exit non-zero if there is one."""
+    from ..configcheck import check_config
+
+    problems, where = check_config(config)
+    if problems:
+        for p in problems:
+            typer.echo(f"moverd: config error: {p}", err=True)
+        raise typer.Exit(3)
+    out.print(f"configuration OK ({where})")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None) -> None:
+    """Print the effective configuration (file + environment + defaults), secrets masked."""
+    from ..configcheck import effective_config
+
+    try:
+        typer.echo(effective_config(config))
+    except MoverdError as exc:
+        fail(exc)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        sys.stderr.close()

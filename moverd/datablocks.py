@@ -1,0 +1,168 @@
+"""Datablocks at rest: their member index, read-back verification, and byte-range streaming.
+
+The member index (``<archive id>.index.json``) is written beside each tar right after the tar is
+committed. It is moverd's own record of where every member's bytes are, whatever the catalog can
+store (SciCat has no offsets), and together with the tar it marks a datablock as committed: a
+re-run finds both, verifies the tar against the index, and reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+
+import anyio
+from pydantic import ValidationError
+
+from .buffers import SlabPool, fill
+from .checksums import Hasher
+from .errors import NotFoundError, VerificationError
+from .events import Transfer
+from .models import Datablock, Member, index_key
+from .storage import Storage, read_slot
+
+THREAD_HASH_MIN = 256 * 1024
+
+
+async def write_index(sink: Storage, datablock: Datablock) -> None:
+    data = datablock.model_dump_json(exclude={"catalog_id"}).encode()
+    writer = await sink.open_writer(index_key(datablock.archive_id), size_hint=len(data))
+    try:
+        await writer.write(data)
+        await writer.commit()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await writer.abort()
+        raise
+
+
+async def read_index(storage: Storage, archive_id: str) -> Datablock | None:
+    """The stored member index, or None when there is none (or it is unreadable)."""
+    key = index_key(archive_id)
+    try:
+        info = await storage.stat(key)
+        buf = bytearray(info.size)
+        reader = await storage.open_reader(key)
+        try:
+            n = await fill(reader, memoryview(buf))
+        finally:
+            await reader.aclose()
+        return Datablock.model_validate(json.loads(buf[:n]))
+    except NotFoundError:
+        return None
+    except (ValueError, ValidationError):
+        return None
+
+
+async def stream_range(
+    storage: Storage, key: str, offset: int, length: int, pool: SlabPool,
+    consume: Callable[[memoryview], Awaitable[None]], *, uncached: bool = False,
+) -> None:
+    """Read ``length`` bytes at ``offset`` and hand them to ``consume`` chunk by chunk.
+
+    Two slabs alternate so the next read overlaps the consumer's work on the previous chunk.
+    """
+    if length == 0:
+        return
+    slabs = await pool.acquire(2)
+    ok = False
+    try:
+        reader = await storage.open_reader(key, offset, length, uncached=uncached)
+        try:
+            remaining = length
+            pending: tuple[bytearray, int] | None = None
+            i = 0
+            while remaining > 0 or pending:
+                async with anyio.create_task_group() as tg:
+                    if pending:
+                        tg.start_soon(consume, memoryview(pending[0])[: pending[1]])
+                    nxt: tuple[bytearray, int] | None = None
+                    if remaining > 0:
+                        slab = slabs[i % 2]
+                        i += 1
+                        want = min(remaining, len(slab))
+                        n = await fill(reader, memoryview(slab)[:want])
+                        if n < want:
+                            raise VerificationError(
+                                f"{key!r} on {storage.name!r} ends early: expected {length} bytes "
+                                f"from offset {offset}, got {length - remaining + n}"
+                            )
+                        remaining -= n
+                        nxt = (slab, n)
+                pending = nxt
+        finally:
+            await reader.aclose()
+        ok = True
+    finally:
+        (pool.release if ok else pool.discard)(slabs)
+
+
+async def _hash_into(hashers: list[Hasher], view: memoryview) -> None:
+    def run() -> None:
+        for h in hashers:
+            h.update(view)
+
+    if len(view) >= THREAD_HASH_MIN:
+        await anyio.to_thread.run_sync(run)
+    else:
+        run()
+
+
+async def checksum_range(
+    storage: Storage, key: str, offset: int, length: int, alg: str, hasher: Callable[[str], Hasher],
+    pool: SlabPool, *, uncached: bool = False, transfer: Transfer | None = None,
+) -> str:
+    h = hasher(alg)
+
+    async def consume(view: memoryview) -> None:
+        await _hash_into([h], view)
+        if transfer is not None:
+            transfer.bytes_done += len(view)
+
+    await stream_range(storage, key, offset, length, pool, consume, uncached=uncached)
+    return h.hexdigest()
+
+
+async def verify_datablock(
+    storage: Storage, datablock: Datablock, hasher: Callable[[str], Hasher], pool: SlabPool,
+    transfer: Transfer | None = None,
+) -> None:
+    """Read the tar back around the page cache and compare it with its recorded checksum.
+
+    On a mismatch the members are checked one by one so that the error names the damaged file.
+    """
+    alg, _, expected = datablock.datablock_checksum.partition(":")
+    key = datablock.archive_id
+    async with read_slot(storage):
+        await storage.ensure_online(key)
+        try:
+            info = await storage.stat(key)
+        except NotFoundError:
+            raise VerificationError(f"datablock {key!r} is missing from {storage.name!r}") from None
+        if info.size != datablock.packed_size:
+            raise VerificationError(
+                f"datablock {key!r} has {info.size} bytes on {storage.name!r}, expected {datablock.packed_size}"
+            )
+        actual = await checksum_range(
+            storage, key, 0, info.size, alg, hasher, pool, uncached=True, transfer=transfer
+        )
+        if actual == expected:
+            return
+        member = await _find_damaged_member(storage, datablock, hasher, pool)
+    where = f" in member {member.path!r}" if member else " (in tar headers or padding)"
+    raise VerificationError(
+        f"datablock {key!r} on {storage.name!r} is corrupt{where}: {alg} {actual} != {expected}",
+        member=member.path if member else None,
+    )
+
+
+async def _find_damaged_member(
+    storage: Storage, datablock: Datablock, hasher: Callable[[str], Hasher], pool: SlabPool
+) -> Member | None:
+    for m in datablock.members:
+        got = await checksum_range(
+            storage, datablock.archive_id, m.offset, m.size, datablock.checksum_alg, hasher, pool, uncached=True
+        )
+        if got != m.checksum:
+            return m
+    return None

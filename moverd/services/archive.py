@@ -1,0 +1,171 @@
+"""Archive one dataset: plan, stream each datablock to the LTS, verify it, register it.
+
+Resumable by construction: archive ids are deterministic, so a datablock the catalog already has
+is skipped, and one that is committed on the LTS (tar + member index) but not yet registered is
+verified and reused instead of written again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+
+from ..app import App
+from ..datablocks import read_index, verify_datablock, write_index
+from ..errors import MissingFileError, SystemError_, VerificationError
+from ..events import Transfer
+from ..models import Datablock, FileEntry
+from ..pipeline import write_datablock
+from ..planner import DatablockPlan, check_file_list, plan_datablocks
+from ..storage import Storage, write_slot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ArchiveResult:
+    pid: str
+    datablocks: list[Datablock] = field(default_factory=list)
+    written: int = 0
+    reused: int = 0
+    registered: list[str] = field(default_factory=list)
+    """Catalog ids this call registered (a failed job deletes them again)."""
+
+    @property
+    def size(self) -> int:
+        return sum(d.size for d in self.datablocks)
+
+
+async def check_source(source: Storage, prefix: str, files: Sequence[FileEntry]) -> list[FileEntry]:
+    """Check every listed file is in the source with the listed size, before anything is written.
+
+    Returns the files completed with what the source knows and the list did not say (mode,
+    owner, mtime). Missing or resized files are a user error that names them.
+    """
+    found = {}
+    strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
+    async for info in source.list(prefix):
+        found[info.key[strip:]] = info
+    problems: list[str] = []
+    out: list[FileEntry] = []
+    for f in check_file_list(files):
+        info = found.get(f.path)
+        if info is None:
+            problems.append(f"{f.path!r} is missing")
+            continue
+        if info.size != f.size:
+            problems.append(f"{f.path!r} has {info.size} bytes, the catalog lists {f.size}")
+            continue
+        out.append(f.model_copy(update={
+            "mtime": f.mtime or info.mtime,
+            "mode": f.mode if f.mode is not None else info.mode,
+            "uid": f.uid if f.uid is not None else info.uid,
+            "gid": f.gid if f.gid is not None else info.gid,
+        }))
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        where = f"{source.name!r}" + (f" under {prefix!r}" if prefix else "")
+        raise MissingFileError(f"{len(problems)} file(s) of the dataset not found as listed in {where}: {shown}")
+    return out
+
+
+def _same_content(block: Datablock, plan: DatablockPlan) -> bool:
+    return [(m.path, m.size) for m in block.members] == [(f.path, f.size) for f in plan.files]
+
+
+async def archive_dataset(
+    app: App, pid: str, *, source: Storage, prefix: str = "", files: Sequence[FileEntry] | None = None,
+    transfer: Transfer | None = None, result: ArchiveResult | None = None,
+) -> ArchiveResult:
+    """Archive dataset ``pid`` from ``source`` (under ``prefix``) to the ``lts`` storage.
+
+    Only a datablock that was read back from the LTS and matched is registered in the catalog.
+    On failure in-flight writes are aborted and the error propagates; pass ``result`` to learn
+    which datablocks this call registered before it failed (a failed job deletes them again).
+    """
+    catalog = app.catalog
+    lts = app.storage("lts")
+    listed = list(files) if files is not None else await catalog.list_files(pid)
+    checked = await check_source(source, prefix, listed)
+    plans = plan_datablocks(pid, checked, app.settings.pipeline.target_size)
+    transfer = transfer or Transfer(kind="archive", dataset=pid)
+    transfer.bytes_total = sum(p.size for p in plans)
+    transfer.files_total = len(checked)
+    transfer.datablocks_total = len(plans)
+    result = result or ArchiveResult(pid=pid)
+    blocks: list[Datablock | None] = [None] * len(plans)
+    registered = {d.archive_id: d for d in await catalog.list_datablocks(pid)}
+    limiter = anyio.CapacityLimiter(app.settings.pipeline.datablock_concurrency)
+    app.notify("transfer_started", transfer=transfer)
+
+    async def one(plan: DatablockPlan) -> None:
+        async with limiter:
+            block = await _archive_block(app, pid, plan, source, prefix, lts, registered, transfer, result)
+        blocks[plan.index] = block
+        transfer.datablocks_done += 1
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for plan in plans:
+                tg.start_soon(one, plan)
+    except BaseException as exc:
+        cause = _root_cause(exc)
+        app.notify("transfer_failed", transfer=transfer, error=cause)
+        if cause is exc:
+            raise
+        raise cause from None
+    result.datablocks = [b for b in blocks if b is not None]
+    app.notify("transfer_finished", transfer=transfer)
+    return result
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first real error of a task group (anyio wraps them in exception groups)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _archive_block(
+    app: App, pid: str, plan: DatablockPlan, source: Storage, prefix: str, lts: Storage,
+    registered: dict[str, Datablock], transfer: Transfer, result: ArchiveResult,
+) -> Datablock:
+    known = registered.get(plan.archive_id)
+    if known is not None:
+        if not _same_content(known, plan):
+            raise SystemError_(
+                f"datablock {plan.archive_id!r} is registered with other files than planned now "
+                "(did target_size change?); delete its catalog entry to archive again"
+            )
+        result.reused += 1
+        transfer.bytes_done += plan.size
+        transfer.files_done += len(plan.files)
+        return known
+    block = await read_index(lts, plan.archive_id)
+    if block is not None and _same_content(block, plan):
+        try:
+            await verify_datablock(lts, block, app.registry.hasher, app.pool)
+            log.info("reusing committed datablock %s", plan.archive_id)
+            result.reused += 1
+            transfer.bytes_done += plan.size
+            transfer.files_done += len(plan.files)
+        except VerificationError as exc:
+            log.warning("committed datablock %s does not verify (%s); writing it again", plan.archive_id, exc)
+            block = None
+    else:
+        block = None
+    if block is None:
+        async with write_slot(lts):
+            await lts.wait_for_space(plan.packed_size_estimate)
+            block = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer)
+            await write_index(lts, block)
+        app.notify("datablock_committed", transfer=transfer, datablock=block)
+        await verify_datablock(lts, block, app.registry.hasher, app.pool)
+        result.written += 1
+    app.notify("datablock_verified", transfer=transfer, datablock=block)
+    block.catalog_id = await app.catalog.register_datablock(pid, block)
+    result.registered.append(block.catalog_id)
+    return block
