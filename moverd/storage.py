@@ -112,6 +112,12 @@ class Storage(ABC):
             return False
         return True
 
+    async def remove_stale_temp_files(self, older_than: float, prefix: str = "") -> int:
+        """Remove what interrupted writers left (temporary files) under ``prefix`` that is older
+        than ``older_than`` seconds; return how many. Storages whose aborted writes leave nothing
+        (S3 multipart uploads are aborted or expire) keep this default."""
+        return 0
+
     async def set_metadata(self, key: str, *, mtime: float | None = None, mode: int | None = None) -> None:
         """Set a file's modification time and permission bits where the storage has them."""
         return None

@@ -7,4 +7,5 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 pytest_plugins = [
     "tests.support.s3",
+    "tests.support.apps",
 ]

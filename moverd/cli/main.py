@@ -35,7 +35,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(no_args_is_help=True, help="Check or show the configuration.")
 app.add_typer(config_app, name="config")
-out = Console()
+out = Console(soft_wrap=True)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -96,35 +96,28 @@ def archive(
     as_json: JsonOpt = False,
 ) -> None:
     """Archive a folder (as a new dataset in the local catalog) or a catalogued dataset to the LTS."""
-    from ..builtin.local_catalog import LocalCatalog
+    from ..models import ArchiveStatus, LifecycleUpdate
     from ..services import archive_dataset
+    from ..services.folders import dataset_source, register_folder
 
     async def go(a: App) -> dict[str, Any]:
         folder = Path(source)
         if folder.is_dir():
-            catalog = a.catalog
-            if not isinstance(catalog, LocalCatalog):
-                raise UserError("archiving a folder needs the local catalog; with another catalog give a dataset id")
-            src = a.local_folder(folder.resolve(), "source")
-            files = [_file_entry(i) async for i in src.list("")]
-            if not files:
-                raise UserError(f"folder {source!r} has no files to archive")
-            ds = await catalog.create_dataset(files, source_folder=str(folder.resolve()))
-            pid, prefix = ds.pid, ""
+            ds, src = await register_folder(a, folder)
+            prefix = ""
+        elif source.startswith((".", "/", "~")) or os.sep in source and folder.parent.is_dir():
+            raise UserError(f"folder {source!r} does not exist")
         else:
-            if os.sep in source and not folder.exists() and source.startswith((".", "/", "~")):
-                raise UserError(f"folder {source!r} does not exist")
             ds = await a.catalog.get_dataset(source)
-            pid = ds.pid
-            if ds.source_folder and Path(ds.source_folder).is_absolute() and Path(ds.source_folder).is_dir():
-                src, prefix = a.local_folder(Path(ds.source_folder), "source"), ""
-            else:
-                src = a.storage("landing")
-                prefix = a.settings.archive.landing_prefix.format(pid=pid)
+            src, prefix = dataset_source(a, ds)
+        pid = ds.pid
         transfer = Transfer(kind="archive", dataset=pid)
         t0 = time.monotonic()
         async with show_progress(transfer, enabled=not as_json):
+            await a.catalog.update_lifecycle(pid, LifecycleUpdate(archive_status=ArchiveStatus.started))
             result = await archive_dataset(a, pid, source=src, prefix=prefix, transfer=transfer)
+            await a.catalog.update_lifecycle(pid, LifecycleUpdate(
+                archive_status=ArchiveStatus.on_archive_disk, archivable=False, retrievable=True))
         seconds = time.monotonic() - t0
         return {
             "dataset": pid, "bytes": result.size, "files": transfer.files_total, "seconds": round(seconds, 3),
@@ -146,12 +139,6 @@ def archive(
         f"{res['seconds']:.1f} s, {format_size(rate)}/s, verified"
     )
     out.print(f"retrieve with: moverd retrieve {res['dataset']} --to DIR")
-
-
-def _file_entry(info: Any) -> Any:
-    from ..models import FileEntry
-
-    return FileEntry(path=info.key, size=info.size, mtime=info.mtime, mode=info.mode, uid=info.uid, gid=info.gid)
 
 
 @app.command()

@@ -19,7 +19,7 @@ from ..errors import MissingFileError, SystemError_, VerificationError
 from ..events import Transfer
 from ..models import Datablock, FileEntry
 from ..pipeline import write_datablock
-from ..planner import DatablockPlan, check_file_list, plan_datablocks
+from ..planner import DatablockPlan, check_file_list, dataset_folder, plan_datablocks
 from ..storage import Storage, write_slot
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,11 @@ async def archive_dataset(
     result = result or ArchiveResult(pid=pid)
     blocks: list[Datablock | None] = [None] * len(plans)
     registered = {d.archive_id: d for d in await catalog.list_datablocks(pid)}
+    # One archiver per dataset at a time (the catalog's ``archivable`` flag and the job dedup make
+    # sure of it), so any temporary file under the dataset's folder is from a crashed attempt.
+    removed = await lts.remove_stale_temp_files(0, prefix=dataset_folder(pid))
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted attempt on %s", removed, pid)
     limiter = anyio.CapacityLimiter(app.settings.pipeline.datablock_concurrency)
     app.notify("transfer_started", transfer=transfer)
 

@@ -1,0 +1,39 @@
+"""Local folders as datasets: what ``moverd archive ./folder`` does on the embedded default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..app import App
+from ..builtin.local_catalog import LocalCatalog
+from ..errors import UserError
+from ..models import Dataset, FileEntry
+from ..storage import Storage
+
+
+async def register_folder(app: App, folder: Path) -> tuple[Dataset, Storage]:
+    """Create a local-catalog dataset from the files of ``folder``; return it and its source."""
+    catalog = app.catalog
+    if not isinstance(catalog, LocalCatalog):
+        raise UserError(
+            f"archiving a folder needs the local catalog (the configured one is {catalog.type_name!r}); "
+            "give a dataset id instead"
+        )
+    if not folder.is_dir():
+        raise UserError(f"folder {str(folder)!r} does not exist")
+    folder = folder.resolve()
+    source = app.local_folder(folder, "source")
+    files = [
+        FileEntry(path=i.key, size=i.size, mtime=i.mtime, mode=i.mode, uid=i.uid, gid=i.gid)
+        async for i in source.list("")
+    ]
+    if not files:
+        raise UserError(f"folder {str(folder)!r} has no files to archive")
+    return await catalog.create_dataset(files, source_folder=str(folder)), source
+
+
+def dataset_source(app: App, dataset: Dataset) -> tuple[Storage, str]:
+    """Where a catalogued dataset's files are: its own local folder, else the landing zone."""
+    if dataset.source_folder and Path(dataset.source_folder).is_absolute() and Path(dataset.source_folder).is_dir():
+        return app.local_folder(Path(dataset.source_folder), "source"), ""
+    return app.storage("landing"), app.settings.archive.landing_prefix.format(pid=dataset.pid)

@@ -1,0 +1,162 @@
+"""Archive → retrieve round trips from a local folder, on the embedded default."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from moverd import MissingFileError, UnsafePathError, UserError, VerificationError
+from moverd.app import App
+from moverd.datablocks import read_index
+from moverd.services import archive_dataset, retrieve_dataset, verify_dataset
+from moverd.services.folders import dataset_source, register_folder
+from tests.support.apps import make_settings
+from tests.support.trees import awkward_tree, read_tree, small_files_tree
+
+pytestmark = pytest.mark.anyio
+
+
+async def archive_folder(app: App, folder: Path) -> str:
+    ds, src = await register_folder(app, folder)
+    await archive_dataset(app, ds.pid, source=src)
+    return ds.pid
+
+
+def lts_tars(app: App) -> list[Path]:
+    return sorted(Path(app.settings.storages["lts"]["root"]).rglob("*.tar"))
+
+
+async def test_awkward_tree_round_trip_is_byte_identical(app: App, tmp_path: Path) -> None:
+    files = awkward_tree(tmp_path / "src")
+    pid = await archive_folder(app, tmp_path / "src")
+    blocks = await app.catalog.list_datablocks(pid)
+    assert len(blocks) >= 3  # 1 MiB target: the 3 MiB file has a block of its own
+    big = [b for b in blocks if any(m.path == "big.bin" for m in b.members)]
+    assert len(big) == 1 and len(big[0].members) == 1
+    await retrieve_dataset(app, pid, app.local_folder(tmp_path / "out", "out", create=True))
+    assert read_tree(tmp_path / "out") == files
+    assert os.stat(tmp_path / "out/exec.sh").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "out/big.bin").st_mtime == 1_600_000_000
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
+async def test_datablocks_are_read_by_gnu_tar_and_tarfile(app: App, tmp_path: Path) -> None:
+    files = awkward_tree(tmp_path / "src")
+    await archive_folder(app, tmp_path / "src")
+    (tmp_path / "gnu").mkdir()
+    for tar in lts_tars(app):
+        subprocess.run(["tar", "xf", str(tar), "-C", str(tmp_path / "gnu")], check=True)
+        with tarfile.open(tar) as tf:
+            tf.extractall(tmp_path / "py", filter="data")
+    assert read_tree(tmp_path / "gnu") == files
+    assert read_tree(tmp_path / "py") == files
+
+
+async def test_many_small_files(app: App, tmp_path: Path) -> None:
+    files = small_files_tree(tmp_path / "src", 5000, size=1024)
+    pid = await archive_folder(app, tmp_path / "src")
+    blocks = await app.catalog.list_datablocks(pid)
+    assert sum(len(b.members) for b in blocks) == 5000
+    await retrieve_dataset(app, pid, app.local_folder(tmp_path / "out", "out", create=True))
+    assert read_tree(tmp_path / "out") == files
+
+
+def _rchar() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar")
+
+
+async def test_partial_retrieval_reads_only_the_requested_ranges(app: App, tmp_path: Path) -> None:
+    files = small_files_tree(tmp_path / "src", 40, size=200_000)  # 8 MB in ~8 datablocks
+    pid = await archive_folder(app, tmp_path / "src")
+    blocks = await app.catalog.list_datablocks(pid)
+    assert len(blocks) >= 6
+    wanted = ["d00/f00003.bin", "d00/f00017.bin", "d00/f00038.bin"]
+    before = _rchar()
+    result = await retrieve_dataset(app, pid, app.local_folder(tmp_path / "out", "out", create=True), files=wanted)
+    read = _rchar() - before
+    assert sorted(m.path for m in result.files) == wanted
+    assert read_tree(tmp_path / "out") == {w: files[w] for w in wanted}
+    payload = 3 * 200_000
+    indexes = sum(os.path.getsize(str(t) + ".index.json") for t in lts_tars(app))
+    # Only the three members' bytes, the member indexes and the catalog: not the 8 MB of tars.
+    assert read < payload + indexes + 512 * 1024, read
+    total = sum(t.stat().st_size for t in lts_tars(app))
+    assert read < total / 4
+
+
+async def test_unknown_file_in_partial_retrieval_is_a_user_error(app: App, tmp_path: Path) -> None:
+    awkward_tree(tmp_path / "src")
+    pid = await archive_folder(app, tmp_path / "src")
+    with pytest.raises(UserError, match="not in the dataset: 'nope'"):
+        await retrieve_dataset(app, pid, app.local_folder(tmp_path / "out", "out", create=True), files=["nope"])
+    with pytest.raises(UnsafePathError):
+        await retrieve_dataset(app, pid, app.local_folder(tmp_path / "out", "out", create=True), files=["../x"])
+
+
+async def test_missing_and_resized_files_fail_before_anything_is_written(app: App, tmp_path: Path) -> None:
+    awkward_tree(tmp_path / "src")
+    ds, _ = await register_folder(app, tmp_path / "src")
+    (tmp_path / "src/exec.sh").unlink()
+    (tmp_path / "src/empty.txt").write_bytes(b"now with data")
+    src, prefix = dataset_source(app, ds)
+    with pytest.raises(MissingFileError) as err:
+        await archive_dataset(app, ds.pid, source=src, prefix=prefix)
+    assert "'exec.sh' is missing" in str(err.value) and "'empty.txt' has 13 bytes" in str(err.value)
+    assert lts_tars(app) == []
+    assert await app.catalog.list_datablocks(ds.pid) == []
+
+
+async def test_symlink_out_of_the_source_is_refused(app: App, tmp_path: Path) -> None:
+    awkward_tree(tmp_path / "src")
+    (tmp_path / "secret").write_text("do not archive")
+    os.symlink(tmp_path / "secret", tmp_path / "src/link")
+    with pytest.raises(UnsafePathError, match="link"):
+        await register_folder(app, tmp_path / "src")
+
+
+async def test_bit_flip_is_detected_and_names_the_member(app: App, tmp_path: Path) -> None:
+    awkward_tree(tmp_path / "src")
+    pid = await archive_folder(app, tmp_path / "src")
+    lts = app.storage("lts")
+    block = next(b for b in await app.catalog.list_datablocks(pid) if any(m.path.startswith("many/") for m in b.members))
+    index = await read_index(lts, block.archive_id)
+    assert index is not None
+    victim = next(m for m in index.members if m.size > 100)
+    tar = Path(app.settings.storages["lts"]["root"]) / block.archive_id
+    with open(tar, "r+b") as f:
+        f.seek(victim.offset + victim.size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    result = await verify_dataset(app, pid)
+    assert list(result.failed) == [block.archive_id]
+    assert victim.path in result.failed[block.archive_id]
+    assert len(result.ok) == len(await app.catalog.list_datablocks(pid)) - 1
+    with pytest.raises(VerificationError, match=victim.path):
+        await retrieve_dataset(app, pid, app.local_folder(tmp_path / "out", "out", create=True), files=[victim.path])
+    assert not (tmp_path / "out" / victim.path).exists()
+
+
+async def test_rerun_reuses_committed_datablocks(tmp_path: Path) -> None:
+    awkward_tree(tmp_path / "src")
+    async with App(make_settings(tmp_path)) as app:
+        ds, src = await register_folder(app, tmp_path / "src")
+        first = await archive_dataset(app, ds.pid, source=src)
+        # forget the registrations: the tars and their indexes stay on the LTS
+        for b in await app.catalog.list_datablocks(ds.pid):
+            assert b.catalog_id
+            await app.catalog.delete_datablock(ds.pid, b.catalog_id)
+        mtimes = [t.stat().st_mtime_ns for t in lts_tars(app)]
+        again = await archive_dataset(app, ds.pid, source=src)
+        assert (again.written, again.reused) == (0, first.written)
+        assert [t.stat().st_mtime_ns for t in lts_tars(app)] == mtimes
+        third = await archive_dataset(app, ds.pid, source=src)
+        assert third.written == 0 and len(await app.catalog.list_datablocks(ds.pid)) == len(first.datablocks)
