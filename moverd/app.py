@@ -6,21 +6,24 @@ storages and the catalog lazily from the configuration, through the plugin regis
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
+import anyio
 import pluggy
 
 from .buffers import SlabPool
 from .catalog import Catalog
 from .config import Settings, load_settings
-from .errors import ConfigError
+from .errors import ConfigError, SystemError_
 from .pipeline import PipelineContext
 from .plugins import LoadReport, load_plugins
 from .registry import Context, Registry
-from .storage import Storage
+from .storage import Storage, read_slot, write_slot
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ class App:
         self._storages: dict[str, Storage] = {}
         self._adhoc: list[Storage] = []
         self._catalog: Catalog | None = None
+        self._retrievals: dict[str, anyio.Lock] = {}
+        self.global_slots: Callable[[str], contextlib.AbstractAsyncContextManager[Any]] | None = None
+        """Set by the Prefect layer: limits named ``<storage>-read``/``<storage>-write`` that hold
+        across every process and host sharing the Prefect server."""
 
     @classmethod
     def load(cls, config: str | Path | None = None) -> App:
@@ -76,18 +83,45 @@ class App:
             self._catalog = self.registry.create_catalog(type_name, options, self.context)
         return self._catalog
 
+    @contextlib.asynccontextmanager
+    async def slot(self, storage: Storage, kind: Literal["read", "write"]) -> AsyncIterator[None]:
+        """Hold the storage's own read/write semaphore and, with a Prefect server, the global one."""
+        local = read_slot(storage) if kind == "read" else write_slot(storage)
+        async with local:
+            has_limit = (storage.read_slots if kind == "read" else storage.write_slots) is not None
+            if self.global_slots is not None and has_limit:
+                async with self.global_slots(f"{storage.name}-{kind}"):
+                    yield
+            else:
+                yield
+
+    @contextlib.asynccontextmanager
+    async def retrieval_lock(self, pid: str) -> AsyncIterator[None]:
+        """One retrieval of a dataset at a time in this process: a second job for the same
+        dataset waits (at most ``retrieve.wait_timeout``) and then reuses the first one's copy."""
+        lock = self._retrievals.setdefault(pid, anyio.Lock())
+        timeout = self.settings.retrieve.wait_timeout
+        with anyio.move_on_after(timeout) as scope:
+            await lock.acquire()
+        if scope.cancelled_caught:
+            raise SystemError_(f"waited {timeout:.0f} s for another retrieval of {pid!r} to finish")
+        try:
+            yield
+        finally:
+            lock.release()
+
     def notify(self, hook: str, **kwargs: Any) -> None:
         """Call an observer hook; an observer's failure is logged, never fatal to a transfer."""
         try:
             getattr(self.pm.hook, hook)(**kwargs)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("observer hook %s failed", hook)
 
     async def aclose(self) -> None:
         for storage in [*self._storages.values(), *self._adhoc]:
             try:
                 await storage.aclose()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("closing storage %s failed", storage.name)
         self._storages.clear()
         self._adhoc.clear()

@@ -19,7 +19,7 @@ from .checksums import Hasher
 from .errors import NotFoundError, VerificationError
 from .events import Transfer
 from .models import Datablock, Member, index_key
-from .storage import Storage, read_slot
+from .storage import Storage
 
 THREAD_HASH_MIN = 256 * 1024
 
@@ -130,25 +130,25 @@ async def verify_datablock(
     """Read the tar back around the page cache and compare it with its recorded checksum.
 
     On a mismatch the members are checked one by one so that the error names the damaged file.
+    The caller holds the storage's read slot.
     """
     alg, _, expected = datablock.datablock_checksum.partition(":")
     key = datablock.archive_id
-    async with read_slot(storage):
-        await storage.ensure_online(key)
-        try:
-            info = await storage.stat(key)
-        except NotFoundError:
-            raise VerificationError(f"datablock {key!r} is missing from {storage.name!r}") from None
-        if info.size != datablock.packed_size:
-            raise VerificationError(
-                f"datablock {key!r} has {info.size} bytes on {storage.name!r}, expected {datablock.packed_size}"
-            )
-        actual = await checksum_range(
-            storage, key, 0, info.size, alg, hasher, pool, uncached=True, transfer=transfer
+    await storage.ensure_online(key)
+    try:
+        info = await storage.stat(key)
+    except NotFoundError:
+        raise VerificationError(f"datablock {key!r} is missing from {storage.name!r}") from None
+    if info.size != datablock.packed_size:
+        raise VerificationError(
+            f"datablock {key!r} has {info.size} bytes on {storage.name!r}, expected {datablock.packed_size}"
         )
-        if actual == expected:
-            return
-        member = await _find_damaged_member(storage, datablock, hasher, pool)
+    actual = await checksum_range(
+        storage, key, 0, info.size, alg, hasher, pool, uncached=True, transfer=transfer
+    )
+    if actual == expected:
+        return
+    member = await _find_damaged_member(storage, datablock, hasher, pool)
     where = f" in member {member.path!r}" if member else " (in tar headers or padding)"
     raise VerificationError(
         f"datablock {key!r} on {storage.name!r} is corrupt{where}: {alg} {actual} != {expected}",

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from .checksums import HasherFactory
     from .events import Transfer
     from .models import Datablock
     from .registry import CatalogType, StorageType
-    from .checksums import HasherFactory
 
 hookspec = pluggy.HookspecMarker("moverd")
 hookimpl = pluggy.HookimplMarker("moverd")
@@ -63,4 +63,4 @@ def transfer_failed(transfer: Transfer, error: BaseException) -> None:
     """The transfer failed with ``error``; nothing it wrote is counted as archived."""
 
 
-__all__ = ["hookimpl", "hookspec", "Any"]
+__all__ = ["Any", "hookimpl", "hookspec"]

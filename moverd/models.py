@@ -8,7 +8,7 @@ These are the core's own shapes; catalog plugins translate them to and from thei
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -96,12 +96,12 @@ class Dataset(_Model):
     owner_group: str | None = None
 
 
-class JobType(str, Enum):
+class JobType(StrEnum):
     archive = "archive"
     retrieve = "retrieve"
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     """SciCat's job status codes, used by every catalog."""
 
     submitted = "jobSubmitted"
@@ -125,7 +125,7 @@ class Job(_Model):
     result: dict[str, Any] = Field(default_factory=dict)
 
 
-class ArchiveStatus(str, Enum):
+class ArchiveStatus(StrEnum):
     """SciCat's ``archiveStatusMessage`` values moverd sets."""
 
     started = "started"
@@ -134,7 +134,7 @@ class ArchiveStatus(str, Enum):
     failed = "scheduleArchiveJobFailed"
 
 
-class RetrieveStatus(str, Enum):
+class RetrieveStatus(StrEnum):
     """SciCat's ``retrieveStatusMessage`` values moverd sets."""
 
     started = "started"

@@ -115,11 +115,9 @@ async def _read_file(
     """Read one file into its slabs, chunk by chunk, as fast as the consumer gives slabs back."""
     try:
         async with send:
+            reader = None
             try:
                 reader = await source.open_reader(key)
-            except NotFoundError:
-                raise MissingFileError(f"{key!r} vanished from {source.name!r} before it was archived") from None
-            try:
                 remaining = entry.size
                 while remaining > 0:
                     slab = await free.receive()
@@ -132,8 +130,12 @@ async def _read_file(
                         )
                     remaining -= n
                     await send.send((slab, n))
+            except NotFoundError:
+                # Storages may open lazily, so a vanished file shows up on open or first read.
+                raise MissingFileError(f"{key!r} vanished from {source.name!r} before it was archived") from None
             finally:
-                await reader.aclose()
+                if reader is not None:
+                    await reader.aclose()
     finally:
         limiter.release_on_behalf_of(send)
 

@@ -63,7 +63,7 @@ def load_plugins(*, entry_points: bool = True) -> tuple[pluggy.PluginManager, Lo
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
             pm.check_pending()
-        except Exception as exc:  # noqa: BLE001 - any failure of third-party code is reported
+        except Exception as exc:
             if pm.has_plugin(ep.name):
                 pm.unregister(name=ep.name)
             why = f"{type(exc).__name__}: {exc}"

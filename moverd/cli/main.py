@@ -35,6 +35,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(no_args_is_help=True, help="Check or show the configuration.")
 app.add_typer(config_app, name="config")
+job_app = typer.Typer(no_args_is_help=True, help="Carry out or inspect catalog jobs.")
+app.add_typer(job_app, name="job")
 out = Console(soft_wrap=True)
 
 ConfigOpt = Annotated[
@@ -105,11 +107,11 @@ def archive(
         if folder.is_dir():
             ds, src = await register_folder(a, folder)
             prefix = ""
-        elif source.startswith((".", "/", "~")) or os.sep in source and folder.parent.is_dir():
+        elif source.startswith((".", "/", "~")) or (os.sep in source and folder.parent.is_dir()):
             raise UserError(f"folder {source!r} does not exist")
         else:
             ds = await a.catalog.get_dataset(source)
-            src, prefix = dataset_source(a, ds)
+            src, prefix, _ = dataset_source(a, ds)
         pid = ds.pid
         transfer = Transfer(kind="archive", dataset=pid)
         t0 = time.monotonic()
@@ -244,6 +246,50 @@ def plugins(as_json: JsonOpt = False) -> None:
     out.print(f"checksums: {', '.join(sorted(reg.checksums))}")
     for name, why in report.broken.items():
         out.print(f"[yellow]not loaded[/] {name}: {why}")
+
+
+@job_app.command("run")
+def job_run(
+    job_id: Annotated[str, typer.Argument(help="The catalog's job id.")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Carry out an archive or retrieve job in the foreground, as a Prefect flow run.
+
+    Exits 0 only when the job ends finishedSuccessful (2 with dataset errors, 1 otherwise).
+    """
+    async def go(a: App) -> dict[str, Any]:
+        from flows import job_flow
+
+        transfers: list[Transfer] = []
+        async with show_progress(transfers, enabled=not as_json):
+            return await job_flow(job_id, config=str(config) if config else None,
+                                  on_transfer=transfers.append, app=a)
+
+    res = run(go, config)
+    if as_json:
+        emit_json(res)
+    else:
+        for d in res["datasets"]:
+            mark = "[green]ok[/]" if d["outcome"] == "ok" else f"[red]{d['outcome']}[/]"
+            out.print(f"{mark} {d['pid']} {d['message']}")
+        for e in res["result"].get("result", []):
+            out.print(f"  {e['name']}: {e['url']}")
+        out.print(f"job {job_id}: [bold]{res['status']}[/]")
+    status = res["status"]
+    raise typer.Exit(0 if status == "finishedSuccessful" else 2 if status == "finishedWithDatasetErrors" else 1)
+
+
+@job_app.command("show")
+def job_show(
+    job_id: Annotated[str, typer.Argument(help="The catalog's job id.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Print a job as the catalog has it."""
+    async def go(a: App) -> Any:
+        return await a.catalog.get_job(job_id)
+
+    emit_json(run(go, config).model_dump(mode="json"))
 
 
 @config_app.command("check")

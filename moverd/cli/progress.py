@@ -13,7 +13,13 @@ from collections.abc import AsyncIterator
 import anyio
 from rich.console import Console
 from rich.progress import (
-    BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 from ..events import Transfer
@@ -22,7 +28,9 @@ err_console = Console(stderr=True)
 
 
 @contextlib.asynccontextmanager
-async def show_progress(transfer: Transfer, *, enabled: bool) -> AsyncIterator[None]:
+async def show_progress(transfers: Transfer | list[Transfer], *, enabled: bool) -> AsyncIterator[None]:
+    """Bars for one transfer, or for a list that grows as a job reaches its datasets."""
+    watched = transfers if isinstance(transfers, list) else [transfers]
     if not enabled or not sys.stderr.isatty():
         yield
         return
@@ -31,13 +39,16 @@ async def show_progress(transfer: Transfer, *, enabled: bool) -> AsyncIterator[N
         TransferSpeedColumn(), TextColumn("{task.fields[files]}"), TimeRemainingColumn(),
     )
     with Progress(*columns, console=err_console, transient=False) as progress:
-        task = progress.add_task(f"{transfer.kind} {transfer.dataset}", total=None, files="")
+        tasks: dict[str, TaskID] = {}
 
         def refresh() -> None:
-            progress.update(
-                task, total=transfer.bytes_total or None, completed=transfer.bytes_done,
-                files=f"{transfer.files_done}/{transfer.files_total} files",
-            )
+            for t in watched:
+                if t.id not in tasks:
+                    tasks[t.id] = progress.add_task(f"{t.kind} {t.dataset}", total=None, files="")
+                progress.update(
+                    tasks[t.id], total=t.bytes_total or None, completed=t.bytes_done,
+                    files=f"{t.files_done}/{t.files_total} files",
+                )
 
         async with anyio.create_task_group() as tg:
             async def poll() -> None:

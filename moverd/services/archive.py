@@ -8,7 +8,7 @@ verified and reused instead of written again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -20,9 +20,17 @@ from ..events import Transfer
 from ..models import Datablock, FileEntry
 from ..pipeline import write_datablock
 from ..planner import DatablockPlan, check_file_list, dataset_folder, plan_datablocks
-from ..storage import Storage, write_slot
+from ..storage import Storage
 
 log = logging.getLogger(__name__)
+
+
+BlockRunner = Callable[[DatablockPlan, Callable[[], Awaitable[Datablock]]], Awaitable[Datablock]]
+"""Wraps the work on one datablock (the Prefect layer runs it as a task); default: just await."""
+
+
+async def _direct(plan: DatablockPlan, work: Callable[[], Awaitable[Datablock]]) -> Datablock:
+    return await work()
 
 
 @dataclass
@@ -78,7 +86,7 @@ def _same_content(block: Datablock, plan: DatablockPlan) -> bool:
 
 async def archive_dataset(
     app: App, pid: str, *, source: Storage, prefix: str = "", files: Sequence[FileEntry] | None = None,
-    transfer: Transfer | None = None, result: ArchiveResult | None = None,
+    transfer: Transfer | None = None, result: ArchiveResult | None = None, block_runner: BlockRunner = _direct,
 ) -> ArchiveResult:
     """Archive dataset ``pid`` from ``source`` (under ``prefix``) to the ``lts`` storage.
 
@@ -107,8 +115,11 @@ async def archive_dataset(
     app.notify("transfer_started", transfer=transfer)
 
     async def one(plan: DatablockPlan) -> None:
+        async def work() -> Datablock:
+            return await _archive_block(app, pid, plan, source, prefix, lts, registered, transfer, result)
+
         async with limiter:
-            block = await _archive_block(app, pid, plan, source, prefix, lts, registered, transfer, result)
+            block = await block_runner(plan, work)
         blocks[plan.index] = block
         transfer.datablocks_done += 1
 
@@ -152,7 +163,8 @@ async def _archive_block(
     block = await read_index(lts, plan.archive_id)
     if block is not None and _same_content(block, plan):
         try:
-            await verify_datablock(lts, block, app.registry.hasher, app.pool)
+            async with app.slot(lts, "read"):
+                await verify_datablock(lts, block, app.registry.hasher, app.pool)
             log.info("reusing committed datablock %s", plan.archive_id)
             result.reused += 1
             transfer.bytes_done += plan.size
@@ -163,12 +175,13 @@ async def _archive_block(
     else:
         block = None
     if block is None:
-        async with write_slot(lts):
+        async with app.slot(lts, "write"):
             await lts.wait_for_space(plan.packed_size_estimate)
             block = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer)
             await write_index(lts, block)
         app.notify("datablock_committed", transfer=transfer, datablock=block)
-        await verify_datablock(lts, block, app.registry.hasher, app.pool)
+        async with app.slot(lts, "read"):
+            await verify_datablock(lts, block, app.registry.hasher, app.pool)
         result.written += 1
     app.notify("datablock_verified", transfer=transfer, datablock=block)
     block.catalog_id = await app.catalog.register_datablock(pid, block)

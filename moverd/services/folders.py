@@ -7,6 +7,7 @@ from pathlib import Path
 from ..app import App
 from ..builtin.local_catalog import LocalCatalog
 from ..errors import UserError
+from ..keys import safe_key
 from ..models import Dataset, FileEntry
 from ..storage import Storage
 
@@ -32,8 +33,15 @@ async def register_folder(app: App, folder: Path) -> tuple[Dataset, Storage]:
     return await catalog.create_dataset(files, source_folder=str(folder)), source
 
 
-def dataset_source(app: App, dataset: Dataset) -> tuple[Storage, str]:
-    """Where a catalogued dataset's files are: its own local folder, else the landing zone."""
-    if dataset.source_folder and Path(dataset.source_folder).is_absolute() and Path(dataset.source_folder).is_dir():
-        return app.local_folder(Path(dataset.source_folder), "source"), ""
-    return app.storage("landing"), app.settings.archive.landing_prefix.format(pid=dataset.pid)
+def dataset_source(app: App, dataset: Dataset) -> tuple[Storage, str, bool]:
+    """Where a catalogued dataset's files are, and whether that is the landing zone (which is
+    cleaned after archiving; a folder archived in place never is).
+
+    A local folder only counts for the local catalog: another catalog's ``sourceFolder`` names a
+    path on the instrument's machine, which must never be mistaken for one here.
+    """
+    folder = dataset.source_folder
+    if isinstance(app.catalog, LocalCatalog) and folder and Path(folder).is_absolute() and Path(folder).is_dir():
+        return app.local_folder(Path(folder), "source"), "", False
+    prefix = safe_key(app.settings.archive.landing_prefix.format(pid=dataset.pid), allow_empty=True)
+    return app.storage("landing"), prefix, True

@@ -18,7 +18,7 @@ from ..errors import SystemError_, UserError, VerificationError
 from ..events import Transfer
 from ..keys import safe_key
 from ..models import Datablock, Member
-from ..storage import Storage, read_slot
+from ..storage import Storage
 from .archive import _root_cause
 
 MEMBER_CONCURRENCY = 4
@@ -64,10 +64,15 @@ def select_members(blocks: Sequence[Datablock], files: Sequence[str] | None) -> 
     return out
 
 
-async def retrieve_member(app: App, lts: Storage, block: Datablock, member: Member, target: Storage,
-                          transfer: Transfer | None = None) -> None:
+async def retrieve_member(
+    app: App, lts: Storage, block: Datablock, member: Member, target: Storage,
+    transfer: Transfer | None = None, *, key: str | None = None,
+) -> None:
+    """Copy one member out of its datablock to ``key`` (default: its own path) of ``target``,
+    publishing it only if its checksum matched."""
+    key = key or member.path
     h = app.registry.hasher(block.checksum_alg)
-    writer = await target.open_writer(member.path, size_hint=member.size)
+    writer = await target.open_writer(key, size_hint=member.size)
 
     async def consume(view: memoryview) -> None:
         if len(view) >= 256 * 1024:
@@ -94,7 +99,7 @@ async def retrieve_member(app: App, lts: Storage, block: Datablock, member: Memb
         with anyio.CancelScope(shield=True):
             await writer.abort()
         raise
-    await target.set_metadata(member.path, mtime=member.mtime, mode=member.mode)
+    await target.set_metadata(key, mtime=member.mtime, mode=member.mode)
     if transfer is not None:
         transfer.files_done += 1
 
@@ -114,7 +119,7 @@ async def retrieve_dataset(
     app.notify("transfer_started", transfer=transfer)
     try:
         for block, members in chosen:
-            async with read_slot(lts):
+            async with app.slot(lts, "read"):
                 await lts.ensure_online(block.archive_id)
                 limiter = anyio.CapacityLimiter(MEMBER_CONCURRENCY)
 

@@ -30,7 +30,8 @@ async def verify_dataset(app: App, pid: str, transfer: Transfer | None = None) -
     app.notify("transfer_started", transfer=transfer)
     for block in blocks:
         try:
-            await verify_datablock(lts, block, app.registry.hasher, app.pool, transfer)
+            async with app.slot(lts, "read"):
+                await verify_datablock(lts, block, app.registry.hasher, app.pool, transfer)
         except VerificationError as exc:
             result.failed[block.archive_id] = str(exc)
         else:

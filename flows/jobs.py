@@ -1,0 +1,128 @@
+"""Archive and retrieve jobs as Prefect flows.
+
+* the job is a flow run named after the job id;
+* each dataset is a subflow run named after the job id and the dataset PID, publishing a
+  progress artifact;
+* each datablock of an archive is a task run tagged ``moverd-datablock`` and ``lts``; the LTS bound
+  itself is held by the core around the exact write and read sections, through Prefect's global
+  concurrency limits ``lts-write``/``lts-read`` when a Prefect server is configured (see
+  :mod:`flows.limits`), so it holds across every host;
+* a retrieve job's links and download script are also a markdown artifact.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import acreate_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from moverd import Datablock, JobType, Transfer
+from moverd.app import App
+from moverd.planner import DatablockPlan
+from moverd.services.jobs import DatasetOutcome, JobOutcome, run_job
+
+from .limits import install_global_limits
+from .progress import progress_artifact
+
+
+@task(name="datablock", task_run_name="{plan.archive_id}", tags=["moverd-datablock", "lts"],
+      cache_policy=NO_CACHE, retries=0)
+async def datablock_task(plan: DatablockPlan, work: Callable[[], Awaitable[Datablock]]) -> Datablock:
+    return await work()
+
+
+async def _block_runner(plan: DatablockPlan, work: Callable[[], Awaitable[Datablock]]) -> Datablock:
+    return await datablock_task(plan, work)
+
+
+@flow(name="moverd-dataset", flow_run_name="{kind} {pid} (job {job_id})", validate_parameters=False)
+async def dataset_flow(
+    kind: str, job_id: str, pid: str, transfer: Transfer, work: Callable[[], Awaitable[DatasetOutcome]]
+) -> DatasetOutcome:
+    async with progress_artifact(transfer):
+        return await work()
+
+
+async def _result_artifact(outcome: JobOutcome) -> None:
+    entries = outcome.result.get("result", [])
+    if not entries:
+        return
+    rows = "\n".join(f"| {e['datasetId']} | [{e['name']}]({e['url']}) | {e['size']} |" for e in entries)
+    script = base64.b64decode(outcome.result.get("downloadScript", "")).decode()
+    await acreate_markdown_artifact(
+        markdown=f"# Retrieved data of job {outcome.job.id}\n\n| dataset | file | size |\n|---|---|---|\n{rows}\n\n"
+                 f"## Download script\n\n```sh\n{script}```\n",
+        key=None, description=f"download links of job {outcome.job.id}",
+    )
+
+
+async def job_flow(
+    job_id: str, config: str | None = None, on_transfer: Callable[[Transfer], None] | None = None,
+    app: App | None = None,
+) -> dict[str, Any]:
+    """Run catalog job ``job_id`` (archive or retrieve, as the catalog says) inside a flow run."""
+    own = app is None
+    app = app or App.load(config)
+    try:
+        install_global_limits(app)
+        kind = (await app.catalog.get_job(job_id)).type
+        the_flow = archive_job_flow if kind is JobType.archive else retrieve_job_flow
+        return await the_flow.with_options(flow_run_name=f"{kind.value}-job {job_id}")(
+            job_id, config=config, on_transfer=on_transfer, app=app
+        )
+    finally:
+        if own:
+            await app.aclose()
+
+
+async def _run(job_id: str, app: App, on_transfer: Callable[[Transfer], None] | None) -> dict[str, Any]:
+    transfers: dict[str, Transfer] = {}
+
+    def seen(t: Transfer) -> None:
+        transfers[t.dataset] = t
+        if on_transfer:
+            on_transfer(t)
+
+    async def runner(pid: str, work: Callable[[], Awaitable[DatasetOutcome]]) -> DatasetOutcome:
+        t = transfers[pid]
+        return await dataset_flow(t.kind, job_id, pid, t, work)
+
+    outcome = await run_job(app, job_id, runner=runner, block_runner=_block_runner, on_transfer=seen)
+    await _result_artifact(outcome)
+    return {
+        "job": job_id, "status": outcome.status.value, "message": outcome.message,
+        "datasets": [{"pid": d.pid, "outcome": d.outcome, "message": d.message} for d in outcome.datasets],
+        "result": outcome.result,
+    }
+
+
+async def _in_app(
+    job_id: str, config: str | None, on_transfer: Callable[[Transfer], None] | None, app: App | None
+) -> dict[str, Any]:
+    if app is not None:
+        return await _run(job_id, app, on_transfer)
+    async with App.load(config) as own:
+        install_global_limits(own)
+        return await _run(job_id, own, on_transfer)
+
+
+@flow(name="moverd-archive-job", flow_run_name="archive-job {job_id}", validate_parameters=False)
+async def archive_job_flow(
+    job_id: str, config: str | None = None, on_transfer: Callable[[Transfer], None] | None = None,
+    app: App | None = None,
+) -> dict[str, Any]:
+    """An archive job; ``config`` is the daemon's configuration file (None: its environment)."""
+    return await _in_app(job_id, config, on_transfer, app)
+
+
+@flow(name="moverd-retrieve-job", flow_run_name="retrieve-job {job_id}", validate_parameters=False)
+async def retrieve_job_flow(
+    job_id: str, config: str | None = None, on_transfer: Callable[[Transfer], None] | None = None,
+    app: App | None = None,
+) -> dict[str, Any]:
+    """A retrieve job; ``config`` as for :func:`archive_job_flow`."""
+    return await _in_app(job_id, config, on_transfer, app)

@@ -1,0 +1,51 @@
+"""Progress of a transfer as a Prefect progress artifact, updated about once per percent."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import anyio
+from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+
+from moverd import Transfer
+
+POLL_SECONDS = 0.5
+
+
+def percent(t: Transfer) -> float:
+    if t.bytes_total:
+        return min(100.0, 100.0 * t.bytes_done / t.bytes_total)
+    return 100.0 if t.datablocks_total and t.datablocks_done >= t.datablocks_total else 0.0
+
+
+@contextlib.asynccontextmanager
+async def progress_artifact(transfer: Transfer, key: str | None = None) -> AsyncIterator[None]:
+    """Publish the transfer's progress while the body runs: one update per whole percent at most,
+    never one per file or chunk."""
+    artifact: UUID = await acreate_progress_artifact(
+        0.0, key=key, description=f"{transfer.kind} of {transfer.dataset}"
+    )
+    last = 0
+
+    async def push(force: bool = False) -> None:
+        nonlocal last
+        now = int(percent(transfer))
+        if now > last or (force and percent(transfer) > last):
+            last = now
+            await aupdate_progress_artifact(artifact, float(percent(transfer)))
+
+    async with anyio.create_task_group() as tg:
+        async def poll() -> None:
+            while True:
+                await anyio.sleep(POLL_SECONDS)
+                await push()
+
+        tg.start_soon(poll)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()
+    with anyio.CancelScope(shield=True):
+        await push(force=True)

@@ -1,0 +1,253 @@
+"""Catalog jobs: archive and retrieve jobs carried out as the facility expects.
+
+The sequence and the status values are SciCat's (see docs/jobs.md). Datasets of a job are
+independent: a user error on one (``missingFilesError``) does not stop the others and the job
+ends ``finishedWithDatasetErrors``; a system error ends it ``finishedUnsuccessful``, after this
+attempt's catalog registrations were rolled back and with the landing zone kept, so that running
+the job again resumes from the datablocks already committed on the LTS.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import posixpath
+import shlex
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+import anyio
+
+from ..app import App
+from ..errors import CatalogError, MoverdError, UserError
+from ..events import Transfer
+from ..keys import join_key, safe_key
+from ..models import (
+    ArchiveStatus,
+    Job,
+    JobDataset,
+    JobStatus,
+    JobType,
+    LifecycleUpdate,
+    RetrieveStatus,
+)
+from .archive import ArchiveResult, BlockRunner, archive_dataset
+from .archive import _direct as _direct_block
+from .folders import dataset_source
+from .retrieve import load_indexes, retrieve_member, select_members
+from .transfer import copy_datablock
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["ok", "user_error", "system_error"]
+
+
+@dataclass
+class DatasetOutcome:
+    pid: str
+    outcome: Outcome
+    message: str = ""
+    results: list[dict[str, Any]] = field(default_factory=list)
+    """Retrieve jobs: the ``jobResultObject.result`` entries of this dataset."""
+
+
+@dataclass
+class JobOutcome:
+    job: Job
+    status: JobStatus
+    datasets: list[DatasetOutcome]
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def message(self) -> str:
+        bad = [f"{d.pid}: {d.message}" for d in self.datasets if d.outcome != "ok"]
+        return "; ".join(bad) if bad else f"{len(self.datasets)} dataset(s) done"
+
+
+DatasetRunner = Callable[[str, Callable[[], Awaitable[DatasetOutcome]]], Awaitable[DatasetOutcome]]
+"""Wraps each dataset's work (the Prefect layer runs it as a subflow); the default just awaits."""
+
+
+async def _direct(pid: str, work: Callable[[], Awaitable[DatasetOutcome]]) -> DatasetOutcome:
+    return await work()
+
+
+def classify(exc: BaseException) -> Outcome:
+    return "user_error" if isinstance(exc, UserError) else "system_error"
+
+
+def job_status(outcomes: list[DatasetOutcome]) -> JobStatus:
+    if any(o.outcome == "system_error" for o in outcomes):
+        return JobStatus.finished_unsuccessful
+    if any(o.outcome == "user_error" for o in outcomes):
+        return JobStatus.finished_with_dataset_errors
+    return JobStatus.finished_successful
+
+
+async def run_job(
+    app: App, job_id: str, *, runner: DatasetRunner = _direct, block_runner: BlockRunner = _direct_block,
+    on_transfer: Callable[[Transfer], None] | None = None,
+) -> JobOutcome:
+    """Carry out catalog job ``job_id`` and report its outcome back to the catalog."""
+    catalog = app.catalog
+    job = await catalog.get_job(job_id)
+    await catalog.set_job_status(job.id, JobStatus.in_progress.value, "jobStarted")
+    outcomes: list[DatasetOutcome] = []
+    for entry in job.datasets:
+        transfer = Transfer(kind=job.type.value, dataset=entry.pid, job_id=job.id)  # type: ignore[arg-type]
+        if on_transfer:
+            on_transfer(transfer)
+        if job.type is JobType.archive:
+            work = _bind(archive_job_dataset, app, entry, transfer, block_runner)
+        else:
+            work = _bind(retrieve_job_dataset, app, entry, transfer, block_runner)
+        outcomes.append(await runner(entry.pid, work))
+    status = job_status(outcomes)
+    outcome = JobOutcome(job=job, status=status, datasets=outcomes)
+    if job.type is JobType.retrieve:
+        entries = [r for o in outcomes for r in o.results]
+        outcome.result = {"result": entries}
+        if entries:
+            outcome.result["downloadScript"] = download_script(entries)
+    await catalog.set_job_status(job.id, status.value, outcome.message, outcome.result or None)
+    return outcome
+
+
+def _bind(
+    fn: Callable[[App, JobDataset, Transfer, BlockRunner], Awaitable[DatasetOutcome]], app: App, entry: JobDataset,
+    transfer: Transfer, block_runner: BlockRunner,
+) -> Callable[[], Awaitable[DatasetOutcome]]:
+    async def work() -> DatasetOutcome:
+        return await fn(app, entry, transfer, block_runner)
+
+    return work
+
+
+async def archive_job_dataset(
+    app: App, entry: JobDataset, transfer: Transfer, block_runner: BlockRunner = _direct_block
+) -> DatasetOutcome:
+    """One dataset of an archive job, from ``started`` to ``datasetOnArchiveDisk`` (or an error)."""
+    catalog = app.catalog
+    pid = entry.pid
+    result = ArchiveResult(pid=pid)
+    try:
+        source, prefix, is_landing = dataset_source(app, await catalog.get_dataset(pid))
+        await catalog.update_lifecycle(pid, LifecycleUpdate(archive_status=ArchiveStatus.started, archivable=False))
+        files = await catalog.list_files(pid)
+        await archive_dataset(
+            app, pid, source=source, prefix=prefix, files=files, transfer=transfer, result=result,
+            block_runner=block_runner,
+        )
+        if is_landing and app.settings.archive.delete_landing:
+            # Only now: every datablock is committed, verified and registered.
+            deleted = await source.delete_prefix(prefix)
+            log.info("deleted %d landing-zone object(s) of %s", deleted, pid)
+        await catalog.update_lifecycle(pid, LifecycleUpdate(
+            archive_status=ArchiveStatus.on_archive_disk, archivable=False, retrievable=True))
+        return DatasetOutcome(pid, "ok")
+    except Exception as exc:
+        outcome = classify(exc)
+        log.warning("archiving %s failed (%s): %s", pid, outcome, exc)
+        with anyio.CancelScope(shield=True):
+            await _rollback_registrations(app, pid, result)
+            status = ArchiveStatus.missing_files if outcome == "user_error" else ArchiveStatus.failed
+            await _best_effort(catalog.update_lifecycle(pid, LifecycleUpdate(
+                archive_status=status, archivable=False, retrievable=False)), f"lifecycle of {pid}")
+        return DatasetOutcome(pid, outcome, str(exc))
+
+
+async def _rollback_registrations(app: App, pid: str, result: ArchiveResult) -> None:
+    """Delete the catalog datablocks this attempt registered; the LTS copies stay for a resume."""
+    for catalog_id in result.registered:
+        await _best_effort(app.catalog.delete_datablock(pid, catalog_id), f"datablock {catalog_id} of {pid}")
+
+
+async def _best_effort(op: Awaitable[None], what: str) -> None:
+    try:
+        await op
+    except MoverdError as exc:
+        log.error("could not update %s: %s", what, exc)
+
+
+async def retrieve_job_dataset(
+    app: App, entry: JobDataset, transfer: Transfer, block_runner: BlockRunner = _direct_block
+) -> DatasetOutcome:
+    """One dataset of a retrieve job: whole datablocks, or only the listed files, into the
+    retrieval storage, with a download URL for each."""
+    catalog = app.catalog
+    pid = entry.pid
+    retrieval = app.storage("retrieval")
+    lts = app.storage("lts")
+    prefix = safe_key(app.settings.retrieve.retrieval_prefix.format(pid=pid), allow_empty=True)
+    expiry = timedelta(seconds=app.settings.retrieve.url_expiry)
+    try:
+        await catalog.update_lifecycle(pid, LifecycleUpdate(retrieve_status=RetrieveStatus.started))
+        blocks = await load_indexes(app, pid)
+        chosen = select_members(blocks, entry.files or None)
+        transfer.datablocks_total = len(chosen)
+        results: list[dict[str, Any]] = []
+        async with app.retrieval_lock(pid):
+            if entry.files:
+                transfer.bytes_total = sum(m.size for _, ms in chosen for m in ms)
+                transfer.files_total = sum(len(ms) for _, ms in chosen)
+                for block, members in chosen:
+                    async with app.slot(lts, "read"):
+                        for m in members:
+                            key = join_key(prefix, join_key("files", m.path))
+                            if not await _present(retrieval, key, m.size):
+                                await retrieve_member(app, lts, block, m, retrieval, transfer, key=key)
+                            results.append(await _entry(retrieval, key, pid, m.path, m.size, block.archive_id, expiry))
+            else:
+                transfer.bytes_total = sum(b.packed_size for b, _ in chosen)
+                for block, _ in chosen:
+                    key = join_key(prefix, posixpath.basename(block.archive_id))
+                    if not await _present(retrieval, key, block.packed_size):
+                        async with app.slot(lts, "read"):
+                            await copy_datablock(app, lts, block, retrieval, key, transfer)
+                    else:
+                        transfer.bytes_done += block.packed_size
+                    name = posixpath.basename(block.archive_id)
+                    results.append(await _entry(retrieval, key, pid, name, block.size, block.archive_id, expiry))
+                    transfer.datablocks_done += 1
+        await catalog.update_lifecycle(pid, LifecycleUpdate(retrieve_status=RetrieveStatus.retrieved, retrievable=True))
+        return DatasetOutcome(pid, "ok", results=results)
+    except Exception as exc:
+        outcome = classify(exc)
+        log.warning("retrieving %s failed (%s): %s", pid, outcome, exc)
+        with anyio.CancelScope(shield=True):
+            await _best_effort(catalog.update_lifecycle(pid, LifecycleUpdate(
+                retrieve_status=RetrieveStatus.failed)), f"lifecycle of {pid}")
+        return DatasetOutcome(pid, outcome, str(exc))
+
+
+async def _present(storage: Any, key: str, size: int) -> bool:
+    from ..errors import NotFoundError
+
+    try:
+        return bool((await storage.stat(key)).size == size)
+    except NotFoundError:
+        return False
+
+
+async def _entry(storage: Any, key: str, pid: str, name: str, size: int, archive_id: str,
+                 expiry: timedelta) -> dict[str, Any]:
+    try:
+        url = await storage.presign(key, expiry)
+    except NotImplementedError as exc:
+        raise CatalogError(f"the retrieval storage cannot give download links: {exc}") from None
+    return {"datasetId": pid, "name": name, "size": size, "archiveId": archive_id, "url": url}
+
+
+def download_script(entries: list[dict[str, Any]]) -> str:
+    """A shell script that downloads every link (and unpacks datablocks), base64-encoded as
+    SciCat's job result expects."""
+    lines = ["#!/bin/sh", "# Downloads the retrieved data; links expire (see the job result).", "set -eu"]
+    for e in entries:
+        name = str(e["name"])
+        lines.append(f"mkdir -p {shlex.quote(posixpath.dirname(name) or '.')}")
+        lines.append(f"curl -fL --retry 3 -o {shlex.quote(name)} {shlex.quote(str(e['url']))}")
+        if name.endswith(".tar") and "/" not in name:
+            lines.append(f"tar xf {shlex.quote(name)} && rm {shlex.quote(name)}")
+    return base64.b64encode(("\n".join(lines) + "\n").encode()).decode()
