@@ -21,6 +21,7 @@ from ..models import Datablock, FileEntry
 from ..pipeline import write_datablock
 from ..planner import DatablockPlan, check_file_list, dataset_folder, plan_datablocks
 from ..storage import Storage
+from .observed import observed
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,25 @@ async def archive_dataset(
     On failure in-flight writes are aborted and the error propagates; pass ``result`` to learn
     which datablocks this call registered before it failed (a failed job deletes them again).
     """
+    transfer = transfer or Transfer(kind="archive", dataset=pid)
+    result = result or ArchiveResult(pid=pid)
+    with observed(app, transfer):
+        await _archive(app, pid, source, prefix, files, transfer, result, block_runner)
+    return result
+
+
+async def _archive(
+    app: App, pid: str, source: Storage, prefix: str, files: Sequence[FileEntry] | None, transfer: Transfer,
+    result: ArchiveResult, block_runner: BlockRunner,
+) -> None:
     catalog = app.catalog
     lts = app.storage("lts")
     listed = list(files) if files is not None else await catalog.list_files(pid)
     checked = await check_source(source, prefix, listed)
     plans = plan_datablocks(pid, checked, app.settings.pipeline.target_size)
-    transfer = transfer or Transfer(kind="archive", dataset=pid)
     transfer.bytes_total = sum(p.size for p in plans)
     transfer.files_total = len(checked)
     transfer.datablocks_total = len(plans)
-    result = result or ArchiveResult(pid=pid)
     blocks: list[Datablock | None] = [None] * len(plans)
     registered = {d.archive_id: d for d in await catalog.list_datablocks(pid)}
     # One archiver per dataset at a time (the catalog's ``archivable`` flag and the job dedup make
@@ -112,7 +122,6 @@ async def archive_dataset(
     if removed:
         log.info("removed %d temporary file(s) of an interrupted attempt on %s", removed, pid)
     limiter = anyio.CapacityLimiter(app.settings.pipeline.datablock_concurrency)
-    app.notify("transfer_started", transfer=transfer)
 
     async def one(plan: DatablockPlan) -> None:
         async def work() -> Datablock:
@@ -123,26 +132,10 @@ async def archive_dataset(
         blocks[plan.index] = block
         transfer.datablocks_done += 1
 
-    try:
-        async with anyio.create_task_group() as tg:
-            for plan in plans:
-                tg.start_soon(one, plan)
-    except BaseException as exc:
-        cause = _root_cause(exc)
-        app.notify("transfer_failed", transfer=transfer, error=cause)
-        if cause is exc:
-            raise
-        raise cause from None
+    async with anyio.create_task_group() as tg:
+        for plan in plans:
+            tg.start_soon(one, plan)
     result.datablocks = [b for b in blocks if b is not None]
-    app.notify("transfer_finished", transfer=transfer)
-    return result
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The first real error of a task group (anyio wraps them in exception groups)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 async def _archive_block(

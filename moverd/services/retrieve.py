@@ -19,7 +19,7 @@ from ..events import Transfer
 from ..keys import safe_key
 from ..models import Datablock, Member
 from ..storage import Storage
-from .archive import _root_cause
+from .observed import observed
 
 MEMBER_CONCURRENCY = 4
 
@@ -110,20 +110,19 @@ async def retrieve_dataset(
 ) -> RetrieveResult:
     """Copy the dataset's files (or only ``files``) from the LTS into ``target``, verified."""
     lts = app.storage("lts")
-    chosen = select_members(await load_indexes(app, pid), files)
     transfer = transfer or Transfer(kind="retrieve", dataset=pid)
-    transfer.bytes_total = sum(m.size for _, ms in chosen for m in ms)
-    transfer.files_total = sum(len(ms) for _, ms in chosen)
-    transfer.datablocks_total = len(chosen)
     result = RetrieveResult(pid=pid)
-    app.notify("transfer_started", transfer=transfer)
-    try:
+    with observed(app, transfer):
+        chosen = select_members(await load_indexes(app, pid), files)
+        transfer.bytes_total = sum(m.size for _, ms in chosen for m in ms)
+        transfer.files_total = sum(len(ms) for _, ms in chosen)
+        transfer.datablocks_total = len(chosen)
         for block, members in chosen:
             async with app.slot(lts, "read"):
                 await lts.ensure_online(block.archive_id)
                 limiter = anyio.CapacityLimiter(MEMBER_CONCURRENCY)
 
-                async def one(m: Member, block: Datablock = block) -> None:
+                async def one(m: Member, block: Datablock = block, limiter: anyio.CapacityLimiter = limiter) -> None:
                     async with limiter:
                         await retrieve_member(app, lts, block, m, target, transfer)
 
@@ -132,11 +131,4 @@ async def retrieve_dataset(
                         tg.start_soon(one, m)
             result.files.extend(members)
             transfer.datablocks_done += 1
-    except BaseException as exc:
-        cause = _root_cause(exc)
-        app.notify("transfer_failed", transfer=transfer, error=cause)
-        if cause is exc:
-            raise
-        raise cause from None
-    app.notify("transfer_finished", transfer=transfer)
     return result

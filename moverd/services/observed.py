@@ -1,0 +1,35 @@
+"""Telling observer hooks about a transfer: started, then finished or failed."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from ..app import App
+from ..events import Transfer
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The first real error of a task group (anyio wraps them in exception groups)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+@contextlib.contextmanager
+def observed(app: App, transfer: Transfer) -> Iterator[Transfer]:
+    """Notify ``transfer_started`` now, and ``transfer_finished``/``transfer_failed`` at the end.
+
+    Errors leave as the first real error, not an exception group, so callers and users see
+    "file X is missing", not "unhandled errors in a TaskGroup".
+    """
+    app.notify("transfer_started", transfer=transfer)
+    try:
+        yield transfer
+    except BaseException as exc:
+        cause = root_cause(exc)
+        app.notify("transfer_failed", transfer=transfer, error=cause)
+        if cause is exc:
+            raise
+        raise cause from None
+    app.notify("transfer_finished", transfer=transfer)

@@ -1,0 +1,182 @@
+"""Every hook of moverd.hookspecs, exercised through a plugin as a third party would write it."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moverd import MissingFileError, CatalogType, Datablock, Options, StorageType, Transfer, hookimpl, hookspecs
+from moverd.app import App
+from moverd.builtin.local_catalog import LocalCatalog
+from moverd.plugins import describe_plugins, load_plugins
+from moverd.services import archive_dataset
+from moverd.services.folders import register_folder
+from tests.support.apps import make_settings
+from tests.support.trees import awkward_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS = sorted(name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(fn, "moverd_spec"))
+
+
+class Crc32:
+    """A checksum a plugin adds: zlib's crc32 behind the hashlib interface."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
+class Recorder:
+    """Observer and registration hooks of a third-party plugin."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    @hookimpl
+    def register_checksums(self, register: Any) -> None:
+        register("crc32", Crc32)
+
+    @hookimpl
+    def register_storages(self, register: Any) -> None:
+        class Opts(Options):
+            root: str
+
+        def create(name: str, o: Opts, ctx: Any) -> Any:
+            posix = self._posix  # type: ignore[attr-defined]
+            return posix.create(name, posix.options(root=o.root), ctx)
+
+        register(StorageType(name="mirror", options=Opts, create=create))
+
+    @hookimpl
+    def register_catalogs(self, register: Any) -> None:
+        class Opts(Options):
+            file: str
+
+        register(CatalogType(name="sqlite-at", options=Opts, create=lambda o, ctx: LocalCatalog(Path(o.file))))
+
+    @hookimpl
+    def transfer_started(self, transfer: Transfer) -> None:
+        self.events.append(("transfer_started", transfer.dataset))
+
+    @hookimpl
+    def datablock_committed(self, transfer: Transfer, datablock: Datablock) -> None:
+        self.events.append(("datablock_committed", datablock.archive_id))
+
+    @hookimpl
+    def datablock_verified(self, transfer: Transfer, datablock: Datablock) -> None:
+        self.events.append(("datablock_verified", datablock.archive_id))
+
+    @hookimpl
+    def transfer_finished(self, transfer: Transfer) -> None:
+        self.events.append(("transfer_finished", transfer.bytes_done))
+
+    @hookimpl
+    def transfer_failed(self, transfer: Transfer, error: BaseException) -> None:
+        self.events.append(("transfer_failed", str(error)))
+
+
+@pytest.fixture
+def recorder_app(tmp_path: Path):
+    pm, report = load_plugins()
+    rec = Recorder()
+    # The "mirror" storage type builds on the posix type another plugin registered.
+    rec._posix = None  # type: ignore[attr-defined]
+    pm.register(rec, name="recorder")
+    app = App(make_settings(tmp_path, pipeline={"checksum": "crc32"}), pm, report)
+    rec._posix = app.registry.storages["posix"]  # type: ignore[attr-defined]
+    return app, rec
+
+
+@pytest.mark.anyio
+async def test_observer_hooks_see_a_transfer(recorder_app, tmp_path: Path) -> None:
+    app, rec = recorder_app
+    async with app:
+        awkward_tree(tmp_path / "src")
+        ds, src = await register_folder(app, tmp_path / "src")
+        result = await archive_dataset(app, ds.pid, source=src)
+        ids = [d.archive_id for d in result.datablocks]
+        names = [e[0] for e in rec.events]
+        assert names[0] == "transfer_started" and names[-1] == "transfer_finished"
+        assert sorted(a for n, a in rec.events if n == "datablock_committed") == sorted(ids)
+        assert sorted(a for n, a in rec.events if n == "datablock_verified") == sorted(ids)
+        for archive_id in ids:  # each datablock is verified only after it was committed
+            assert rec.events.index(("datablock_committed", archive_id)) < rec.events.index(
+                ("datablock_verified", archive_id))
+        assert rec.events[-1][1] == result.size
+        # a failing transfer
+        (tmp_path / "src/exec.sh").unlink()
+        ds2, src2 = await register_folder(app, tmp_path / "src")
+        (tmp_path / "src/empty.txt").unlink()
+        with pytest.raises(MissingFileError):
+            await archive_dataset(app, ds2.pid, source=src2)
+        assert rec.events[-2][0] == "transfer_started" and rec.events[-1][0] == "transfer_failed"
+        assert "'empty.txt' is missing" in rec.events[-1][1]
+
+
+@pytest.mark.anyio
+async def test_registration_hooks_add_checksums_storages_and_catalogs(recorder_app, tmp_path: Path) -> None:
+    app, rec = recorder_app
+    async with app:
+        files = awkward_tree(tmp_path / "src")
+        ds, src = await register_folder(app, tmp_path / "src")
+        result = await archive_dataset(app, ds.pid, source=src)
+        member = next(m for d in result.datablocks for m in d.members if m.path == "exec.sh")
+        assert member.checksum == f"{zlib.crc32(files['exec.sh']):08x}"
+        assert result.datablocks[0].checksum_alg == "crc32"
+        mirror = app.registry.create_storage("mirror", "m", {"root": str(tmp_path / "src")}, app.context)
+        assert sorted([i.key async for i in mirror.list("")]) == sorted(files)
+        cat = app.registry.create_catalog("sqlite-at", {"file": str(tmp_path / "other.sqlite")}, app.context)
+        await cat.check()
+        await cat.aclose()
+        assert (tmp_path / "other.sqlite").exists()
+
+
+def test_a_broken_plugin_is_a_warning_naming_it(tmp_path: Path, monkeypatch, caplog) -> None:
+    # A real installed distribution with a moverd.plugins entry point whose module fails on import.
+    dist = tmp_path / "broken_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[moverd.plugins]\nbroken = broken_plugin_mod\n")
+    (tmp_path / "broken_plugin_mod.py").write_text("raise RuntimeError('this plugin is broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pm, report = load_plugins()
+    assert "broken" in report.broken and "broken on purpose" in report.broken["broken"]
+    assert "plugin 'broken'" in caplog.text
+    assert not pm.has_plugin("broken")
+    assert {"storage_lts", "storage_s3"} <= {p.name for p in describe_plugins(pm)}
+
+
+def test_plugins_command_lists_versions_and_hooks() -> None:
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "moverd", "plugins", "--json"], capture_output=True, text=True,
+                         check=True).stdout
+    import json
+
+    data = json.loads(out)
+    by_name = {p["name"]: p for p in data["plugins"]}
+    assert by_name["storage_lts"]["version"] == "0.1.0" and "register_storages" in by_name["storage_lts"]["hooks"]
+    assert {"posix", "s3"} <= set(data["storages"]) and {"local", "scicat"} <= set(data["catalogs"])
+    assert "md5" in data["checksums"]
+
+
+def test_every_hook_is_documented_and_tested() -> None:
+    """The meta-test: a new hook without a section in docs/plugins.md or a test here fails."""
+    docs = (ROOT / "docs/plugins.md").read_text()
+    me = Path(__file__).read_text()
+    for name in HOOKS:
+        assert re.search(rf"^###\s+`{name}`", docs, re.M), f"hook {name} has no section in docs/plugins.md"
+        assert f"def {name}(" in me, f"hook {name} has no implementation exercised in tests/test_hooks.py"
+    assert HOOKS, textwrap.dedent("no hooks found")
