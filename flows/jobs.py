@@ -20,7 +20,7 @@ from prefect import flow, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from moverd import Datablock, JobType, Transfer
+from moverd import Datablock, Job, JobType, Transfer
 from moverd.app import App
 from moverd.planner import DatablockPlan
 from moverd.services.jobs import DatasetOutcome, JobOutcome, run_job
@@ -69,17 +69,17 @@ async def job_flow(
     app = app or App.load(config)
     try:
         install_global_limits(app)
-        kind = (await app.catalog.get_job(job_id)).type
-        the_flow = archive_job_flow if kind is JobType.archive else retrieve_job_flow
-        return await the_flow.with_options(flow_run_name=f"{kind.value}-job {job_id}")(
-            job_id, config=config, on_transfer=on_transfer, app=app
-        )
+        job = await app.catalog.get_job(job_id)
+        the_flow = archive_job_flow if job.type is JobType.archive else retrieve_job_flow
+        return await the_flow(job_id, config=config, on_transfer=on_transfer, app=app, job=job)
     finally:
         if own:
             await app.aclose()
 
 
-async def _run(job_id: str, app: App, on_transfer: Callable[[Transfer], None] | None) -> dict[str, Any]:
+async def _run(
+    job_id: str, app: App, on_transfer: Callable[[Transfer], None] | None, job: Job | None = None
+) -> dict[str, Any]:
     transfers: dict[str, Transfer] = {}
 
     def seen(t: Transfer) -> None:
@@ -91,7 +91,7 @@ async def _run(job_id: str, app: App, on_transfer: Callable[[Transfer], None] | 
         t = transfers[pid]
         return await dataset_flow(t.kind, job_id, pid, t, work)
 
-    outcome = await run_job(app, job_id, runner=runner, block_runner=_block_runner, on_transfer=seen)
+    outcome = await run_job(app, job_id, runner=runner, block_runner=_block_runner, on_transfer=seen, job=job)
     await _result_artifact(outcome)
     return {
         "job": job_id, "status": outcome.status.value, "message": outcome.message,
@@ -101,28 +101,29 @@ async def _run(job_id: str, app: App, on_transfer: Callable[[Transfer], None] | 
 
 
 async def _in_app(
-    job_id: str, config: str | None, on_transfer: Callable[[Transfer], None] | None, app: App | None
+    job_id: str, config: str | None, on_transfer: Callable[[Transfer], None] | None, app: App | None,
+    job: Job | None,
 ) -> dict[str, Any]:
     if app is not None:
-        return await _run(job_id, app, on_transfer)
+        return await _run(job_id, app, on_transfer, job)
     async with App.load(config) as own:
         install_global_limits(own)
-        return await _run(job_id, own, on_transfer)
+        return await _run(job_id, own, on_transfer, job)
 
 
 @flow(name="moverd-archive-job", flow_run_name="archive-job {job_id}", validate_parameters=False)
 async def archive_job_flow(
     job_id: str, config: str | None = None, on_transfer: Callable[[Transfer], None] | None = None,
-    app: App | None = None,
+    app: App | None = None, job: Job | None = None,
 ) -> dict[str, Any]:
     """An archive job; ``config`` is the daemon's configuration file (None: its environment)."""
-    return await _in_app(job_id, config, on_transfer, app)
+    return await _in_app(job_id, config, on_transfer, app, job)
 
 
 @flow(name="moverd-retrieve-job", flow_run_name="retrieve-job {job_id}", validate_parameters=False)
 async def retrieve_job_flow(
     job_id: str, config: str | None = None, on_transfer: Callable[[Transfer], None] | None = None,
-    app: App | None = None,
+    app: App | None = None, job: Job | None = None,
 ) -> dict[str, Any]:
     """A retrieve job; ``config`` as for :func:`archive_job_flow`."""
-    return await _in_app(job_id, config, on_transfer, app)
+    return await _in_app(job_id, config, on_transfer, app, job)

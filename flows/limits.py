@@ -1,9 +1,9 @@
 """LTS limits across hosts: Prefect global concurrency limits around the core's LTS sections.
 
-Only with a Prefect server (``PREFECT_API_URL``): the ephemeral server of a single process adds
-nothing the process's own semaphores do not already give. ``moverd prefect setup`` creates the
-limits (``lts-write``, ``lts-read``); a missing limit would make Prefect wait forever, so the
-daemon checks them at start.
+Only when ``prefect.global_limits`` is on, which needs a Prefect server (``PREFECT_API_URL``):
+the ephemeral server of a single process adds nothing its own semaphores do not already give.
+``moverd prefect setup`` creates the limits (``lts-write``, ``lts-read``); acquiring a limit that
+does not exist fails at once (``strict``) rather than waiting forever.
 """
 
 from __future__ import annotations
@@ -24,5 +24,9 @@ async def _global(name: str) -> AsyncIterator[None]:
 
 
 def install_global_limits(app: App) -> None:
-    if PREFECT_API_URL.value():
+    if app.settings.prefect.global_limits:
+        if not PREFECT_API_URL.value():
+            from moverd import ConfigError
+
+            raise ConfigError("prefect.global_limits needs a Prefect server: set PREFECT_API_URL")
         app.global_slots = _global

@@ -86,6 +86,15 @@ class RetrieveSettings(_Section):
         return v
 
 
+class PrefectSettings(_Section):
+    global_limits: bool = False
+    """Hold the LTS read/write bounds across hosts with Prefect global concurrency limits
+    (``<storage>-read``/``<storage>-write``, created by ``moverd prefect setup``). Needs a Prefect
+    server (``PREFECT_API_URL``); without one each process's own semaphores are the bound."""
+    archival_work_pool: str = "archival-docker-workpool"
+    retrieval_work_pool: str = "retrieval-docker-workpool"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MOVERD_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
@@ -96,6 +105,7 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = PipelineSettings()
     archive: ArchiveSettings = ArchiveSettings()
     retrieve: RetrieveSettings = RetrieveSettings()
+    prefect: PrefectSettings = PrefectSettings()
     storages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     catalog: dict[str, Any] = Field(default_factory=lambda: {"type": "local"})
 

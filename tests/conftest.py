@@ -8,4 +8,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 pytest_plugins = [
     "tests.support.s3",
     "tests.support.apps",
+    "tests.support.scicat.fixtures",
+    "tests.support.facility",
 ]

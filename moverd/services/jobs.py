@@ -88,11 +88,12 @@ def job_status(outcomes: list[DatasetOutcome]) -> JobStatus:
 
 async def run_job(
     app: App, job_id: str, *, runner: DatasetRunner = _direct, block_runner: BlockRunner = _direct_block,
-    on_transfer: Callable[[Transfer], None] | None = None,
+    on_transfer: Callable[[Transfer], None] | None = None, job: Job | None = None,
 ) -> JobOutcome:
-    """Carry out catalog job ``job_id`` and report its outcome back to the catalog."""
+    """Carry out catalog job ``job_id`` and report its outcome back to the catalog (``job``: the
+    job as already read, to save a request)."""
     catalog = app.catalog
-    job = await catalog.get_job(job_id)
+    job = job if job is not None and job.id == job_id else await catalog.get_job(job_id)
     await catalog.set_job_status(job.id, JobStatus.in_progress.value, "jobStarted")
     outcomes: list[DatasetOutcome] = []
     for entry in job.datasets:
