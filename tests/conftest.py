@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.support.apps",
     "tests.support.scicat.fixtures",
     "tests.support.facility",
+    "tests.support.mounts",
 ]

@@ -106,7 +106,7 @@ async def test_missing_and_resized_files_fail_before_anything_is_written(app: Ap
     ds, _ = await register_folder(app, tmp_path / "src")
     (tmp_path / "src/exec.sh").unlink()
     (tmp_path / "src/empty.txt").write_bytes(b"now with data")
-    src, prefix = dataset_source(app, ds)
+    src, prefix, _ = dataset_source(app, ds)
     with pytest.raises(MissingFileError) as err:
         await archive_dataset(app, ds.pid, source=src, prefix=prefix)
     assert "'exec.sh' is missing" in str(err.value) and "'empty.txt' has 13 bytes" in str(err.value)
@@ -160,3 +160,27 @@ async def test_rerun_reuses_committed_datablocks(tmp_path: Path) -> None:
         assert [t.stat().st_mtime_ns for t in lts_tars(app)] == mtimes
         third = await archive_dataset(app, ds.pid, source=src)
         assert third.written == 0 and len(await app.catalog.list_datablocks(ds.pid)) == len(first.datablocks)
+
+
+async def test_full_lts_fails_clearly_and_leaves_no_partial_datablock(tmp_path: Path) -> None:
+    from moverd import NoSpaceError
+    from tests.support.mounts import tmpfs
+
+    awkward_tree(tmp_path / "src")  # a 3 MiB file among small ones, 1 MiB datablocks
+    with tmpfs(tmp_path / "lts", "2m") as lts_root:
+        settings = make_settings(tmp_path, storages={"lts": {
+            "type": "posix", "root": str(lts_root), "free_space_timeout": 0.3, "free_space_poll": 0.1}})
+        async with App(settings) as app:
+            ds, src = await register_folder(app, tmp_path / "src")
+            with pytest.raises(NoSpaceError, match="free"):
+                await archive_dataset(app, ds.pid, source=src)
+            leftovers = [p for p in lts_root.rglob("*") if ".moverd-tmp-" in p.name]
+            assert leftovers == []
+            lts = app.storage("lts")
+            for tar in lts_root.rglob("*.tar"):  # whatever is there is whole and verifies
+                index = await read_index(lts, str(tar.relative_to(lts_root)))
+                assert index is not None
+                from moverd.datablocks import verify_datablock
+
+                await verify_datablock(lts, index, app.registry.hasher, app.pool)
+            assert not any(m.path == "big.bin" for b in await app.catalog.list_datablocks(ds.pid) for m in b.members)

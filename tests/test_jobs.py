@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from flows import job_flow
+from moverd import hookimpl
 from moverd.app import App
 from tests.support.facility import Facility, dataset_files
 
@@ -74,3 +75,160 @@ async def test_archive_job_success(facility: Facility, job_api: str) -> None:
     assert seen == {p: hashlib.md5(d).hexdigest() for p, d in files.items()}
     assert facility.landing_keys(pid) == []
     assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "datasetOnArchiveDisk"
+
+
+class OnEvent:
+    """An observer plugin that does something to the world when a hook fires (once)."""
+
+    def __init__(self, hook: str, action: Any, after: int = 1) -> None:
+        self.hook, self.action, self.after, self.count = hook, action, after, 0
+
+    def _fire(self, name: str) -> None:
+        if name == self.hook:
+            self.count += 1
+            if self.count == self.after:
+                self.action()
+
+    @hookimpl
+    def datablock_committed(self, transfer: Any, datablock: Any) -> None:
+        self._fire("datablock_committed")
+
+    @hookimpl
+    def datablock_verified(self, transfer: Any, datablock: Any) -> None:
+        self._fire("datablock_verified")
+
+
+def lts_tars(facility: Facility) -> list[Path]:
+    return sorted((facility.tmp / "lts").rglob("*.tar"))
+
+
+def no_temp_files(facility: Facility) -> bool:
+    return not [p for p in (facility.tmp / "lts").rglob("*") if ".moverd-tmp-" in p.name]
+
+
+async def test_one_bad_dataset_does_not_stop_the_others(facility: Facility) -> None:
+    good1, good2 = dataset_files(2, n=3), dataset_files(3, n=3)
+    bad = dataset_files(4, n=3)
+    p1 = facility.add_dataset(good1)
+    p_bad = facility.add_dataset(bad, upload=False)
+    facility.upload(p_bad, {k: v for k, v in bad.items() if k != "raw/frame_001.tiff"})
+    p2 = facility.add_dataset(good2)
+    job_id = facility.scicat.add_job("archive", [p1, p_bad, p2])
+    res = await run(facility, job_id)
+    assert res["status"] == "finishedWithDatasetErrors"
+    assert [d["outcome"] for d in res["datasets"]] == ["ok", "user_error", "ok"]
+    assert "'raw/frame_001.tiff' is missing" in res["datasets"][1]["message"]
+    lc = facility.scicat.lifecycle(p_bad)
+    assert (lc["archiveStatusMessage"], lc["archivable"], lc["retrievable"]) == ("missingFilesError", False, False)
+    assert facility.scicat.datablocks(p_bad) == []
+    assert not (facility.tmp / "lts" / p_bad.replace("/", "%2F")).exists()  # nothing written for it
+    assert len(facility.landing_keys(p_bad)) == len(bad) - 1  # landing zone kept
+    for pid in (p1, p2):
+        assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "datasetOnArchiveDisk"
+        assert facility.landing_keys(pid) == []
+    assert facility.scicat.job(job_id)["statusCode"] == "finishedWithDatasetErrors"
+
+
+async def test_lts_write_failure_is_a_system_error_and_rolls_back(facility: Facility) -> None:
+    from tests.support.mounts import tmpfs
+
+    files = dataset_files(5, n=8, big=3_000_000)  # the 3 MB file cannot fit on a 2 MB LTS
+    pid = facility.add_dataset(files)
+    job_id = facility.scicat.add_job("archive", [pid])
+    with tmpfs(facility.tmp / "lts", "2m"):
+        facility.overrides["storages"] = {
+            **facility.settings_dict()["storages"],
+            "lts": {"type": "posix", "root": str(facility.tmp / "lts"), "free_space_timeout": 0.2,
+                    "free_space_poll": 0.1},
+        }
+        res = await run(facility, job_id)
+        assert no_temp_files(facility)
+    assert res["status"] == "finishedUnsuccessful"
+    assert res["datasets"][0]["outcome"] == "system_error" and "free" in res["datasets"][0]["message"]
+    lc = facility.scicat.lifecycle(pid)
+    assert (lc["archiveStatusMessage"], lc["archivable"], lc["retrievable"]) == ("scheduleArchiveJobFailed", False, False)
+    assert facility.scicat.datablocks(pid) == []  # what this attempt registered was deleted
+    assert len(facility.scicat.requests("DELETE", "datablocks")) >= 1
+    assert len(facility.landing_keys(pid)) == len(files)
+
+
+async def test_verification_mismatch_is_a_system_error(facility: Facility) -> None:
+    from tests.support.badmedia import BadMediaPlugin
+
+    facility.plugins.append(BadMediaPlugin())
+    files = dataset_files(6, n=4)
+    pid = facility.add_dataset(files)
+    job_id = facility.scicat.add_job("archive", [pid])
+    facility.overrides["storages"] = {
+        **facility.settings_dict()["storages"],
+        "lts": {"type": "badmedia", "root": str(facility.tmp / "lts"), "create": True},
+    }
+    res = await run(facility, job_id)
+    assert res["status"] == "finishedUnsuccessful"
+    assert "corrupt" in res["datasets"][0]["message"]
+    assert facility.scicat.datablocks(pid) == []
+    assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "scheduleArchiveJobFailed"
+    assert len(facility.landing_keys(pid)) == len(files)
+
+
+async def test_scicat_503_bursts_are_survived(facility: Facility) -> None:
+    files = dataset_files(7, n=4)
+    pid = facility.add_dataset(files)
+    job_id = facility.scicat.add_job("archive", [pid])
+    facility.plugins.append(OnEvent("datablock_verified", lambda: facility.scicat.fail_next(3, 503)))
+    facility.scicat.fail_next(2, 503)
+    res = await run(facility, job_id)
+    assert res["status"] == "finishedSuccessful", res
+    assert len(facility.scicat.requests(faults=True)) - len(facility.scicat.requests()) == 5
+    assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "datasetOnArchiveDisk"
+
+
+async def test_token_expiry_mid_job(facility: Facility) -> None:
+    files = dataset_files(8, n=6)
+    pid = facility.add_dataset(files)
+    job_id = facility.scicat.add_job("archive", [pid])
+    facility.plugins.append(OnEvent("datablock_committed", facility.scicat.expire_tokens))
+    res = await run(facility, job_id)
+    assert res["status"] == "finishedSuccessful", res
+    assert len(facility.scicat.requests("POST", "auth/login")) == 2
+
+
+async def test_registration_refused_for_good_rolls_back(facility: Facility) -> None:
+    files = dataset_files(9, n=8)
+    pid = facility.add_dataset(files)
+    job_id = facility.scicat.add_job("archive", [pid])
+    # after the first datablock is registered, SciCat refuses every further registration
+    facility.plugins.append(OnEvent("datablock_verified", lambda: facility.scicat.fail_next(
+        1000, 503, method="POST", path=r"/datablocks$"), after=2))
+    res = await run(facility, job_id)
+    assert res["status"] == "finishedUnsuccessful"
+    assert facility.scicat.datablocks(pid) == []
+    assert len(facility.landing_keys(pid)) == len(files)
+    assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "scheduleArchiveJobFailed"
+    facility.scicat.clear_faults()
+    # run again: committed datablocks are reused, each registered once
+    facility.plugins.clear()
+    before = {p: p.stat().st_mtime_ns for p in lts_tars(facility)}
+    res = await run(facility, job_id)
+    assert res["status"] == "finishedSuccessful"
+    blocks = facility.scicat.datablocks(pid)
+    assert len({b["archiveId"] for b in blocks}) == len(blocks) == len(lts_tars(facility))
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert facility.landing_keys(pid) == []
+
+
+async def test_scicat_down_mid_job_then_rerun(facility: Facility) -> None:
+    files = dataset_files(10, n=8)
+    pid = facility.add_dataset(files)
+    job_id = facility.scicat.add_job("archive", [pid])
+    facility.plugins.append(OnEvent("datablock_verified", facility.scicat.down, after=2))
+    with pytest.raises(Exception, match="503|CatalogError|SciCat"):
+        await run(facility, job_id)
+    facility.scicat.up()
+    assert len(facility.landing_keys(pid)) == len(files)
+    facility.plugins.clear()
+    res = await run(facility, job_id)
+    assert res["status"] == "finishedSuccessful"
+    blocks = facility.scicat.datablocks(pid)
+    assert len({b["archiveId"] for b in blocks}) == len(blocks) == len(lts_tars(facility))
+    assert no_temp_files(facility)

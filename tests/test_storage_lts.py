@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -35,6 +34,7 @@ from moverd import (
 )
 from moverd.plugins import load_plugins
 from moverd.registry import Registry
+from tests.support.mounts import remount_read_only
 
 pytestmark = pytest.mark.anyio
 
@@ -58,27 +58,6 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture
 def store(root: Path) -> PosixStorage:
     return make(root)
-
-
-def _mount(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, check=False)
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB tmpfs, unmounted afterwards."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: cannot make a small file system for ENOSPC/EROFS faults")
-    res = _mount(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mnt)])
-    if res.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {res.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        if _mount(["umount", str(mnt)]).returncode != 0:
-            _mount(["umount", "-l", str(mnt)])
 
 
 def files_in(d: Path) -> list[str]:
@@ -683,9 +662,7 @@ async def test_wait_for_space_counts_open_writers(small_fs: Path) -> None:
 async def test_read_only_file_system(small_fs: Path) -> None:
     storage = make(small_fs)
     await put(storage, "existing.bin", b"readable")
-    res = _mount(["mount", "-o", "remount,ro", str(small_fs)])
-    if res.returncode != 0:
-        pytest.skip(f"remounting read-only is not permitted here: {res.stderr.strip()}")
+    remount_read_only(small_fs)
     with pytest.raises(StorageError, match="read-only file system") as ei:
         await storage.open_writer("new.bin")
     assert not isinstance(ei.value, NoSpaceError)

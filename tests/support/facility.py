@@ -55,8 +55,16 @@ class Facility:
                 data[key] = value
         return data
 
+    plugins: list[object] = field(default_factory=list)
+
     def app(self) -> App:
-        return App(Settings(**self.settings_dict()))
+        """moverd on this facility, with the installed plugins and any test plugins added."""
+        from moverd.plugins import load_plugins
+
+        pm, report = load_plugins()
+        for plugin in self.plugins:
+            pm.register(plugin)
+        return App(Settings(**self.settings_dict()), pm, report)
 
     def write_config(self) -> Path:
         """The same configuration as a TOML file, for the command line."""
