@@ -3,6 +3,7 @@ real Prefect flow runs."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import tarfile
@@ -232,3 +233,138 @@ async def test_scicat_down_mid_job_then_rerun(facility: Facility) -> None:
     blocks = facility.scicat.datablocks(pid)
     assert len({b["archiveId"] for b in blocks}) == len(blocks) == len(lts_tars(facility))
     assert no_temp_files(facility)
+
+
+async def archived(facility: Facility, seed: int, n: int = 6) -> tuple[str, dict[str, bytes]]:
+    files = dataset_files(seed, n=n)
+    pid = facility.add_dataset(files)
+    res = await run(facility, facility.scicat.add_job("archive", [pid]))
+    assert res["status"] == "finishedSuccessful"
+    return pid, files
+
+
+def download(url: str) -> bytes:
+    r = httpx.get(url, timeout=30)
+    assert r.status_code == 200, (url, r.status_code, r.text[:200])
+    return r.content
+
+
+async def test_retrieve_job_gives_links_that_download_the_data(facility: Facility, job_api: str) -> None:
+    facility.job_api = job_api
+    pid, files = await archived(facility, 11)
+    job_id = facility.scicat.add_job("retrieve", [pid])
+    res = await run(facility, job_id)
+    assert res["status"] == "finishedSuccessful", res
+    stored = facility.scicat.job(job_id)
+    assert stored["statusCode"] == "finishedSuccessful"
+    result = stored["jobResultObject"]
+    entries = result["result"]
+    blocks = facility.scicat.datablocks(pid)
+    assert sorted(e["archiveId"] for e in entries) == sorted(b["archiveId"] for b in blocks)
+    got: dict[str, bytes] = {}
+    for e in entries:
+        assert set(e) == {"datasetId", "name", "size", "archiveId", "url"} and e["datasetId"] == pid
+        assert e["url"].startswith(facility.s3.endpoint_url)  # plain HTTP from the S3 server
+        with tarfile.open(fileobj=io.BytesIO(download(e["url"]))) as tf:
+            for m in tf.getmembers():
+                got[m.name] = tf.extractfile(m).read()
+    assert got == files
+    script = base64.b64decode(result["downloadScript"]).decode()
+    assert script.startswith("#!/bin/sh") and all(e["url"] in script for e in entries)
+    lc = facility.scicat.lifecycle(pid)
+    assert (lc["retrieveStatusMessage"], lc["retrievable"]) == ("datasetRetrieved", True)
+
+
+async def test_partial_retrieve_job_gives_only_the_selected_files(facility: Facility) -> None:
+    pid, files = await archived(facility, 12)
+    wanted = ["raw/frame_002.tiff", "ünïcode/名前.json", "big/movie.mrc"]
+    job_id = facility.scicat.add_job("retrieve", [(pid, wanted)])
+    res = await run(facility, job_id)
+    assert res["status"] == "finishedSuccessful", res
+    entries = facility.scicat.job(job_id)["jobResultObject"]["result"]
+    assert sorted(e["name"] for e in entries) == sorted(wanted)
+    for e in entries:
+        assert download(e["url"]) == files[e["name"]]
+        assert e["size"] == len(files[e["name"]])
+    assert len(facility.retrieval_keys()) == 3
+
+
+async def test_two_concurrent_retrievals_of_one_dataset_copy_it_once(facility: Facility) -> None:
+    import anyio
+
+    pid, files = await archived(facility, 13)
+    jobs = [facility.scicat.add_job("retrieve", [pid]) for _ in range(2)]
+    results: list[dict[str, Any]] = []
+    async with facility.app() as app:
+        async def one(job_id: str) -> None:
+            results.append(await run(facility, job_id, app))
+
+        async with anyio.create_task_group() as tg:
+            for job_id in jobs:
+                tg.start_soon(one, job_id)
+    assert [r["status"] for r in results] == ["finishedSuccessful"] * 2
+    n_blocks = len(facility.scicat.datablocks(pid))
+    log = facility.s3.log_path.read_text(errors="replace")
+    puts = [line for line in log.splitlines() if f'"PUT /{facility.retrieval_bucket}/' in line
+            and "partNumber" not in line]
+    assert len(puts) == n_blocks, puts  # one upload per datablock, not two
+    urls = [sorted(e["url"] for e in facility.scicat.job(j)["jobResultObject"]["result"]) for j in jobs]
+    assert len(urls[0]) == len(urls[1]) == n_blocks
+
+
+async def test_failed_retrievals_set_the_job_status(facility: Facility) -> None:
+    pid, _ = await archived(facility, 14, n=2)
+    other, _ = await archived(facility, 15, n=2)
+    job_id = facility.scicat.add_job("retrieve", [(pid, ["no/such/file"])])
+    res = await run(facility, job_id)
+    assert res["status"] == "finishedUnsuccessful"  # every dataset failed
+    assert facility.scicat.lifecycle(pid)["retrieveStatusMessage"] == "datasetRetrievalFailed"
+    assert facility.retrieval_keys() == []
+    job_id = facility.scicat.add_job("retrieve", [(pid, ["no/such/file"]), other])
+    res = await run(facility, job_id)
+    assert res["status"] == "finishedWithDatasetErrors"  # only some did
+    assert facility.scicat.lifecycle(other)["retrieveStatusMessage"] == "datasetRetrieved"
+
+
+def test_sigkill_during_an_archive_job_then_job_run_again(facility: Facility, prefect_harness: None) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    rnd = __import__("random").Random(16)
+    files = {f"frames/f{i:03d}.tiff": rnd.randbytes(1_000_000) for i in range(24)}
+    pid = facility.add_dataset(files)
+    job_id = facility.scicat.add_job("archive", [pid])
+    facility.overrides["pipeline"] = {"target_size": "1MiB", "datablock_concurrency": 1}
+    config = facility.write_config()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MOVERD_")},
+           "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    cmd = [sys.executable, "-m", "moverd", "job", "run", job_id, "--config", str(config), "--json"]
+    lts = facility.tmp / "lts"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed = time.monotonic() + 120, False
+    while time.monotonic() < deadline and proc.poll() is None:
+        if [p for p in lts.rglob("*") if ".moverd-tmp-" in p.name] and len(list(lts.rglob("*.tar"))) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert killed, "the job finished before it could be killed"
+    assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "started"
+    registered_before = len(facility.scicat.datablocks(pid))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"finishedSuccessful"' in done.stdout
+    blocks = facility.scicat.datablocks(pid)
+    posts = facility.scicat.requests("POST", "datablocks")
+    assert len({b["archiveId"] for b in blocks}) == len(blocks) == len(list(lts.rglob("*.tar")))
+    assert len([c for c in posts if c.status == 201]) == len(blocks)  # never registered twice
+    assert registered_before >= 1
+    assert not [p for p in lts.rglob("*") if ".moverd-tmp-" in p.name]
+    assert facility.landing_keys(pid) == []
+    assert facility.scicat.job(job_id)["statusCode"] == "finishedSuccessful"

@@ -78,7 +78,15 @@ def classify(exc: BaseException) -> Outcome:
     return "user_error" if isinstance(exc, UserError) else "system_error"
 
 
-def job_status(outcomes: list[DatasetOutcome]) -> JobStatus:
+def job_status(outcomes: list[DatasetOutcome], kind: JobType = JobType.archive) -> JobStatus:
+    """Archive: a system error anywhere is ``finishedUnsuccessful``, user errors only are
+    ``finishedWithDatasetErrors``. Retrieve (as the facility expects): unsuccessful when every
+    dataset failed, with dataset errors when only some did."""
+    failed = [o for o in outcomes if o.outcome != "ok"]
+    if kind is JobType.retrieve and failed:
+        if len(failed) == len(outcomes):
+            return JobStatus.finished_unsuccessful
+        return JobStatus.finished_with_dataset_errors
     if any(o.outcome == "system_error" for o in outcomes):
         return JobStatus.finished_unsuccessful
     if any(o.outcome == "user_error" for o in outcomes):
@@ -105,7 +113,7 @@ async def run_job(
         else:
             work = _bind(retrieve_job_dataset, app, entry, transfer, block_runner)
         outcomes.append(await runner(entry.pid, work))
-    status = job_status(outcomes)
+    status = job_status(outcomes, job.type)
     outcome = JobOutcome(job=job, status=status, datasets=outcomes)
     if job.type is JobType.retrieve:
         entries = [r for o in outcomes for r in o.results]
