@@ -1,0 +1,106 @@
+"""Configuration: TOML, environment overrides, secrets from files, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moverd import ConfigError
+from moverd.config import load_settings
+
+MOVERD = [sys.executable, "-m", "moverd"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOVERD_")}
+    return {**env, **extra}
+
+
+def config_check(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(MOVERD + ["config", "check", "--config", str(path)], capture_output=True, text=True,
+                          env=clean_env(**env), timeout=60)
+
+
+def test_toml_and_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "moverd.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/state"\n[pipeline]\ntarget_size = "20GiB"\nchecksum = "sha256"\n')
+    monkeypatch.setenv("MOVERD_PIPELINE__TARGET_SIZE", "1GiB")
+    s = load_settings(cfg)
+    assert s.pipeline.target_size == 2**30 and s.pipeline.checksum == "sha256"
+    assert s.storages["lts"] == {"type": "posix", "root": f"{tmp_path}/state/lts", "create": True}
+    monkeypatch.setenv("MOVERD_CONFIG", str(cfg))
+    assert load_settings(None).pipeline.checksum == "sha256"
+
+
+def test_every_problem_is_reported_with_its_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(
+        "[pipeline]\ntarget_size = \"20 gigs\"\nbogus = 1\n"
+        "[storages.lts]\ntype = \"posix\"\nroot = \"/does/not/exist\"\n"
+        "[storages.landing]\ntype = \"s3\"\nbucket = \"landing\"\nsecret_access_key_file = \"/no/such/secret\"\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    text = str(err.value)
+    assert "pipeline.target_size: not a size: '20 gigs'" in text and "pipeline.bogus: unknown key" in text
+    cfg.write_text(
+        "[storages.lts]\ntype = \"posix\"\nroot = \"/does/not/exist\"\nwrite_limit = 4\nfrobnicate = true\n"
+        "[storages.landing]\ntype = \"s3\"\nbucket = \"landing\"\nsecret_access_key_file = \"/no/such/secret\"\n"
+        "[storages.extra]\ntype = \"ftp\"\n"
+    )
+    p = config_check(cfg)
+    assert p.returncode == 3
+    lines = p.stderr.splitlines()
+    assert any("storages.lts.root" in ln and "does not exist" in ln for ln in lines), p.stderr
+    assert any("storages.lts.frobnicate: unknown key" in ln for ln in lines), p.stderr
+    assert any("secret_access_key_file" in ln and "/no/such/secret" in ln and "does not exist" in ln
+               for ln in lines), p.stderr
+    assert any("storages.extra.type: unknown storage type 'ftp'" in ln for ln in lines), p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("[pipeline\n", "is not valid TOML"),
+        ("state_dir = 3\n", "state_dir: Input is not a valid path"),
+        ("[catalog]\nurl = 'x'\n", "catalog: needs a 'type'"),
+        ("[catalog]\ntype = 'scicat'\nurl = 'http://x'\n", "catalog.username"),
+    ],
+)
+def test_broken_config_files(tmp_path: Path, content: str, message: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(content)
+    p = config_check(cfg)
+    assert p.returncode == 3 and message in p.stderr, p.stderr
+
+
+def test_missing_config_file_and_good_config(tmp_path: Path) -> None:
+    p = config_check(tmp_path / "nope.toml")
+    assert p.returncode == 3 and "does not exist" in p.stderr
+    good = tmp_path / "good.toml"
+    good.write_text(f'state_dir = "{tmp_path}/s"\n')
+    p = config_check(good)
+    assert p.returncode == 0 and "configuration OK" in p.stdout
+
+
+def test_show_masks_secrets(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cr3t-value\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'state_dir = "{tmp_path}/s"\n[storages.landing]\ntype = "s3"\nbucket = "landing"\n'
+        f'endpoint_url = "http://127.0.0.1:9"\naccess_key_id = "AKIA"\nsecret_access_key_file = "{secret}"\n'
+    )
+    p = subprocess.run(MOVERD + ["config", "show", "-c", str(cfg)], capture_output=True, text=True,
+                       env=clean_env(), timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "s3cr3t-value" not in p.stdout and "AKIA" not in p.stdout
+    shown = json.loads(p.stdout)
+    assert shown["storages"]["landing"]["secret_access_key"] == "**********"
+    assert shown["storages"]["lts"]["type"] == "posix"
