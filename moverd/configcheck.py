@@ -35,7 +35,8 @@ def check_config(path: str | Path | None) -> tuple[list[str], str]:
         problems.extend(str(exc).splitlines())
     if settings.pipeline.checksum not in reg.checksums:
         problems.append(
-            f"pipeline.checksum: unknown algorithm {settings.pipeline.checksum!r}; known: {', '.join(sorted(reg.checksums))}"
+            f"pipeline.checksum: unknown algorithm {settings.pipeline.checksum!r}; "
+            f"known: {', '.join(sorted(reg.checksums))}"
         )
     return problems, where
 

@@ -9,7 +9,8 @@ re-run finds both, verifies the tar against the index, and reuses it.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import anyio
 from pydantic import ValidationError
@@ -56,7 +57,7 @@ async def read_index(storage: Storage, archive_id: str) -> Datablock | None:
 
 async def stream_range(
     storage: Storage, key: str, offset: int, length: int, pool: SlabPool,
-    consume: Callable[[memoryview], Awaitable[None]], *, uncached: bool = False,
+    consume: Callable[[memoryview], Coroutine[Any, Any, None]], *, uncached: bool = False,
 ) -> None:
     """Read ``length`` bytes at ``offset`` and hand them to ``consume`` chunk by chunk.
 

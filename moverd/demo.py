@@ -61,7 +61,8 @@ def main() -> None:
     _moverd("verify", res["dataset"])
     cmp = filecmp.dircmp(data, out)
     same = _identical(cmp)
-    print("retrieved files are byte-identical to the originals" if same else "MISMATCH between original and retrieved files")
+    print("retrieved files are byte-identical to the originals" if same
+          else "MISMATCH between original and retrieved files")
     sys.exit(0 if same else 1)
 
 

@@ -37,7 +37,7 @@ class ConfigError(MoverdError):
     """The configuration is broken; the message lists every problem found."""
 
 
-class SystemError_(MoverdError):  # noqa: N801 - trailing underscore: the builtin name is taken
+class SystemError_(MoverdError):  # noqa: N801,N818 - the builtin name SystemError is taken
     """A storage, catalog or verification failure: the job can be run again and resumes."""
 
 

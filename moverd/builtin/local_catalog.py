@@ -228,7 +228,9 @@ class LocalCatalog(Catalog):
 
     async def list_jobs(self, status: str | None = None) -> list[Job]:
         rows = await self._run(
-            lambda db: db.execute("SELECT id FROM jobs WHERE ? IS NULL OR status=? ORDER BY created", (status, status)).fetchall()
+            lambda db: db.execute(
+                "SELECT id FROM jobs WHERE ? IS NULL OR status=? ORDER BY created", (status, status)
+            ).fetchall()
         )
         return [await self.get_job(r[0]) for r in rows]
 

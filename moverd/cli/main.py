@@ -93,7 +93,9 @@ def _root(
 
 @app.command()
 def archive(
-    source: Annotated[str, typer.Argument(help="A folder to archive as a new dataset, or the id of a catalogued dataset.")],
+    source: Annotated[
+        str, typer.Argument(help="A folder to archive as a new dataset, or the id of a catalogued dataset.")
+    ],
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -102,12 +104,15 @@ def archive(
     from ..services import archive_dataset
     from ..services.folders import dataset_source, register_folder
 
+    folder = Path(source)
+    is_folder = folder.is_dir()
+    looks_like_path = source.startswith((".", "/", "~")) or (os.sep in source and folder.parent.is_dir())
+
     async def go(a: App) -> dict[str, Any]:
-        folder = Path(source)
-        if folder.is_dir():
+        if is_folder:
             ds, src = await register_folder(a, folder)
             prefix = ""
-        elif source.startswith((".", "/", "~")) or (os.sep in source and folder.parent.is_dir()):
+        elif looks_like_path:
             raise UserError(f"folder {source!r} does not exist")
         else:
             ds = await a.catalog.get_dataset(source)
@@ -321,3 +326,7 @@ def main() -> None:
         app()
     except BrokenPipeError:
         sys.stderr.close()
+
+
+# Commands that live in their own modules register themselves on ``app`` when imported.
+from . import serve as _serve  # noqa: E402,F401

@@ -20,7 +20,7 @@ from ..events import Transfer
 from ..models import Datablock, FileEntry
 from ..pipeline import write_datablock
 from ..planner import DatablockPlan, check_file_list, dataset_folder, plan_datablocks
-from ..storage import Storage
+from ..storage import ObjectInfo, Storage
 from .observed import observed
 
 log = logging.getLogger(__name__)
@@ -54,17 +54,17 @@ async def check_source(source: Storage, prefix: str, files: Sequence[FileEntry])
     Returns the files completed with what the source knows and the list did not say (mode,
     owner, mtime). Missing or resized files are a user error that names them.
     """
-    found = {}
+    found: dict[str, ObjectInfo] = {}
     strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
     async for info in source.list(prefix):
         found[info.key[strip:]] = info
     problems: list[str] = []
     out: list[FileEntry] = []
     for f in check_file_list(files):
-        info = found.get(f.path)
-        if info is None:
+        if f.path not in found:
             problems.append(f"{f.path!r} is missing")
             continue
+        info = found[f.path]
         if info.size != f.size:
             problems.append(f"{f.path!r} has {info.size} bytes, the catalog lists {f.size}")
             continue

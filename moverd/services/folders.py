@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
+
 from ..app import App
 from ..builtin.local_catalog import LocalCatalog
 from ..errors import UserError
@@ -20,9 +22,9 @@ async def register_folder(app: App, folder: Path) -> tuple[Dataset, Storage]:
             f"archiving a folder needs the local catalog (the configured one is {catalog.type_name!r}); "
             "give a dataset id instead"
         )
-    if not folder.is_dir():
+    if not await anyio.Path(folder).is_dir():
         raise UserError(f"folder {str(folder)!r} does not exist")
-    folder = folder.resolve()
+    folder = Path(await anyio.Path(folder).resolve())
     source = app.local_folder(folder, "source")
     files = [
         FileEntry(path=i.key, size=i.size, mtime=i.mtime, mode=i.mode, uid=i.uid, gid=i.gid)

@@ -11,9 +11,9 @@ import os
 import stat
 import time
 import weakref
+from collections.abc import AsyncIterator, Generator, Iterator
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
 import anyio

@@ -1,0 +1,1 @@
+"""``moverd serve`` and ``moverd prefect setup``: being written."""
