@@ -184,3 +184,49 @@ async def test_full_lts_fails_clearly_and_leaves_no_partial_datablock(tmp_path: 
 
                 await verify_datablock(lts, index, app.registry.hasher, app.pool)
             assert not any(m.path == "big.bin" for b in await app.catalog.list_datablocks(ds.pid) for m in b.members)
+
+
+async def test_file_vanishing_during_the_archive_is_a_clear_user_error(tmp_path: Path) -> None:
+    from moverd import hookimpl
+    from moverd.plugins import load_plugins
+
+    files = small_files_tree(tmp_path / "src", 12, size=300_000)  # several 1 MiB datablocks
+    victim = sorted(files)[-1]
+
+    class DeleteWhenFirstBlockCommits:
+        @hookimpl
+        def datablock_committed(self, transfer: object, datablock: object) -> None:
+            (tmp_path / "src" / victim).unlink(missing_ok=True)
+
+    pm, report = load_plugins()
+    pm.register(DeleteWhenFirstBlockCommits())
+    settings = make_settings(tmp_path, pipeline={"datablock_concurrency": 1, "prefetch_files": 1,
+                                                 "buffer_budget": "1MiB"})
+    async with App(settings, pm, report) as app:
+        ds, src = await register_folder(app, tmp_path / "src")
+        with pytest.raises(MissingFileError, match=f"{victim}.*vanished"):
+            await archive_dataset(app, ds.pid, source=src)
+        assert not [p for p in (tmp_path / "state/lts").rglob("*") if ".moverd-tmp-" in p.name]
+
+
+@pytest.mark.slow
+async def test_round_trip_of_a_file_over_8_gib(tmp_path: Path) -> None:
+    size = 8 * 2**30 + 12345
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "huge.bin", "wb") as f:  # sparse: costs no disk on the source side
+        f.seek(size - 5)
+        f.write(b"tail!")
+    async with App(make_settings(tmp_path, pipeline={"chunk_size": "8MiB", "buffer_budget": "64MiB"})) as app:
+        ds, source = await register_folder(app, src)
+        result = await archive_dataset(app, ds.pid, source=source)
+        assert result.datablocks[0].members[0].size == size
+        tar = lts_tars(app)[0]
+        listing = subprocess.run(["tar", "tvf", str(tar)], capture_output=True, text=True, check=True).stdout
+        assert str(size) in listing
+        await retrieve_dataset(app, ds.pid, app.local_folder(tmp_path / "out", "out", create=True))
+        out = tmp_path / "out/huge.bin"
+        assert out.stat().st_size == size
+        with open(out, "rb") as f:
+            f.seek(size - 5)
+            assert f.read() == b"tail!"
