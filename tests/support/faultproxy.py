@@ -200,6 +200,10 @@ class FaultProxy:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             return
+        except asyncio.CancelledError:
+            # stop() cancels idle keep-alive connections; ending quietly keeps asyncio from
+            # logging the cancellation as an error in its stream callback.
+            return
         finally:
             with contextlib.suppress(Exception):
                 writer.close()

@@ -1,0 +1,35 @@
+"""moverd storage plugin ``s3``: buckets on MinIO, AWS or any S3-compatible server.
+
+Registered through the ``moverd.plugins`` entry point like any third-party plugin; it uses only
+moverd's public API. See ``docs/storage-s3.md`` for the options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from moverd import Context, StorageType, hookimpl
+
+from .options import S3Options
+from .storage import S3Storage
+
+__all__ = ["S3Options", "S3Storage", "register_storages"]
+
+
+def _create(name: str, options: Any, context: Context) -> S3Storage:
+    return S3Storage(name, options, context)
+
+
+@hookimpl
+def register_storages(register: Callable[[StorageType], None]) -> None:
+    """Offer the ``s3`` storage type."""
+    register(
+        StorageType(
+            name="s3",
+            options=S3Options,
+            create=_create,
+            description="S3 bucket (MinIO, AWS, ...): streaming multipart upload, resumable ranged "
+            "reads, presigned URLs",
+        )
+    )

@@ -1,0 +1,247 @@
+"""The ``s3`` storage: a bucket (and a folder of it) as a moverd source or sink."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import math
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from moverd import (
+    Context,
+    NotFoundError,
+    ObjectInfo,
+    Storage,
+    StorageError,
+    join_key,
+    safe_key,
+)
+
+from .client import S3Clients
+from .errors import error_code, to_storage_error
+from .options import S3Options
+from .reader import S3Reader, range_header
+from .writer import MultipartWriter
+
+log = logging.getLogger(__name__)
+
+MAX_PRESIGN = timedelta(days=7)
+"""SigV4 refuses presigned URLs valid for longer than a week."""
+DELETE_BATCH = 1000
+"""DeleteObjects takes at most 1000 keys per request."""
+
+
+class S3Storage(Storage):
+    """Objects under ``prefix`` in one bucket; keys are relative to that prefix."""
+
+    type_name = "s3"
+
+    def __init__(self, name: str, options: S3Options, context: Context | None = None) -> None:
+        self.name = name
+        self.options = options
+        self.bucket = options.bucket
+        self.prefix = options.prefix
+        self.clients = S3Clients(options)
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def _full(self, key: str) -> str:
+        return join_key(self.prefix, key)
+
+    def _folder(self, prefix: str) -> str:
+        """The bucket prefix for the folder ``prefix`` ("" = everything of this storage)."""
+        rel = safe_key(prefix, allow_empty=True)
+        full = join_key(self.prefix, rel) if rel else self.prefix
+        return f"{full}/" if full else ""
+
+    def _relative(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+
+    def _error(self, exc: BaseException, key: str | None, action: str = "") -> StorageError:
+        return to_storage_error(
+            exc, bucket=self.bucket, key=key, endpoint=self.clients.endpoint, action=action
+        )
+
+    async def _client(self) -> Any:
+        try:
+            return await self.clients.get()
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, None, "connect") from exc
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def _pages(self, folder: str) -> AsyncIterator[builtins.list[dict[str, Any]]]:
+        client = await self._client()
+        paginator = client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=folder):
+                yield page.get("Contents", [])
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, folder or None, "list") from exc
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        async for contents in self._pages(self._folder(prefix)):
+            for obj in contents:
+                full = str(obj["Key"])
+                if full.endswith("/"):
+                    continue  # a "folder" marker some S3 consoles create: not a file
+                yield ObjectInfo(
+                    key=self._relative(full),
+                    size=int(obj["Size"]),
+                    mtime=obj["LastModified"].timestamp(),
+                    etag=_etag(obj.get("ETag")),
+                )
+
+    async def stat(self, key: str) -> ObjectInfo:
+        full = self._full(key)
+        client = await self._client()
+        try:
+            resp = await client.head_object(Bucket=self.bucket, Key=full)
+        except Exception as exc:
+            raise self._error(exc, key) from exc
+        return ObjectInfo(
+            key=key, size=int(resp["ContentLength"]), mtime=resp["LastModified"].timestamp(),
+            etag=_etag(resp.get("ETag")),
+        )
+
+    async def open_reader(
+        self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False
+    ) -> S3Reader:
+        # ``uncached`` needs nothing here: every GET is served by the S3 server, not a local cache.
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError(f"offset and length must not be negative (got {offset}, {length})")
+        full = self._full(key)
+        common: dict[str, Any] = dict(
+            client=self._client, bucket=self.bucket, key=key, full_key=full,
+            endpoint=self.clients.endpoint, attempts=self.options.max_attempts,
+        )
+        if length == 0:
+            await self.stat(key)  # a missing key is still an error
+            return S3Reader.empty(**common)
+        end = None if length is None else offset + length
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+        if offset or end is not None:
+            kwargs["Range"] = range_header(offset, end)
+        client = await self._client()
+        try:
+            resp = await client.get_object(**kwargs)
+        except ClientError as exc:
+            if error_code(exc) == "InvalidRange":
+                return await self._past_end(key, offset, common)
+            raise self._error(exc, key) from exc
+        except Exception as exc:
+            raise self._error(exc, key) from exc
+        return S3Reader(
+            start=offset, end=offset + int(resp["ContentLength"]), etag=resp.get("ETag"),
+            body=resp["Body"], **common,
+        )
+
+    async def _past_end(self, key: str, offset: int, common: dict[str, Any]) -> S3Reader:
+        """S3 answers 416 for a range starting at or after the end: empty at the end, else error."""
+        size = (await self.stat(key)).size
+        if offset >= size and offset != size:
+            raise StorageError(f"s3 {self.bucket}/{key}: offset {offset} is beyond the end ({size} bytes)")
+        return S3Reader.empty(**common)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def open_writer(self, key: str, size_hint: int | None = None) -> MultipartWriter:
+        await self._client()  # fail early (unreachable endpoint, missing bucket creation)
+        return MultipartWriter(
+            client=self._client, bucket=self.bucket, key=key, full_key=self._full(key),
+            endpoint=self.clients.endpoint, part_size=self.options.part_size,
+            concurrency=self.options.upload_concurrency, size_hint=size_hint,
+        )
+
+    async def delete(self, key: str) -> None:
+        client = await self._client()
+        try:
+            await client.delete_object(Bucket=self.bucket, Key=self._full(key))
+        except Exception as exc:
+            err = self._error(exc, key, "delete")
+            if isinstance(err, NotFoundError) and not _is_bucket_error(exc):
+                return
+            raise err from exc
+
+    async def delete_prefix(self, prefix: str) -> int:
+        folder = self._folder(prefix)
+        client = await self._client()
+        deleted = 0
+        batch: builtins.list[dict[str, str]] = []
+        async for contents in self._pages(folder):
+            for obj in contents:
+                batch.append({"Key": str(obj["Key"])})
+                if len(batch) == DELETE_BATCH:
+                    deleted += await self._delete_batch(client, batch, prefix)
+                    batch = []
+        if batch:
+            deleted += await self._delete_batch(client, batch, prefix)
+        return deleted
+
+    async def _delete_batch(self, client: Any, batch: builtins.list[dict[str, str]], prefix: str) -> int:
+        try:
+            resp = await client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+            )
+        except Exception as exc:
+            raise self._error(exc, prefix or None, "delete") from exc
+        errors = resp.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise StorageError(
+                f"s3 {self.bucket}/{self._relative(first.get('Key', '?'))}: delete failed: "
+                f"{first.get('Code')}: {first.get('Message')} ({len(errors)} of {len(batch)} keys failed)"
+            )
+        return len(batch)
+
+    # -- capabilities -------------------------------------------------------------------------
+
+    async def presign(self, key: str, expires: timedelta) -> str:
+        seconds = expires.total_seconds()
+        if seconds <= 0:
+            raise ValueError(f"presigned URL expiry must be positive, got {expires}")
+        if expires > MAX_PRESIGN:
+            raise ValueError(
+                f"presigned URL expiry must be at most 7 days (S3 SigV4 limit), got {expires}"
+            )
+        try:
+            signer = await self.clients.presigner()
+            url: str = await signer.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._full(key)},
+                ExpiresIn=max(1, math.floor(seconds)),
+            )
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, key, "presign") from exc
+        return url
+
+    async def aclose(self) -> None:
+        await self.clients.aclose()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": self.type_name,
+            "name": self.name,
+            "endpoint": self.options.endpoint_url or f"AWS S3 ({self.options.region})",
+            "external_endpoint": self.options.external_endpoint_url,
+            "region": self.options.region,
+            "bucket": self.bucket,
+            "prefix": self.prefix,
+        }
+
+
+def _etag(value: Any) -> str | None:
+    return str(value).strip('"') if value else None
+
+
+def _is_bucket_error(exc: BaseException) -> bool:
+    return isinstance(exc, ClientError) and error_code(exc) == "NoSuchBucket"
