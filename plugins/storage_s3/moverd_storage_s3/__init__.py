@@ -7,17 +7,23 @@ moverd's public API. See ``docs/storage-s3.md`` for the options.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .storage import S3Storage
 
 from moverd import Context, StorageType, hookimpl
 
 from .options import S3Options
-from .storage import S3Storage
 
 __all__ = ["S3Options", "S3Storage", "register_storages"]
 
 
 def _create(name: str, options: Any, context: Context) -> S3Storage:
+    # Imported here: aioboto3 takes most of a second to import, which every moverd command
+    # (and a daemon that never uses S3) would otherwise pay when plugins load.
+    from .storage import S3Storage
+
     return S3Storage(name, options, context)
 
 
@@ -33,3 +39,11 @@ def register_storages(register: Callable[[StorageType], None]) -> None:
             "reads, presigned URLs",
         )
     )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "S3Storage":  # the heavy module, on first use
+        from .storage import S3Storage
+
+        return S3Storage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
