@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .errors import ConfigError
 from .registry import format_validation_error
+from .server.settings import SchedulerSettings, ServerSettings
 from .units import ByteSize, Duration, format_size
 
 ROLES = ("landing", "lts", "retrieval")
@@ -106,6 +107,10 @@ class Settings(BaseSettings):
     archive: ArchiveSettings = ArchiveSettings()
     retrieve: RetrieveSettings = RetrieveSettings()
     prefect: PrefectSettings = PrefectSettings()
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    """``moverd serve``: the job API and job execution (see :mod:`moverd.server.settings`)."""
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    """``moverd serve``: housekeeping on a timer."""
     storages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     catalog: dict[str, Any] = Field(default_factory=lambda: {"type": "local"})
 

@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.support.scicat.fixtures",
     "tests.support.facility",
     "tests.support.mounts",
+    "tests.support.daemon",
 ]

@@ -1,0 +1,245 @@
+"""The HTTP API: SciCat's job trigger, job state, health, metrics and OpenAPI docs.
+
+Everything lives under ``server.root_path`` (the seed's ``/archiver/api/v1``). The job routes and
+the docs need credentials (:mod:`.auth`); health is open, and so are the metrics unless
+``server.metrics_auth`` is set. Error bodies are ``{"detail": "<one clear sentence>"}``.
+"""
+
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import __version__
+from ..app import App
+from ..errors import CatalogError, UnknownJobError, UserError
+from ..models import Job
+from .auth import Authenticator, AuthError, Principal
+from .dispatch import Dispatcher, NotAcceptingError, NotServedError
+from .health import Readiness
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}$"
+
+
+class JobRequest(BaseModel):
+    """What SciCat's URL action posts when a job is created."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "examples": [{"id": "b2d2e7a4-3f1e-4b53-9d7c-6f1d7c0e2a11", "type": "archive"}]})
+
+    id: str = Field(pattern=JOB_ID_PATTERN, description="The catalog's job id.")
+    type: Literal["archive", "retrieve"] = Field(description="The job type, as the catalog has it.")
+
+
+class JobAccepted(BaseModel):
+    """The flow run that carries the job out (as the reference answered)."""
+
+    uuid: str = Field(description="Prefect flow run id.")
+    name: str = Field(description="Prefect flow run name.")
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+@dataclass
+class ApiContext:
+    app: App
+    dispatcher: Dispatcher
+    metrics: Metrics
+    auth: Authenticator
+    readiness: Readiness
+    state: Callable[[], str]
+    """``starting``, ``running`` or ``draining``."""
+
+
+def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        msg = str(err.get("msg", "invalid"))
+        if err.get("type") == "missing":
+            msg = "is required"
+        elif err.get("type") == "literal_error":
+            msg = f"must be {(err.get('ctx') or {}).get('expected', 'one of the listed values')}"
+        elif err.get("type") == "string_pattern_mismatch":
+            msg = "is not a job id (letters, digits and ._:@+- only)"
+        elif err.get("type") == "json_invalid":
+            loc, msg = "body", "is not valid JSON"
+        elif err.get("type") == "model_attributes_type":
+            loc, msg = "body", 'must be a JSON object like {"id": "<job id>", "type": "archive"}'
+        parts.append(f"{loc} {msg}" if loc != "body" or not msg.startswith("body") else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+def create_api(ctx: ApiContext) -> FastAPI:
+    """The FastAPI application of one daemon."""
+    settings = ctx.app.settings.server
+    root = settings.root_path
+    api = FastAPI(
+        title="moverd", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
+        description="Archive and retrieve jobs of the catalog, run as Prefect flow runs by this daemon.",
+    )
+
+    async def principal(authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> Principal:
+        try:
+            return await ctx.auth.authenticate(authorization)
+        except AuthError as exc:
+            headers = {"WWW-Authenticate": exc.challenge} if exc.challenge and exc.status == 401 else None
+            raise ApiError(exc.status, exc.message, headers) from None
+
+    async def open_access() -> None:
+        return None
+
+    metrics_dep: Callable[..., Awaitable[Any]] = principal if settings.metrics_auth else open_access
+    Authed = Annotated[Principal, Depends(principal)]  # noqa: N806 - a type alias
+
+    @api.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _problem(exc.status, exc.detail, exc.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _describe_validation(exc), "errors": jsonable_encoder(exc.errors())},
+                            status_code=422)
+
+    router = APIRouter(prefix=root)
+    errors: dict[int | str, dict[str, Any]] = {
+        401: {"model": Problem, "description": "No or bad credentials."},
+        403: {"model": Problem, "description": "Valid credentials without the required role or group."},
+    }
+
+    @router.post("/jobs", status_code=201, response_model=JobAccepted, tags=["jobs"], responses={
+        **errors, 200: {"model": JobAccepted, "description": "The job already has a run that is not over: that one."},
+        404: {"model": Problem, "description": "The catalog has no such job."},
+        409: {"model": Problem, "description": "The catalog has the job with another type, or this daemon "
+                                               "does not run jobs of the type (embedded, server.job_types)."},
+        422: {"model": Problem, "description": "The body is not a job."},
+        503: {"model": Problem, "description": "Shutting down, or the catalog or Prefect is unreachable."},
+    })
+    async def submit_job(body: JobRequest, who: Authed, response: Response) -> JobAccepted:
+        """Run catalog job ``id`` asynchronously (SciCat's URL action). A job that already has a run
+        not yet over is not started twice: the answer is that run (status 200)."""
+        d = ctx.dispatcher
+        if not d.accepting:
+            raise ApiError(503, "moverd is shutting down and takes no new jobs", {"Retry-After": "30"})
+        existing = d.runs.get(body.id)
+        if existing is not None and existing.local and not existing.final:
+            response.status_code = 200
+            return JobAccepted(uuid=existing.flow_run_id, name=existing.flow_run_name)
+        job = await _read_job(ctx.app, body.id)
+        if job.type.value != body.type:
+            raise ApiError(409, f"job {body.id} is a {job.type.value} job in the catalog, not {body.type}")
+        try:
+            run, created = await d.submit(body.id, body.type, job)
+        except NotAcceptingError as exc:
+            raise ApiError(503, str(exc), {"Retry-After": "30"}) from None
+        except NotServedError as exc:
+            raise ApiError(409, str(exc)) from None
+        except Exception as exc:
+            log.exception("could not create a flow run for job %s", body.id)
+            raise ApiError(503, f"could not create the flow run (is Prefect reachable?): {exc}") from None
+        if not created:
+            response.status_code = 200
+        log.info("%s %s job %s (by %s): flow run %s %r", "accepted" if created else "already running",
+                 body.type, body.id, who.name, run.flow_run_id, run.flow_run_name)
+        return JobAccepted(uuid=run.flow_run_id, name=run.flow_run_name)
+
+    @router.get("/jobs/{job_id}", tags=["jobs"], responses={**errors, 404: {"model": Problem}})
+    async def job_state(job_id: str, who: Authed) -> dict[str, Any]:
+        """State and progress of a job: its flow run, what the catalog says, and (when this daemon
+        runs it) bytes, files and datablocks done per dataset."""
+        run = await ctx.dispatcher.lookup(job_id)
+        catalog: dict[str, Any]
+        try:
+            with anyio.fail_after(ctx.app.settings.server.readiness_timeout):
+                job = await ctx.app.catalog.get_job(job_id)
+            catalog = {"status": job.status, "datasets": [d.pid for d in job.datasets], "type": job.type.value}
+        except UnknownJobError:
+            if run is None:
+                raise ApiError(404, f"job {job_id} is unknown here and in the catalog") from None
+            catalog = {"error": "not found in the catalog"}
+        except (TimeoutError, CatalogError) as exc:
+            catalog = {"error": str(exc) or "timed out"}
+        if run is None:
+            return {"id": job_id, "type": catalog.get("type"), "flow_run": None, "status": None,
+                    "progress": None, "catalog": catalog}
+        return {**run.view(), "catalog": catalog}
+
+    @router.get("/jobs", tags=["jobs"], responses=errors)
+    async def jobs(who: Authed) -> dict[str, Any]:
+        """The jobs this daemon knows since it started, newest first."""
+        runs = sorted(ctx.dispatcher.runs.values(), key=lambda r: r.submitted, reverse=True)
+        return {"daemon": ctx.dispatcher.name, "mode": ctx.dispatcher.mode, "running": ctx.dispatcher.running,
+                "queued": ctx.dispatcher.queued(), "jobs": [r.view() for r in runs]}
+
+    @router.get("/health/livez", tags=["health"])
+    async def livez() -> dict[str, str]:
+        """The process answers (its event loop is alive)."""
+        return {"status": "ok", "state": ctx.state(), "version": __version__}
+
+    @router.get("/health/readyz", tags=["health"], responses={503: {"description": "Not ready: the reasons."}})
+    async def readyz() -> JSONResponse:
+        """Ready for jobs: the catalog, every storage and Prefect answer; 503 with the reasons else."""
+        state = ctx.state()
+        checks = await ctx.readiness.run() if state != "draining" else {}
+        if state != "running":
+            checks["daemon"] = f"{state}: not taking jobs"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
+                            status_code=200 if ok else 503)
+
+    @router.get("/metrics", tags=["health"], dependencies=[Depends(metrics_dep)],
+                response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        body, content_type = ctx.metrics.render()
+        return Response(body, media_type=content_type)
+
+    if settings.docs:
+        @router.get("/openapi.json", include_in_schema=False)
+        async def openapi(who: Authed) -> JSONResponse:
+            return JSONResponse(api.openapi())
+
+        @router.get("/docs", include_in_schema=False)
+        async def docs(who: Authed) -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="moverd API")
+
+    api.include_router(router)
+    return api
+
+
+async def _read_job(app: App, job_id: str) -> Job:
+    try:
+        with anyio.fail_after(max(app.settings.server.readiness_timeout * 6, 30)):
+            return await app.catalog.get_job(job_id)
+    except UnknownJobError:
+        raise ApiError(404, f"the catalog has no job {job_id}") from None
+    except UserError as exc:
+        raise ApiError(422, str(exc)) from None
+    except TimeoutError:
+        raise ApiError(503, "the catalog did not answer in time") from None
+    except CatalogError as exc:
+        raise ApiError(503, f"the catalog is unreachable: {exc}") from None

@@ -1,0 +1,104 @@
+"""Readiness: can this daemon do a job right now?
+
+Each dependency is checked concurrently, with a timeout of its own, so a hanging S3 endpoint
+answers "storage landing: timed out after 5 s" instead of hanging the probe: the catalog
+(``Catalog.check``: SciCat logs in), every configured storage (its free space where it can tell,
+and a listing of an empty prefix, which needs the bucket or the mount to be there), Prefect (its
+health endpoint) and, with ``prefect.global_limits``, the LTS limits on the Prefect server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..app import App
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+
+log = logging.getLogger(__name__)
+
+PROBE_PREFIX = ".moverd-readyz"
+"""Listed to prove a storage answers; nothing lives there, so the listing is cheap."""
+
+
+def limit_names(app: App) -> list[str]:
+    """The global limits the core will ask for: ``<storage>-read``/``-write`` of bounded storages."""
+    names = []
+    for name in sorted(app.settings.storages):
+        try:
+            storage = app.storage(name)
+        except Exception:
+            continue
+        if storage.write_slots is not None:
+            names.append(f"{name}-write")
+        if storage.read_slots is not None:
+            names.append(f"{name}-read")
+    return names
+
+
+class Readiness:
+    def __init__(self, app: App, client: PrefectClient | None, *, timeout: float) -> None:
+        self.app = app
+        self.client = client
+        self.timeout = timeout
+
+    async def _storage(self, name: str) -> None:
+        storage = self.app.storage(name)
+        await storage.free_space()
+        async for _ in storage.list(PROBE_PREFIX):
+            break
+
+    async def _catalog(self) -> None:
+        await self.app.catalog.check()
+
+    async def _prefect(self) -> None:
+        assert self.client is not None
+        error = await self.client.api_healthcheck()
+        if error is not None:
+            raise error
+
+    async def _limits(self) -> None:
+        from flows.deployments import missing_limits
+
+        assert self.client is not None
+        missing = await missing_limits(self.client, limit_names(self.app))
+        if missing:
+            raise RuntimeError(f"global concurrency limit(s) {', '.join(missing)} missing or inactive on the "
+                               "Prefect server: run 'moverd prefect setup'")
+
+    def checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        out: dict[str, Callable[[], Awaitable[None]]] = {"catalog": self._catalog}
+        for name in sorted(self.app.settings.storages):
+            out[f"storage {name}"] = lambda name=name: self._storage(name)  # type: ignore[misc]
+        if self.client is not None:
+            out["prefect"] = self._prefect
+            if self.app.settings.prefect.global_limits:
+                out["prefect limits"] = self._limits
+        return out
+
+    async def run(self) -> dict[str, str]:
+        """``{check: "ok" | reason}`` for every check."""
+        results: dict[str, str] = {}
+
+        async def one(name: str, check: Callable[[], Awaitable[Any]]) -> None:
+            try:
+                with anyio.fail_after(self.timeout):
+                    await check()
+                results[name] = "ok"
+            except TimeoutError:
+                results[name] = f"timed out after {self.timeout:g} s"
+            except Exception as exc:
+                results[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+        async with anyio.create_task_group() as tg:
+            for name, check in self.checks().items():
+                tg.start_soon(one, name, check)
+        bad = {k: v for k, v in results.items() if v != "ok"}
+        if bad:
+            log.warning("not ready: %s", "; ".join(f"{k}: {v}" for k, v in sorted(bad.items())))
+        return dict(sorted(results.items()))

@@ -1,0 +1,88 @@
+"""Pieces of the daemon in-process, on the embedded default's local folders: what an aborted job
+leaves on the LTS, the journal, and the retrieval cleanup's respect for links handed out again."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moverd.app import App
+from moverd.events import Transfer
+from moverd.models import index_key
+from moverd.planner import archive_id, dataset_folder
+from moverd.server.dispatch import EmbeddedDispatcher, JobRun
+from moverd.server.journal import Journal
+from moverd.server.metrics import Metrics
+from moverd.server.scheduler import Housekeeping
+
+pytestmark = pytest.mark.anyio
+
+
+def dispatcher(app: App, tmp_path: Path) -> tuple[EmbeddedDispatcher, Journal]:
+    journal = Journal(tmp_path / "journal.sqlite")
+    client: Any = None  # not used by what these tests call
+    return EmbeddedDispatcher(app, client, journal, Metrics(), name="test", config=None), journal
+
+
+async def test_an_aborted_archive_leaves_no_tar_without_its_index(app: App, tmp_path: Path) -> None:
+    d, journal = dispatcher(app, tmp_path)
+    lts = app.storage("lts")
+    pid = "facility/ds-1"
+    done, orphan = archive_id(pid, 0), archive_id(pid, 1)
+    for key in (done, index_key(done), orphan):
+        w = await lts.open_writer(key)
+        await w.write(b"x" * 1024)
+        await w.commit()
+    run = JobRun("job-1", "archive", "run-1", "archive-job job-1", transfers=[Transfer(kind="archive", dataset=pid)])
+    await d._discard_unindexed(run)
+    keys = {i.key async for i in lts.list(dataset_folder(pid))}
+    assert keys == {done, index_key(done)}
+    journal.close()
+
+
+async def test_journal_keeps_open_jobs_for_the_next_start(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    await journal.record("a", "archive", "r1", "archive-job a")
+    await journal.record("b", "retrieve", "r2", "retrieve-job b")
+    await journal.set_state("a", "running")
+    await journal.set_state("b", "done", "finishedSuccessful: ok", datasets=["p1"])
+    assert [e.job_id for e in await journal.interrupted()] == ["a"]
+    await journal.record("a", "archive", "r3", "archive-job a")  # a new attempt
+    entry = await journal.get("a")
+    assert entry is not None and entry.flow_run_id == "r3" and entry.attempts == 2 and entry.state == "queued"
+    [b] = await journal.retrievals_since(time.time() - 60)
+    assert b.datasets == ["p1"] and b.finished is not None
+    journal.close()
+
+
+async def test_retrieval_cleanup_keeps_objects_whose_links_were_renewed(app: App, tmp_path: Path) -> None:
+    d, journal = dispatcher(app, tmp_path)
+    hk = Housekeeping(app, d, journal, d.metrics)
+    root = tmp_path / "state" / "retrieval"
+    old = time.time() - app.settings.retrieve.url_expiry - app.settings.scheduler.retrieval_cleanup_margin - 60
+    for rel in ("p1/a.tar", "p2/b.tar", "p3/new.tar"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    for rel in ("p1/a.tar", "p2/b.tar"):
+        os.utime(root / rel, (old, old))
+    # a retrieve job of p2 ended just now: it handed out fresh links to the old copy
+    await journal.record("j", "retrieve", "r", "retrieve-job j")
+    await journal.set_state("j", "done", "finishedSuccessful: ok", datasets=["p2"])
+    assert await hk.retrieval_cleanup() == 1
+    assert not (root / "p1/a.tar").exists()
+    assert (root / "p2/b.tar").exists() and (root / "p3/new.tar").exists()
+    journal.close()
+
+
+async def test_job_view_progress(app: App) -> None:
+    t = Transfer(kind="archive", dataset="p", bytes_total=200, bytes_done=50, files_total=4, files_done=1,
+                 datablocks_total=2, datablocks_done=0)
+    run = JobRun("j", "archive", "r", "archive-job j", state="RUNNING", started=time.time() - 1, transfers=[t])
+    view = run.view()
+    assert view["flow_run"] == {"id": "r", "name": "archive-job j", "state": "RUNNING"}
+    assert view["progress"]["percent"] == 25.0 and view["progress"]["datasets"][0]["pid"] == "p"
+    assert not run.final
