@@ -8,7 +8,7 @@ PYPROJECTS := pyproject.toml plugins/storage_s3/pyproject.toml plugins/storage_l
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test test-fast bench lint clean
+.PHONY: run demo test bench lint clean
 
 $(STAMP): $(PYPROJECTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): $(PYPROJECTS)
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/moverd serve
+
+demo: $(STAMP)
 	$(BIN)/python -m moverd.demo
 
 test: $(STAMP)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from .errors import ConfigError
 from .registry import format_validation_error
@@ -179,6 +179,8 @@ def load_settings(path: str | Path | None = None) -> Settings:
     data = read_toml(file) if file else {}
     try:
         return Settings(**data)
+    except SettingsError as exc:  # an environment variable that does not parse
+        raise ConfigError(f"environment: {exc}") from None
     except ValidationError as exc:
         where = f"in {file}: " if file else ""
         lines = format_validation_error("", exc)

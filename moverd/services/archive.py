@@ -171,7 +171,9 @@ async def _archive_block(
         async with app.slot(lts, "write"):
             await lts.wait_for_space(plan.packed_size_estimate)
             block = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer)
-            await write_index(lts, block)
+            # A tar without its index would be written again on resume: never stop in between.
+            with anyio.CancelScope(shield=True):
+                await write_index(lts, block)
         app.notify("datablock_committed", transfer=transfer, datablock=block)
         async with app.slot(lts, "read"):
             await verify_datablock(lts, block, app.registry.hasher, app.pool)

@@ -13,6 +13,7 @@ import base64
 import logging
 import posixpath
 import shlex
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import anyio
 
 from ..app import App
-from ..errors import CatalogError, MoverdError, UserError
+from ..errors import CatalogError, MoverdError, NotFoundError, UserError
 from ..events import Transfer
 from ..keys import join_key, safe_key
 from ..models import (
@@ -33,9 +34,11 @@ from ..models import (
     LifecycleUpdate,
     RetrieveStatus,
 )
+from ..storage import Storage
 from .archive import ArchiveResult, BlockRunner, archive_dataset
 from .archive import _direct as _direct_block
 from .folders import dataset_source
+from .observed import observed
 from .retrieve import load_indexes, retrieve_member, select_members
 from .transfer import copy_datablock
 
@@ -187,39 +190,11 @@ async def retrieve_job_dataset(
     retrieval storage, with a download URL for each."""
     catalog = app.catalog
     pid = entry.pid
-    retrieval = app.storage("retrieval")
-    lts = app.storage("lts")
-    prefix = safe_key(app.settings.retrieve.retrieval_prefix.format(pid=pid), allow_empty=True)
-    expiry = timedelta(seconds=app.settings.retrieve.url_expiry)
     try:
         await catalog.update_lifecycle(pid, LifecycleUpdate(retrieve_status=RetrieveStatus.started))
-        blocks = await load_indexes(app, pid)
-        chosen = select_members(blocks, entry.files or None)
-        transfer.datablocks_total = len(chosen)
-        results: list[dict[str, Any]] = []
-        async with app.retrieval_lock(pid):
-            if entry.files:
-                transfer.bytes_total = sum(m.size for _, ms in chosen for m in ms)
-                transfer.files_total = sum(len(ms) for _, ms in chosen)
-                for block, members in chosen:
-                    async with app.slot(lts, "read"):
-                        for m in members:
-                            key = join_key(prefix, join_key("files", m.path))
-                            if not await _present(retrieval, key, m.size):
-                                await retrieve_member(app, lts, block, m, retrieval, transfer, key=key)
-                            results.append(await _entry(retrieval, key, pid, m.path, m.size, block.archive_id, expiry))
-            else:
-                transfer.bytes_total = sum(b.packed_size for b, _ in chosen)
-                for block, _ in chosen:
-                    key = join_key(prefix, posixpath.basename(block.archive_id))
-                    if not await _present(retrieval, key, block.packed_size):
-                        async with app.slot(lts, "read"):
-                            await copy_datablock(app, lts, block, retrieval, key, transfer)
-                    else:
-                        transfer.bytes_done += block.packed_size
-                    name = posixpath.basename(block.archive_id)
-                    results.append(await _entry(retrieval, key, pid, name, block.size, block.archive_id, expiry))
-                    transfer.datablocks_done += 1
+        with observed(app, transfer):
+            async with app.retrieval_lock(pid):
+                results = await _retrieve_for_download(app, pid, entry.files, transfer)
         await catalog.update_lifecycle(pid, LifecycleUpdate(retrieve_status=RetrieveStatus.retrieved, retrievable=True))
         return DatasetOutcome(pid, "ok", results=results)
     except Exception as exc:
@@ -231,16 +206,57 @@ async def retrieve_job_dataset(
         return DatasetOutcome(pid, outcome, str(exc))
 
 
-async def _present(storage: Any, key: str, size: int) -> bool:
-    from ..errors import NotFoundError
+async def _retrieve_for_download(
+    app: App, pid: str, files: list[str], transfer: Transfer
+) -> list[dict[str, Any]]:
+    """Copy what the job asks for into the retrieval storage (reusing copies already there) and
+    return the ``jobResultObject.result`` entries with their links."""
+    retrieval = app.storage("retrieval")
+    lts = app.storage("lts")
+    prefix = safe_key(app.settings.retrieve.retrieval_prefix.format(pid=pid), allow_empty=True)
+    expiry = timedelta(seconds=app.settings.retrieve.url_expiry)
+    chosen = select_members(await load_indexes(app, pid), files or None)
+    transfer.datablocks_total = len(chosen)
+    results: list[dict[str, Any]] = []
+    if files:
+        transfer.bytes_total = sum(m.size for _, ms in chosen for m in ms)
+        transfer.files_total = sum(len(ms) for _, ms in chosen)
+        for block, members in chosen:
+            async with app.slot(lts, "read"):
+                for m in members:
+                    key = join_key(prefix, join_key("files", m.path))
+                    if not await _reuse(retrieval, key, m.size):
+                        await retrieve_member(app, lts, block, m, retrieval, transfer, key=key)
+                    results.append(await _entry(retrieval, key, pid, m.path, m.size, block.archive_id, expiry))
+            transfer.datablocks_done += 1
+        return results
+    transfer.bytes_total = sum(b.packed_size for b, _ in chosen)
+    for block, _ in chosen:
+        key = join_key(prefix, posixpath.basename(block.archive_id))
+        if not await _reuse(retrieval, key, block.packed_size):
+            async with app.slot(lts, "read"):
+                await copy_datablock(app, lts, block, retrieval, key, transfer)
+        else:
+            transfer.bytes_done += block.packed_size
+        name = posixpath.basename(block.archive_id)
+        results.append(await _entry(retrieval, key, pid, name, block.size, block.archive_id, expiry))
+        transfer.datablocks_done += 1
+    return results
 
+
+async def _reuse(storage: Storage, key: str, size: int) -> bool:
+    """Is a copy of ``size`` bytes already there? Then it is reused, its age reset so that the
+    expired-links cleanup counts from the new link (where the storage keeps mtimes)."""
     try:
-        return bool((await storage.stat(key)).size == size)
+        if (await storage.stat(key)).size != size:
+            return False
     except NotFoundError:
         return False
+    await storage.set_metadata(key, mtime=time.time())
+    return True
 
 
-async def _entry(storage: Any, key: str, pid: str, name: str, size: int, archive_id: str,
+async def _entry(storage: Storage, key: str, pid: str, name: str, size: int, archive_id: str,
                  expiry: timedelta) -> dict[str, Any]:
     try:
         url = await storage.presign(key, expiry)
