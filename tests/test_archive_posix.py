@@ -126,7 +126,8 @@ async def test_bit_flip_is_detected_and_names_the_member(app: App, tmp_path: Pat
     awkward_tree(tmp_path / "src")
     pid = await archive_folder(app, tmp_path / "src")
     lts = app.storage("lts")
-    block = next(b for b in await app.catalog.list_datablocks(pid) if any(m.path.startswith("many/") for m in b.members))
+    blocks = await app.catalog.list_datablocks(pid)
+    block = next(b for b in blocks if any(m.path.startswith("many/") for m in b.members))
     index = await read_index(lts, block.archive_id)
     assert index is not None
     victim = next(m for m in index.members if m.size > 100)

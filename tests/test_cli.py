@@ -67,7 +67,7 @@ def test_sigkill_mid_datablock_then_rerun_completes(tmp_path: Path, env: dict[st
     files = small_files_tree(tmp_path / "src", 48, size=2 * 2**20)  # 96 MiB, ~48 datablocks of 2 MiB
     env = {**env, "MOVERD_PIPELINE__TARGET_SIZE": "2MiB", "MOVERD_PIPELINE__DATABLOCK_CONCURRENCY": "1"}
     lts = tmp_path / "state" / "lts"
-    proc = subprocess.Popen(MOVERD + ["archive", str(tmp_path / "src")], env=env,
+    proc = subprocess.Popen([*MOVERD, "archive", str(tmp_path / "src")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     killed = False

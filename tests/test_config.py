@@ -22,7 +22,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def config_check(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(MOVERD + ["config", "check", "--config", str(path)], capture_output=True, text=True,
+    return subprocess.run([*MOVERD, "config", "check", "--config", str(path)], capture_output=True, text=True,
                           env=clean_env(**env), timeout=60)
 
 
@@ -97,7 +97,7 @@ def test_show_masks_secrets(tmp_path: Path) -> None:
         f'state_dir = "{tmp_path}/s"\n[storages.landing]\ntype = "s3"\nbucket = "landing"\n'
         f'endpoint_url = "http://127.0.0.1:9"\naccess_key_id = "AKIA"\nsecret_access_key_file = "{secret}"\n'
     )
-    p = subprocess.run(MOVERD + ["config", "show", "-c", str(cfg)], capture_output=True, text=True,
+    p = subprocess.run([*MOVERD, "config", "show", "-c", str(cfg)], capture_output=True, text=True,
                        env=clean_env(), timeout=60)
     assert p.returncode == 0, p.stderr
     assert "s3cr3t-value" not in p.stdout and "AKIA" not in p.stdout

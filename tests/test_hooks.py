@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from moverd import MissingFileError, CatalogType, Datablock, Options, StorageType, Transfer, hookimpl, hookspecs
+from moverd import CatalogType, Datablock, MissingFileError, Options, StorageType, Transfer, hookimpl, hookspecs
 from moverd.app import App
 from moverd.builtin.local_catalog import LocalCatalog
 from moverd.plugins import describe_plugins, load_plugins
@@ -127,7 +127,7 @@ async def test_observer_hooks_see_a_transfer(recorder_app, tmp_path: Path) -> No
 
 @pytest.mark.anyio
 async def test_registration_hooks_add_checksums_storages_and_catalogs(recorder_app, tmp_path: Path) -> None:
-    app, rec = recorder_app
+    app, _rec = recorder_app
     async with app:
         files = awkward_tree(tmp_path / "src")
         ds, src = await register_folder(app, tmp_path / "src")

@@ -147,7 +147,8 @@ async def test_lts_write_failure_is_a_system_error_and_rolls_back(facility: Faci
     assert res["status"] == "finishedUnsuccessful"
     assert res["datasets"][0]["outcome"] == "system_error" and "free" in res["datasets"][0]["message"]
     lc = facility.scicat.lifecycle(pid)
-    assert (lc["archiveStatusMessage"], lc["archivable"], lc["retrievable"]) == ("scheduleArchiveJobFailed", False, False)
+    assert (lc["archiveStatusMessage"], lc["archivable"], lc["retrievable"]) == (
+        "scheduleArchiveJobFailed", False, False)
     assert facility.scicat.datablocks(pid) == []  # what this attempt registered was deleted
     assert len(facility.scicat.requests("DELETE", "datablocks")) >= 1
     assert len(facility.landing_keys(pid)) == len(files)
@@ -292,7 +293,7 @@ async def test_partial_retrieve_job_gives_only_the_selected_files(facility: Faci
 async def test_two_concurrent_retrievals_of_one_dataset_copy_it_once(facility: Facility) -> None:
     import anyio
 
-    pid, files = await archived(facility, 13)
+    pid, _files = await archived(facility, 13)
     jobs = [facility.scicat.add_job("retrieve", [pid]) for _ in range(2)]
     results: list[dict[str, Any]] = []
     async with facility.app() as app:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from moverd import StorageType, hookimpl
 from moverd_storage_lts.options import PosixOptions
 from moverd_storage_lts.storage import PosixStorage
+
+from moverd import StorageType, hookimpl
 
 
 class _FlippingReader:
