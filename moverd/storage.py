@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
+import anyio
+
 from .errors import NotFoundError
 from .limits import Slots
 
@@ -111,6 +113,25 @@ class Storage(ABC):
         except NotFoundError:
             return False
         return True
+
+    async def put(
+        self, key: str, data: memoryview | bytes, *, mtime: float | None = None, mode: int | None = None
+    ) -> None:
+        """Write a whole small object at once, published atomically like a committed writer.
+
+        The default goes through :meth:`open_writer`; storages where that costs several round
+        trips per object (a thread hop per call for POSIX) override it.
+        """
+        writer = await self.open_writer(key, size_hint=len(data))
+        try:
+            await writer.write(data)
+            await writer.commit()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await writer.abort()
+            raise
+        if mtime is not None or mode is not None:
+            await self.set_metadata(key, mtime=mtime, mode=mode)
 
     async def remove_stale_temp_files(self, older_than: float, prefix: str = "") -> int:
         """Remove what interrupted writers left (temporary files) under ``prefix`` that is older

@@ -32,6 +32,7 @@ from ..models import (
     JobStatus,
     JobType,
     LifecycleUpdate,
+    Member,
     RetrieveStatus,
 )
 from ..storage import Storage
@@ -39,7 +40,7 @@ from .archive import ArchiveResult, BlockRunner, archive_dataset
 from .archive import _direct as _direct_block
 from .folders import dataset_source
 from .observed import observed
-from .retrieve import load_indexes, retrieve_member, select_members
+from .retrieve import load_indexes, retrieve_members, select_members
 from .transfer import copy_datablock
 
 log = logging.getLogger(__name__)
@@ -221,13 +222,16 @@ async def _retrieve_for_download(
     if files:
         transfer.bytes_total = sum(m.size for _, ms in chosen for m in ms)
         transfer.files_total = sum(len(ms) for _, ms in chosen)
+        def key_of(m: Member) -> str:
+            return join_key(prefix, join_key("files", m.path))
+
         for block, members in chosen:
-            async with app.slot(lts, "read"):
-                for m in members:
-                    key = join_key(prefix, join_key("files", m.path))
-                    if not await _reuse(retrieval, key, m.size):
-                        await retrieve_member(app, lts, block, m, retrieval, transfer, key=key)
-                    results.append(await _entry(retrieval, key, pid, m.path, m.size, block.archive_id, expiry))
+            missing = [m for m in members if not await _reuse(retrieval, key_of(m), m.size)]
+            if missing:
+                async with app.slot(lts, "read"):
+                    await retrieve_members(app, lts, block, missing, retrieval, transfer, key_of=key_of)
+            for m in members:
+                results.append(await _entry(retrieval, key_of(m), pid, m.path, m.size, block.archive_id, expiry))
             transfer.datablocks_done += 1
         return results
     transfer.bytes_total = sum(b.packed_size for b, _ in chosen)

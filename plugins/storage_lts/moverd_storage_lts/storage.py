@@ -204,6 +204,19 @@ class PosixStorage(Storage):
     def _remove_stale_sync(self, prefix: str, older_than: float) -> int:
         return scan.remove_stale_temps(self._confinement(), prefix, older_than)
 
+    async def put(
+        self, key: str, data: memoryview | bytes, *, mtime: float | None = None, mode: int | None = None
+    ) -> None:
+        """A whole small file in one worker-thread call instead of four (create, write, commit,
+        metadata): what makes retrieving thousands of small files fast."""
+        safe_key(key)
+        await anyio.to_thread.run_sync(self._put_sync, key, data, mtime, mode)
+
+    def _put_sync(self, key: str, data: memoryview | bytes, mtime: float | None, mode: int | None) -> None:
+        PosixWriter.put_sync(self._confinement(), key, data, fsync=self.options.fsync)
+        if mtime is not None or mode is not None:
+            self._set_metadata_sync(key, mtime, mode)
+
     async def set_metadata(self, key: str, *, mtime: float | None = None, mode: int | None = None) -> None:
         """Restore a retrieved file's mtime and permission bits.
 

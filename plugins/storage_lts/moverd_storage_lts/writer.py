@@ -77,6 +77,19 @@ class PosixWriter(Writer):
         writer._state = "open"
         return writer
 
+    @classmethod
+    def put_sync(cls, confined: Confined, key: str, data: memoryview | bytes, *, fsync: bool) -> None:
+        """Write a whole small file in one worker-thread call: temp file, write, commit."""
+        writer = cls.open_sync(confined, key, fsync=fsync, size_hint=len(data))
+        try:
+            if len(data):
+                writer._write_sync(data)
+            writer._commit_sync()
+        except BaseException:
+            if writer._state == "open":
+                writer._discard_sync()
+            raise
+
     async def write(self, data: memoryview | bytes) -> None:
         self._check_open()
         if len(data) == 0:
