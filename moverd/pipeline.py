@@ -54,7 +54,7 @@ class PipelineContext:
         return max(1, min(math.ceil(size / self.pool.chunk_size), self.pool.capacity // 4))
 
 
-@dataclass
+@dataclass(eq=False)
 class _FileStream:
     entry: FileEntry
     slabs: list[bytearray]
@@ -142,7 +142,7 @@ async def _read_file(
 
 async def _schedule(
     plan: DatablockPlan, source: Storage, prefix: str, ctx: PipelineContext,
-    files: MemoryObjectSendStream[_FileStream], tg: anyio.abc.TaskGroup, taken: list[_FileStream],
+    files: MemoryObjectSendStream[_FileStream], tg: anyio.abc.TaskGroup, taken: set[_FileStream],
 ) -> None:
     prefetch = anyio.CapacityLimiter(ctx.prefetch_files)
     async with files:
@@ -153,7 +153,7 @@ async def _schedule(
             for slab in slabs:
                 free_send.send_nowait(slab)
             fs = _FileStream(entry, slabs, chunks_recv, free_send)
-            taken.append(fs)
+            taken.add(fs)
             if entry.size:
                 await prefetch.acquire_on_behalf_of(chunks_send)
                 tg.start_soon(
@@ -176,7 +176,7 @@ async def write_datablock(
     writer = await sink.open_writer(plan.archive_id, size_hint=plan.packed_size_estimate)
     block_hash = ctx.hasher(DATABLOCK_CHECKSUM)
     members: list[Member] = []
-    taken: list[_FileStream] = []
+    taken: set[_FileStream] = set()  # files whose slabs are out: only those in flight
     try:
         out = TarSink(writer, block_hash)
         async with anyio.create_task_group() as tg:
@@ -185,6 +185,7 @@ async def write_datablock(
             async with files_recv:
                 async for fs in files_recv:
                     members.append(await _consume_file(fs, out, ctx, transfer))
+                    taken.discard(fs)
         await out.put_small(end_of_archive(out.offset))
         await out.flush()
         await writer.commit()

@@ -8,8 +8,9 @@ costs one thread hop in all. The price is that a missing file is reported by the
 
 ``uncached=True`` is the read-back verification after commit: the writer fsynced, so the file's
 pages are clean and ``POSIX_FADV_DONTNEED`` evicts them; the bytes then come from the medium. Each
-range read is dropped again right after, so a verify of a large datablock does not fill the page
-cache either.
+range read is dropped again shortly after (every 8 MiB, behind the read position, so that the
+kernel's sequential read-ahead keeps working), so a verify of a large datablock does not fill the
+page cache either.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 # Above this many bytes left to read, tell the kernel to read ahead aggressively.
 _SEQUENTIAL_FROM = 1 << 20
+# An uncached read drops what it read from the cache in steps this big, behind the read position:
+# dropping after every read would also throw away the kernel's read-ahead and make it read twice.
+_DROP_STEP = 8 << 20
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:
@@ -63,6 +67,7 @@ class PosixReader:
         self._opened = False
         self._done = False
         self._closed = False
+        self._dropped_to = offset
 
     async def readinto(self, buf: memoryview) -> int:
         if self._closed:
@@ -95,7 +100,7 @@ class PosixReader:
             self._remaining = max(0, end - self._pos)
             if self._uncached:
                 _drop_cache(fd, 0, 0)
-            elif self._remaining >= _SEQUENTIAL_FROM:
+            if self._remaining >= _SEQUENTIAL_FROM:
                 try:
                     os.posix_fadvise(fd, self._pos, self._remaining, os.POSIX_FADV_SEQUENTIAL)
                 except OSError:
@@ -124,10 +129,11 @@ class PosixReader:
             n = os.preadv(fd, [view], start)
         except OSError as exc:
             raise map_os_error(exc, self._path, "read", self._where) from exc
-        if self._uncached and n:
-            aligned = start - start % _PAGE
-            _drop_cache(fd, aligned, start + n - aligned)
         self._pos += n
+        if self._uncached and self._pos - self._dropped_to >= _DROP_STEP:
+            aligned = self._dropped_to - self._dropped_to % _PAGE
+            _drop_cache(fd, aligned, self._pos - aligned)
+            self._dropped_to = self._pos
         self._remaining -= n
         if n == 0 or self._remaining == 0:
             # The file shrank, or the range is done: close now and spare aclose a thread hop.
