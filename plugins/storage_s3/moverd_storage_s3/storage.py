@@ -21,6 +21,7 @@ from moverd import (
     safe_key,
 )
 
+from . import fastget
 from .client import S3Clients
 from .errors import error_code, to_storage_error
 from .options import S3Options
@@ -46,6 +47,16 @@ class S3Storage(Storage):
         self.bucket = options.bucket
         self.prefix = options.prefix
         self.clients = S3Clients(options)
+        self._fast: fastget.FastGetter | None = None
+        secret = options.secret_access_key.get_secret_value() if options.secret_access_key else None
+        access = options.access_key_id.get_secret_value() if options.access_key_id else None
+        if options.fast_get and fastget.usable(options.endpoint_url, access, secret):
+            assert options.endpoint_url and access and secret
+            self._fast = fastget.FastGetter(
+                endpoint_url=options.endpoint_url, region=options.region, bucket=options.bucket,
+                access_key=access, secret_key=secret, addressing_style=options.addressing_style,
+                timeout=options.read_timeout, attempts=options.max_attempts,
+            )
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -114,7 +125,7 @@ class S3Storage(Storage):
 
     async def open_reader(
         self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False
-    ) -> S3Reader:
+    ) -> S3Reader | fastget.FastReader:
         # ``uncached`` needs nothing here: every GET is served by the S3 server, not a local cache.
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"offset and length must not be negative (got {offset}, {length})")
@@ -127,6 +138,8 @@ class S3Storage(Storage):
             await self.stat(key)  # a missing key is still an error
             return S3Reader.empty(**common)
         end = None if length is None else offset + length
+        if self._fast is not None:
+            return await self._fast_reader(key, full, offset, end, common)
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
         if offset or end is not None:
             kwargs["Range"] = range_header(offset, end)
@@ -142,6 +155,25 @@ class S3Storage(Storage):
         return S3Reader(
             start=offset, end=offset + int(resp["ContentLength"]), etag=resp.get("ETag"),
             body=resp["Body"], **common,
+        )
+
+    async def _fast_reader(
+        self, key: str, full: str, offset: int, end: int | None, common: dict[str, Any]
+    ) -> S3Reader | fastget.FastReader:
+        assert self._fast is not None
+        try:
+            body = await self._fast.get(full, offset, end)
+        except fastget.HTTPStatusError as exc:
+            if exc.status == 416:
+                return await self._past_end(key, offset, common)
+            raise fastget.to_error(exc, self.bucket, key) from None
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, key) from exc
+        return fastget.FastReader(
+            self._fast, bucket=self.bucket, key=key, full_key=full, start=offset, end=offset + body.length,
+            body=body,
         )
 
     async def _past_end(self, key: str, offset: int, common: dict[str, Any]) -> S3Reader:
@@ -225,6 +257,8 @@ class S3Storage(Storage):
         return url
 
     async def aclose(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         await self.clients.aclose()
 
     def describe(self) -> dict[str, Any]:
