@@ -224,10 +224,11 @@ async def test_cancelled_writer_is_aborted_cleanly(s3_options: dict[str, Any], s
 
 
 @pytest.mark.anyio
-async def test_ranged_reads(s3_options: dict[str, Any]) -> None:
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
+async def test_ranged_reads(s3_options: dict[str, Any], fast_get: bool) -> None:
     data = os.urandom(3 * MIB + 17)
     size = len(data)
-    async with opened(s3_options) as storage:
+    async with opened(s3_options, fast_get=fast_get) as storage:
         await write(storage, "r.bin", data)
         for offset, length in [(0, 10), (5, None), (MIB - 1, MIB + 2), (size - 3, None), (size - 3, 100),
                                (size, None), (size, 0), (0, 0), (0, size)]:
@@ -246,9 +247,10 @@ async def test_ranged_reads(s3_options: dict[str, Any]) -> None:
 
 
 @pytest.mark.anyio
-async def test_not_found(s3_options: dict[str, Any]) -> None:
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
+async def test_not_found(s3_options: dict[str, Any], fast_get: bool) -> None:
     bucket = s3_options["bucket"]
-    async with opened(s3_options) as storage:
+    async with opened(s3_options, fast_get=fast_get) as storage:
         with pytest.raises(NotFoundError, match=f"s3 {bucket}/no/such: no such object"):
             await storage.stat("no/such")
         with pytest.raises(NotFoundError, match=f"{bucket}/missing"):
@@ -257,7 +259,7 @@ async def test_not_found(s3_options: dict[str, Any]) -> None:
             await storage.open_reader("missing", 0, 0)
         assert not await storage.exists("missing")
         await storage.delete("missing")  # deleting a missing object is fine
-    async with opened(s3_options, bucket="no-such-bucket-here") as storage:
+    async with opened(s3_options, bucket="no-such-bucket-here", fast_get=fast_get) as storage:
         with pytest.raises(NotFoundError, match="bucket 'no-such-bucket-here' does not exist"):
             await storage.open_reader("x")
 
@@ -373,12 +375,13 @@ async def test_retries_survive_503_bursts(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("rst", [True, False], ids=["reset", "early-close"])
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
 async def test_broken_read_is_resumed(
-    s3_options: dict[str, Any], s3_fault_proxy: FaultProxy, s3_server: S3Server, rst: bool
+    s3_options: dict[str, Any], s3_fault_proxy: FaultProxy, s3_server: S3Server, rst: bool, fast_get: bool
 ) -> None:
     data = os.urandom(3 * MIB)
     s3_server.client().put_object(Bucket=s3_options["bucket"], Key="r.bin", Body=data)
-    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES}
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "fast_get": fast_get}
     async with opened(opts) as storage:
         s3_fault_proxy.reset_next(2, after_bytes=700_000, rst=rst)  # the first GET and its resume
         reader = await storage.open_reader("r.bin")
