@@ -60,6 +60,8 @@ class _FileStream:
     slabs: list[bytearray]
     chunks: MemoryObjectReceiveStream[tuple[bytearray, int]]
     give_back: MemoryObjectSendStream[bytearray]
+    file_hash: Hasher
+    """Updated by the file's reader as chunks arrive, so that files hash in parallel."""
     returned: bool = False
 
 
@@ -86,18 +88,11 @@ class TarSink:
             self._fill += n
         self.offset += n
 
-    async def put_chunk(self, view: memoryview, file_hash: Hasher) -> None:
-        """Write one data chunk, hashing it for the file and the block in a worker thread."""
+    async def put_chunk(self, view: memoryview) -> None:
+        """Write one data chunk straight from its slab (the file's checksum is already done)."""
         await self.flush()
-        block_hash = self.block_hash
-
-        def _hash() -> None:
-            file_hash.update(view)
-            block_hash.update(view)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(anyio.to_thread.run_sync, _hash)
-            await self.writer.write(view)
+        self.block_hash.update(view)  # xxh3: some 20 us per MiB, cheaper than a thread hop
+        await self.writer.write(view)
         self.offset += len(view)
 
     async def flush(self) -> None:
@@ -110,9 +105,11 @@ class TarSink:
 
 async def _read_file(
     source: Storage, key: str, entry: FileEntry, send: MemoryObjectSendStream[tuple[bytearray, int]],
-    free: MemoryObjectReceiveStream[bytearray], limiter: anyio.CapacityLimiter,
+    free: MemoryObjectReceiveStream[bytearray], limiter: anyio.CapacityLimiter, file_hash: Hasher,
 ) -> None:
-    """Read one file into its slabs, chunk by chunk, as fast as the consumer gives slabs back."""
+    """Read one file into its slabs and hash each chunk as it arrives, as fast as the consumer
+    gives slabs back. Hashing here, not in the consumer, is what lets several files' checksums
+    run at once on both cores while the consumer only writes."""
     try:
         async with send:
             reader = None
@@ -122,12 +119,17 @@ async def _read_file(
                 while remaining > 0:
                     slab = await free.receive()
                     want = min(remaining, len(slab))
-                    n = await fill(reader, memoryview(slab)[:want])
+                    view = memoryview(slab)[:want]
+                    n = await fill(reader, view)
                     if n < want:
                         raise MissingFileError(
                             f"{key!r} in {source.name!r} has {entry.size - remaining + n} bytes, "
                             f"expected {entry.size} (it changed while being archived)"
                         )
+                    if n >= THREAD_HASH_MIN:
+                        await anyio.to_thread.run_sync(file_hash.update, view)
+                    else:
+                        file_hash.update(view)
                     remaining -= n
                     await send.send((slab, n))
             except NotFoundError:
@@ -152,12 +154,13 @@ async def _schedule(
             free_send, free_recv = anyio.create_memory_object_stream[bytearray](len(slabs) or 1)
             for slab in slabs:
                 free_send.send_nowait(slab)
-            fs = _FileStream(entry, slabs, chunks_recv, free_send)
+            fs = _FileStream(entry, slabs, chunks_recv, free_send, ctx.hasher(ctx.checksum))
             taken.add(fs)
             if entry.size:
                 await prefetch.acquire_on_behalf_of(chunks_send)
                 tg.start_soon(
-                    _read_file, source, join_key(prefix, entry.path), entry, chunks_send, free_recv, prefetch
+                    _read_file, source, join_key(prefix, entry.path), entry, chunks_send, free_recv, prefetch,
+                    fs.file_hash,
                 )
             else:
                 chunks_send.close()
@@ -214,14 +217,12 @@ async def _consume_file(
         member_header(entry.path, entry.size, mtime=entry.mtime, mode=entry.mode, uid=entry.uid, gid=entry.gid)
     )
     data_offset = out.offset
-    file_hash = ctx.hasher(ctx.checksum)
     async with fs.chunks, fs.give_back:
         async for slab, n in fs.chunks:
             view = memoryview(slab)[:n]
             if n >= THREAD_HASH_MIN:
-                await out.put_chunk(view, file_hash)
+                await out.put_chunk(view)
             else:
-                file_hash.update(view)
                 await out.put_small(view)
             if transfer is not None:
                 transfer.bytes_done += n
@@ -234,5 +235,5 @@ async def _consume_file(
     return Member(
         path=entry.path, size=entry.size, offset=data_offset, header_offset=header_offset,
         mtime=int(entry.mtime), mode=entry.mode, uid=entry.uid, gid=entry.gid,
-        checksum=file_hash.hexdigest(),
+        checksum=fs.file_hash.hexdigest(),
     )
