@@ -23,3 +23,7 @@ HasherFactory = Callable[[], Hasher]
 
 DATABLOCK_CHECKSUM = "xxh3_128"
 """The algorithm of the whole-datablock checksum used for read-back verification."""
+
+THREAD_HASH_MIN = 256 * 1024
+"""Chunks at least this big are hashed in a worker thread (hashlib releases the GIL); smaller
+ones cost less to hash inline than to hand to a thread."""

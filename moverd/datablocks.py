@@ -16,25 +16,15 @@ import anyio
 from pydantic import ValidationError
 
 from .buffers import SlabPool, fill
-from .checksums import Hasher
+from .checksums import THREAD_HASH_MIN, Hasher
 from .errors import NotFoundError, VerificationError
 from .events import Transfer
 from .models import Datablock, Member, index_key
 from .storage import Storage
 
-THREAD_HASH_MIN = 256 * 1024
-
 
 async def write_index(sink: Storage, datablock: Datablock) -> None:
-    data = datablock.model_dump_json(exclude={"catalog_id"}).encode()
-    writer = await sink.open_writer(index_key(datablock.archive_id), size_hint=len(data))
-    try:
-        await writer.write(data)
-        await writer.commit()
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await writer.abort()
-        raise
+    await sink.put(index_key(datablock.archive_id), datablock.model_dump_json(exclude={"catalog_id"}).encode())
 
 
 async def read_index(storage: Storage, archive_id: str) -> Datablock | None:

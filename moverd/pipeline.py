@@ -23,7 +23,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .buffers import SlabPool, fill
-from .checksums import DATABLOCK_CHECKSUM, Hasher
+from .checksums import DATABLOCK_CHECKSUM, THREAD_HASH_MIN, Hasher
 from .errors import MissingFileError, NotFoundError
 from .events import Transfer
 from .keys import join_key
@@ -32,9 +32,6 @@ from .planner import DatablockPlan
 from .storage import Storage, Writer
 from .tarframe import end_of_archive, member_header, padding
 
-THREAD_HASH_MIN = 256 * 1024
-"""Chunks at least this big are hashed in a worker thread (hashlib releases the GIL); smaller
-ones cost less to hash inline than to hand to a thread."""
 COALESCE_SIZE = 256 * 1024
 
 

@@ -14,6 +14,7 @@ import anyio
 
 from ..app import App
 from ..buffers import fill
+from ..checksums import THREAD_HASH_MIN
 from ..datablocks import read_index, stream_range
 from ..errors import SystemError_, UserError, VerificationError
 from ..events import Transfer
@@ -76,7 +77,7 @@ async def retrieve_member(
     writer = await target.open_writer(key, size_hint=member.size)
 
     async def consume(view: memoryview) -> None:
-        if len(view) >= 256 * 1024:
+        if len(view) >= THREAD_HASH_MIN:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(anyio.to_thread.run_sync, h.update, view)
                 await writer.write(view)
