@@ -224,9 +224,13 @@ class FastBody:
             buf[:n] = self._extra[:n]
             self._extra = self._extra[n:]
         else:
-            loop = asyncio.get_running_loop()
-            with anyio.fail_after(self._getter.timeout):
-                n = await loop.sock_recv_into(self._sock, buf[:want])
+            try:
+                # Bytes already in the socket buffer need no trip through the event loop.
+                n = self._sock.recv_into(buf[:want])
+            except (BlockingIOError, InterruptedError):
+                loop = asyncio.get_running_loop()
+                with anyio.fail_after(self._getter.timeout):
+                    n = await loop.sock_recv_into(self._sock, buf[:want])
             if n == 0:
                 self.close()
                 raise ConnectionResetError(f"connection closed with {self.remaining} bytes of the body to come")
