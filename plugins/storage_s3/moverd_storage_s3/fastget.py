@@ -157,6 +157,17 @@ class FastGetter:
                 raise
 
     def release(self, sock: socket.socket) -> None:
+        """Keep a connection for the next GET, unless the server already closed it (some servers,
+        moto's among them, close after every answer without saying so)."""
+        try:
+            if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                sock.close()
+                return
+        except BlockingIOError:
+            pass  # open and quiet: reusable
+        except OSError:
+            sock.close()
+            return
         if len(self._idle) < _IDLE_MAX:
             self._idle.append(sock)
         else:
