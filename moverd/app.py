@@ -20,6 +20,7 @@ from .buffers import SlabPool
 from .catalog import Catalog
 from .config import Settings, load_settings
 from .errors import ConfigError, SystemError_
+from .limits import Slots
 from .pipeline import PipelineContext
 from .plugins import LoadReport, load_plugins
 from .registry import Context, Registry
@@ -82,6 +83,21 @@ class App:
             type_name, options = self.settings.catalog_options()
             self._catalog = self.registry.create_catalog(type_name, options, self.context)
         return self._catalog
+
+    def bounded_slots(self) -> list[tuple[str, Literal["read", "write"], Slots]]:
+        """(storage name, kind, semaphore) of every configured storage with LTS-style bounds:
+        what metrics report and what the Prefect global limits are named after."""
+        out: list[tuple[str, Literal["read", "write"], Slots]] = []
+        for name in sorted(self.settings.storages):
+            try:
+                storage = self.storage(name)
+            except Exception:
+                continue
+            if storage.write_slots is not None:
+                out.append((name, "write", storage.write_slots))
+            if storage.read_slots is not None:
+                out.append((name, "read", storage.read_slots))
+        return out
 
     @contextlib.asynccontextmanager
     async def slot(self, storage: Storage, kind: Literal["read", "write"]) -> AsyncIterator[None]:

@@ -168,7 +168,7 @@ class Daemon:
         self.notifier.status("starting")
         pm, report = plugin_manager(s)
         app_box: list[App] = []
-        metrics = Metrics(lambda: _slots(app_box[0]) if app_box else [])
+        metrics = Metrics(lambda: app_box[0].bounded_slots() if app_box else [])
         pm.register(metrics, name="moverd.server.metrics")
         sock = self.sock
         port = sock.getsockname()[1]
@@ -326,18 +326,6 @@ class Daemon:
             await anyio.sleep(min(interval or 5.0, 5.0))
 
 
-def _slots(app: App) -> list[tuple[str, str, Any]]:
-    out = []
-    for name in sorted(app.settings.storages):
-        try:
-            storage = app.storage(name)
-        except Exception:
-            continue
-        if storage.write_slots is not None:
-            out.append((name, "write", storage.write_slots))
-        if storage.read_slots is not None:
-            out.append((name, "read", storage.read_slots))
-    return out
 
 
 def _error(exc: BaseException) -> None:

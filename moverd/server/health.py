@@ -28,17 +28,7 @@ PROBE_PREFIX = ".moverd-readyz"
 
 def limit_names(app: App) -> list[str]:
     """The global limits the core will ask for: ``<storage>-read``/``-write`` of bounded storages."""
-    names = []
-    for name in sorted(app.settings.storages):
-        try:
-            storage = app.storage(name)
-        except Exception:
-            continue
-        if storage.write_slots is not None:
-            names.append(f"{name}-write")
-        if storage.read_slots is not None:
-            names.append(f"{name}-read")
-    return names
+    return [f"{name}-{kind}" for name, kind, _ in app.bounded_slots()]
 
 
 class Readiness:
