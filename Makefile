@@ -30,7 +30,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check moverd plugins flows tests bench
-	$(BIN)/mypy moverd plugins/storage_s3/moverd_storage_s3 plugins/storage_lts/moverd_storage_lts plugins/catalog_scicat/moverd_catalog_scicat
+	$(BIN)/mypy moverd flows plugins/storage_s3/moverd_storage_s3 plugins/storage_lts/moverd_storage_lts plugins/catalog_scicat/moverd_catalog_scicat
 
 clean:
 	rm -rf $(VENV)
