@@ -21,6 +21,7 @@ from .paths import Confined, temp_name
 
 log = logging.getLogger(__name__)
 
+_WRITEBACK_STEP = 64 << 20
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -48,6 +49,7 @@ class PosixWriter(Writer):
         self._fd: int | None = None
         self._state = "new"  # new -> open -> committed | discarded
         self.bytes_written = 0
+        self._written_back = 0
         self.size_hint = size_hint or 0
 
     @classmethod
@@ -139,6 +141,16 @@ class PosixWriter(Writer):
             raise map_os_error(exc, self.path, "write", self._where) from exc
         finally:
             self.bytes_written += done
+        if self._fsync and self.bytes_written - self._written_back >= _WRITEBACK_STEP:
+            # Start writing the file to the medium while the transfer goes on (DONTNEED starts
+            # writeback of dirty pages without waiting for it), so that commit's fsync has
+            # little left to do; it also keeps a big datablock from filling the page cache.
+            try:
+                os.posix_fadvise(fd, self._written_back, self.bytes_written - self._written_back,
+                                 os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass  # advice only
+            self._written_back = self.bytes_written
 
     def _commit_sync(self) -> None:
         fd, self._fd = self._fd, None
