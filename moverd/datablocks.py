@@ -99,6 +99,40 @@ async def _hash_into(hashers: list[Hasher], view: memoryview) -> None:
         run()
 
 
+async def copy_range_verified(
+    source: Storage, key: str, offset: int, length: int, target: Storage, target_key: str, *,
+    alg: str, expected: str, hasher: Callable[[str], Hasher], pool: SlabPool, what: str,
+    member: str | None = None, transfer: Transfer | None = None,
+) -> None:
+    """Stream a byte range of ``source`` into a new object of ``target``, hashing it on the way
+    (in a worker thread, beside the write, for big chunks); the object is published only if the
+    checksum matched, else nothing is left and :class:`VerificationError` names ``what``."""
+    h = hasher(alg)
+    writer = await target.open_writer(target_key, size_hint=length)
+
+    async def consume(view: memoryview) -> None:
+        if len(view) >= THREAD_HASH_MIN:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, h.update, view)
+                await writer.write(view)
+        else:
+            h.update(view)
+            await writer.write(view)
+        if transfer is not None:
+            transfer.bytes_done += len(view)
+
+    try:
+        await stream_range(source, key, offset, length, pool, consume)
+        got = h.hexdigest()
+        if got != expected:
+            raise VerificationError(f"{what} is corrupt: {alg} {got} != {expected}", member=member)
+        await writer.commit()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await writer.abort()
+        raise
+
+
 async def checksum_range(
     storage: Storage, key: str, offset: int, length: int, alg: str, hasher: Callable[[str], Hasher],
     pool: SlabPool, *, uncached: bool = False, transfer: Transfer | None = None,

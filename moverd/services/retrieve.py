@@ -14,8 +14,7 @@ import anyio
 
 from ..app import App
 from ..buffers import fill
-from ..checksums import THREAD_HASH_MIN
-from ..datablocks import read_index, stream_range
+from ..datablocks import copy_range_verified, read_index
 from ..errors import SystemError_, UserError, VerificationError
 from ..events import Transfer
 from ..keys import safe_key
@@ -73,34 +72,11 @@ async def retrieve_member(
     """Copy one member out of its datablock to ``key`` (default: its own path) of ``target``,
     publishing it only if its checksum matched."""
     key = key or member.path
-    h = app.registry.hasher(block.checksum_alg)
-    writer = await target.open_writer(key, size_hint=member.size)
-
-    async def consume(view: memoryview) -> None:
-        if len(view) >= THREAD_HASH_MIN:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(anyio.to_thread.run_sync, h.update, view)
-                await writer.write(view)
-        else:
-            h.update(view)
-            await writer.write(view)
-        if transfer is not None:
-            transfer.bytes_done += len(view)
-
-    try:
-        await stream_range(lts, block.archive_id, member.offset, member.size, app.pool, consume)
-        got = h.hexdigest()
-        if got != member.checksum:
-            raise VerificationError(
-                f"member {member.path!r} of datablock {block.archive_id!r} is corrupt: "
-                f"{block.checksum_alg} {got} != {member.checksum}",
-                member=member.path,
-            )
-        await writer.commit()
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await writer.abort()
-        raise
+    await copy_range_verified(
+        lts, block.archive_id, member.offset, member.size, target, key, alg=block.checksum_alg,
+        expected=member.checksum, hasher=app.registry.hasher, pool=app.pool,
+        what=f"member {member.path!r} of datablock {block.archive_id!r}", member=member.path, transfer=transfer,
+    )
     await target.set_metadata(key, mtime=member.mtime, mode=member.mode)
     if transfer is not None:
         transfer.files_done += 1
