@@ -4,34 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from tests.support.s3 import free_port, moto_command, wait_ready
 
 ACCESS_KEY = "bench"
 SECRET_KEY = "bench-secret"
 REGION = "us-east-1"
 KEY_BUFFER_SIZE = 64 * 1024
 """Objects up to this size stay in the server's RAM, bigger ones spill to its TMPDIR."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _command(port: int) -> list[str]:
-    exe = Path(sys.executable).with_name("moto_server")
-    if not exe.exists():
-        found = shutil.which("moto_server")
-        if found:
-            exe = Path(found)
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
-    return [*base, "-H", "127.0.0.1", "-p", str(port)]
 
 
 def credentials_env() -> dict[str, str]:
@@ -71,27 +54,11 @@ class MotoServer:
         }
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                _command(self.port), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                moto_command(self.port), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
-        self._wait_ready()
-        return self
-
-    def _wait_ready(self, timeout: float = 30) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"moto_server exited with {self.proc.returncode}:\n{tail}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                    if s.recv(12).startswith(b"HTTP/1."):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"moto_server did not answer on port {self.port} within {timeout:.0f} s")
+        wait_ready(self.proc, "127.0.0.1", self.port, self.log_path)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         proc, self.proc = self.proc, None

@@ -86,7 +86,7 @@ class S3Server:
         return name
 
 
-def _moto_command(port: int) -> list[str]:
+def moto_command(port: int) -> list[str]:
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.exists():
         found = shutil.which("moto_server")
@@ -95,7 +95,7 @@ def _moto_command(port: int) -> list[str]:
     return [*base, "-H", "127.0.0.1", "-p", str(port)]
 
 
-def _wait_ready(
+def wait_ready(
     proc: subprocess.Popen[bytes], host: str, port: int, log_path: Path, timeout: float = 30
 ) -> None:
     deadline = time.monotonic() + timeout
@@ -133,10 +133,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            _moto_command(port), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            moto_command(port), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         try:
-            _wait_ready(proc, host, port, log_path)
+            wait_ready(proc, host, port, log_path)
             yield S3Server(host=host, port=port, log_path=log_path)
         finally:
             proc.terminate()
