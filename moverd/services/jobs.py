@@ -22,7 +22,7 @@ from typing import Any, Literal
 import anyio
 
 from ..app import App
-from ..errors import CatalogError, MoverdError, NotFoundError, UserError
+from ..errors import MoverdError, NotFoundError, StorageError, UserError
 from ..events import Transfer
 from ..keys import join_key, safe_key
 from ..models import (
@@ -265,7 +265,7 @@ async def _entry(storage: Storage, key: str, pid: str, name: str, size: int, arc
     try:
         url = await storage.presign(key, expiry)
     except NotImplementedError as exc:
-        raise CatalogError(f"the retrieval storage cannot give download links: {exc}") from None
+        raise StorageError(f"the retrieval storage cannot give download links: {exc}") from None
     return {"datasetId": pid, "name": name, "size": size, "archiveId": archive_id, "url": url}
 
 
