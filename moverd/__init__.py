@@ -44,14 +44,15 @@ from .models import (
 from .options import Options, read_secret_file
 from .registry import CatalogType, Context, StorageType
 from .retry import retry_async
-from .storage import ObjectInfo, Reader, Storage, Writer, read_slot, write_slot
+from .storage import BlockingReads, BlockingWrites, ObjectInfo, Reader, Storage, Writer, read_slot, write_slot
 from .units import ByteSize, Duration, format_size, parse_duration, parse_size
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArchiveStatus", "ByteSize", "Catalog", "CatalogError", "CatalogType", "ConfigError",
-    "Context", "Datablock", "Dataset", "Duration", "FileEntry", "Hasher", "HasherFactory", "Job",
+    "ArchiveStatus", "BlockingReads", "BlockingWrites", "ByteSize", "Catalog", "CatalogError",
+    "CatalogType", "ConfigError", "Context", "Datablock", "Dataset", "Duration", "FileEntry", "Hasher",
+    "HasherFactory", "Job",
     "JobDataset", "JobStatus", "JobType", "LifecycleUpdate", "Member", "MissingFileError",
     "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo", "OfflineTimeoutError",
     "Options", "PluginError", "Reader", "RetrieveStatus", "Slots", "Storage", "StorageError",

@@ -7,8 +7,11 @@ process, so memory stays flat whatever the dataset size, and no chunk is ever co
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 
+from .checksums import Hasher
 from .storage import Reader
 
 
@@ -68,4 +71,19 @@ async def fill(reader: Reader, view: memoryview) -> int:
         if n == 0:
             break
         got += n
+    return got
+
+
+def fill_and_hash(readinto_blocking: Callable[[memoryview], int], view: memoryview, hasher: Hasher) -> int:
+    """:func:`fill` for a blocking reader, hashing what it read: one worker-thread call per chunk
+    does both (see :class:`~moverd.storage.BlockingReads`)."""
+    got = 0
+    total = len(view)
+    while got < total:
+        n = readinto_blocking(view[got:])
+        if n == 0:
+            break
+        got += n
+    if got:
+        hasher.update(view[:got])
     return got

@@ -15,12 +15,12 @@ from typing import Any
 import anyio
 from pydantic import ValidationError
 
-from .buffers import SlabPool, fill
+from .buffers import SlabPool, fill, fill_and_hash
 from .checksums import THREAD_HASH_MIN, Hasher
 from .errors import NotFoundError, VerificationError
 from .events import Transfer
 from .models import Datablock, Member, index_key
-from .storage import Storage
+from .storage import BlockingReads, Reader, Storage
 
 
 async def write_index(sink: Storage, datablock: Datablock) -> None:
@@ -55,10 +55,23 @@ async def stream_range(
     """
     if length == 0:
         return
-    slabs = await pool.acquire(2)
+    await _stream(await storage.open_reader(key, offset, length, uncached=uncached), storage, key, offset,
+                  length, pool, consume)
+
+
+async def _stream(
+    reader: Reader, storage: Storage, key: str, offset: int, length: int, pool: SlabPool,
+    consume: Callable[[memoryview], Coroutine[Any, Any, None]],
+) -> None:
+    """:func:`stream_range` on an open reader, which it closes."""
+    try:
+        slabs = await pool.acquire(2)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await reader.aclose()
+        raise
     ok = False
     try:
-        reader = await storage.open_reader(key, offset, length, uncached=uncached)
         try:
             remaining = length
             pending: tuple[bytearray, int] | None = None
@@ -138,14 +151,49 @@ async def checksum_range(
     pool: SlabPool, *, uncached: bool = False, transfer: Transfer | None = None,
 ) -> str:
     h = hasher(alg)
+    if length == 0:
+        return h.hexdigest()
+    reader = await storage.open_reader(key, offset, length, uncached=uncached)
+    if isinstance(reader, BlockingReads):
+        try:
+            await _checksum_blocking(reader, key, storage, offset, length, h, pool, transfer)
+        finally:
+            await reader.aclose()
+        return h.hexdigest()
 
     async def consume(view: memoryview) -> None:
         await _hash_into([h], view)
         if transfer is not None:
             transfer.bytes_done += len(view)
 
-    await stream_range(storage, key, offset, length, pool, consume, uncached=uncached)
+    await _stream(reader, storage, key, offset, length, pool, consume)
     return h.hexdigest()
+
+
+async def _checksum_blocking(
+    reader: BlockingReads, key: str, storage: Storage, offset: int, length: int, h: Hasher, pool: SlabPool,
+    transfer: Transfer | None,
+) -> None:
+    """Read and hash each chunk in one worker-thread call (readers that block anyway: files)."""
+    slabs = await pool.acquire(1)
+    ok = False
+    try:
+        view = memoryview(slabs[0])
+        remaining = length
+        while remaining > 0:
+            want = min(remaining, len(view))
+            n = await anyio.to_thread.run_sync(fill_and_hash, reader.readinto_blocking, view[:want], h)
+            if n < want:
+                raise VerificationError(
+                    f"{key!r} on {storage.name!r} ends early: expected {length} bytes "
+                    f"from offset {offset}, got {length - remaining + n}"
+                )
+            remaining -= n
+            if transfer is not None:
+                transfer.bytes_done += n
+        ok = True
+    finally:
+        (pool.release if ok else pool.discard)(slabs)
 
 
 async def verify_datablock(

@@ -1,19 +1,26 @@
 """The single pass: source files → tar members → sink, hashed on the way.
 
-One datablock is written by two kinds of tasks under one task group:
+One datablock is written by three kinds of tasks under one task group:
 
 * a *scheduler* walks the plan in order, reserves slabs for each file from the shared
   :class:`~moverd.buffers.SlabPool` and starts a *reader* per file (at most ``prefetch_files`` at
-  once), so that S3 request latency does not serialise small files;
-* the *consumer* (this function's body) takes the files in plan order, writes each header, then
-  each chunk: the per-file checksum and the whole-datablock checksum are computed in a worker
-  thread while the sink writes the same buffer, then the slab goes back to its reader.
+  once), so that S3 request latency does not serialise small files; each reader hashes its
+  file's chunks as they arrive (in the same worker-thread call that reads them, where the reader
+  blocks anyway), so several files' checksums run at once on both cores;
+* the *consumer* (this module's :func:`write_datablock`) takes the files in plan order and frames
+  them as tar members: headers and small pieces are coalesced, big chunks pass through as views
+  of their slabs;
+* the *drain* (:class:`TarSink`) writes what the consumer framed, in order, behind it: all the
+  chunks waiting when it comes round go out in one worker-thread call (with the datablock's
+  checksum), so the consumer never waits for a thread hop per chunk, and a chunk's slab goes back
+  to its reader once written.
 
 Nothing is staged: the only bytes held are the slabs in flight.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,14 +29,14 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .buffers import SlabPool, fill
+from .buffers import SlabPool, fill, fill_and_hash
 from .checksums import DATABLOCK_CHECKSUM, THREAD_HASH_MIN, Hasher
 from .errors import MissingFileError, NotFoundError
 from .events import Transfer
 from .keys import join_key
 from .models import Datablock, FileEntry, Member
 from .planner import DatablockPlan
-from .storage import Storage, Writer
+from .storage import BlockingReads, BlockingWrites, Storage, Writer
 from .tarframe import end_of_archive, member_header, padding
 
 COALESCE_SIZE = 256 * 1024
@@ -59,74 +66,141 @@ class _FileStream:
     give_back: MemoryObjectSendStream[bytearray]
     file_hash: Hasher
     """Updated by the file's reader as chunks arrive, so that files hash in parallel."""
+    pending: int = 0
+    """Chunks handed to the drain and not written yet."""
+    consumed: bool = False
     returned: bool = False
+    """The slabs are back in the pool (or given up after an error)."""
+
+    def chunk_written(self, slab: bytearray, pool: SlabPool, taken: set[_FileStream]) -> None:
+        self.pending -= 1
+        if not self.consumed:
+            try:
+                self.give_back.send_nowait(slab)  # the reader may need it for the next chunk
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the reader is done with this file
+        self.release_if_done(pool, taken)
+
+    def release_if_done(self, pool: SlabPool, taken: set[_FileStream]) -> None:
+        if self.consumed and self.pending == 0 and not self.returned:
+            self.returned = True
+            self.give_back.close()
+            pool.release(self.slabs)
+            taken.discard(self)
+
+
+_Piece = tuple[memoryview | bytes, Callable[[], None] | None]
+"""Bytes to write and what to do once they are written (give a slab back)."""
+
+_DRAIN_BATCH = 64
 
 
 class TarSink:
-    """Frames bytes into the sink writer: coalesces small pieces, passes big chunks through."""
+    """The tar stream's bytes in order, written behind the consumer by :meth:`drain`.
 
-    def __init__(self, writer: Writer, block_hash: Hasher) -> None:
+    Small pieces (headers, padding, small files) are coalesced into new ``bytes``; big chunks
+    pass through as views of their slabs, which go back to their reader once written.
+    """
+
+    def __init__(self, writer: Writer, block_hash: Hasher, max_pending: int) -> None:
         self.writer = writer
         self.block_hash = block_hash
         self.offset = 0
         self._buf = bytearray(COALESCE_SIZE)
         self._view = memoryview(self._buf)
         self._fill = 0
+        self._send, self._recv = anyio.create_memory_object_stream[_Piece](max_pending)
+        self._blocking = writer if isinstance(writer, BlockingWrites) else None
 
     async def put_small(self, data: bytes | memoryview) -> None:
         n = len(data)
         if self._fill + n > COALESCE_SIZE:
             await self.flush()
         if n >= COALESCE_SIZE:
-            self.block_hash.update(data)
-            await self.writer.write(data)
+            await self._send.send((bytes(data), None))
         else:
             self._view[self._fill : self._fill + n] = data
             self._fill += n
         self.offset += n
 
-    async def put_chunk(self, view: memoryview) -> None:
-        """Write one data chunk straight from its slab (the file's checksum is already done)."""
+    async def put_chunk(self, view: memoryview, written: Callable[[], None]) -> None:
+        """Queue one data chunk straight from its slab; ``written`` runs once it is written."""
         await self.flush()
-        self.block_hash.update(view)  # xxh3: some 20 us per MiB, cheaper than a thread hop
-        await self.writer.write(view)
+        await self._send.send((view, written))
         self.offset += len(view)
 
     async def flush(self) -> None:
         if self._fill:
-            data = self._view[: self._fill]
-            self.block_hash.update(data)
-            await self.writer.write(data)
+            await self._send.send((bytes(self._view[: self._fill]), None))
             self._fill = 0
+
+    def close(self) -> None:
+        """No more pieces (after a final :meth:`flush`): :meth:`drain` finishes what it has."""
+        self._send.close()
+
+    async def drain(self) -> None:
+        """Write the pieces in order, each batch of waiting pieces in one worker-thread call when
+        the writer can write blocking: the batch grows when the disk or the thread hop is slow,
+        so the hop's cost is spread over more bytes exactly when it matters."""
+        async with self._recv:
+            while True:
+                try:
+                    batch = [await self._recv.receive()]
+                except anyio.EndOfStream:
+                    return
+                while len(batch) < _DRAIN_BATCH:
+                    try:
+                        batch.append(self._recv.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                if self._blocking is not None:
+                    await anyio.to_thread.run_sync(self._write_batch, self._blocking, batch)
+                else:
+                    for data, _ in batch:
+                        self.block_hash.update(data)
+                        await self.writer.write(data)
+                for _, written in batch:
+                    if written is not None:
+                        written()
+
+    def _write_batch(self, writer: BlockingWrites, batch: list[_Piece]) -> None:
+        for data, _ in batch:
+            self.block_hash.update(data)
+            writer.write_blocking(data)
 
 
 async def _read_file(
     source: Storage, key: str, entry: FileEntry, send: MemoryObjectSendStream[tuple[bytearray, int]],
     free: MemoryObjectReceiveStream[bytearray], limiter: anyio.CapacityLimiter, file_hash: Hasher,
+    threads: anyio.CapacityLimiter,
 ) -> None:
-    """Read one file into its slabs and hash each chunk as it arrives, as fast as the consumer
+    """Read one file into its slabs and hash each chunk as it arrives, as fast as the drain
     gives slabs back. Hashing here, not in the consumer, is what lets several files' checksums
-    run at once on both cores while the consumer only writes."""
+    run at once on both cores while the consumer only frames."""
     try:
-        async with send:
+        async with send, free:
             reader = None
             try:
                 reader = await source.open_reader(key)
+                blocking = reader.readinto_blocking if isinstance(reader, BlockingReads) else None
                 remaining = entry.size
                 while remaining > 0:
                     slab = await free.receive()
                     want = min(remaining, len(slab))
                     view = memoryview(slab)[:want]
-                    n = await fill(reader, view)
+                    if blocking is not None:
+                        n = await anyio.to_thread.run_sync(fill_and_hash, blocking, view, file_hash, limiter=threads)
+                    else:
+                        n = await fill(reader, view)
+                        if n >= THREAD_HASH_MIN:
+                            await anyio.to_thread.run_sync(file_hash.update, view[:n], limiter=threads)
+                        else:
+                            file_hash.update(view[:n])
                     if n < want:
                         raise MissingFileError(
                             f"{key!r} in {source.name!r} has {entry.size - remaining + n} bytes, "
                             f"expected {entry.size} (it changed while being archived)"
                         )
-                    if n >= THREAD_HASH_MIN:
-                        await anyio.to_thread.run_sync(file_hash.update, view)
-                    else:
-                        file_hash.update(view)
                     remaining -= n
                     await send.send((slab, n))
             except NotFoundError:
@@ -144,6 +218,9 @@ async def _schedule(
     files: MemoryObjectSendStream[_FileStream], tg: anyio.abc.TaskGroup, taken: set[_FileStream],
 ) -> None:
     prefetch = anyio.CapacityLimiter(ctx.prefetch_files)
+    # The readers' worker-thread calls have their own tokens: readers blocked on the network
+    # never take those of anyio's default limiter, which the writes need.
+    threads = anyio.CapacityLimiter(ctx.prefetch_files)
     async with files:
         for entry in plan.files:
             slabs = await ctx.pool.acquire(ctx.slabs_for(entry.size))
@@ -157,56 +234,77 @@ async def _schedule(
                 await prefetch.acquire_on_behalf_of(chunks_send)
                 tg.start_soon(
                     _read_file, source, join_key(prefix, entry.path), entry, chunks_send, free_recv, prefetch,
-                    fs.file_hash,
+                    fs.file_hash, threads,
                 )
             else:
                 chunks_send.close()
+                free_recv.close()
             await files.send(fs)
+
+
+@dataclass
+class WrittenDatablock:
+    """A committed datablock, and what its writer's read-back found."""
+
+    datablock: Datablock
+    read_back: bool | None = None
+    """None: the writer did not read back (verify after the commit); True: every byte read back
+    from the medium matched; False: the read-back differed."""
 
 
 async def write_datablock(
     plan: DatablockPlan, source: Storage, prefix: str, sink: Storage, ctx: PipelineContext,
     transfer: Transfer | None = None,
-) -> Datablock:
+) -> WrittenDatablock:
     """Stream the plan's files from ``source`` into one tar on ``sink`` and commit it.
 
-    Returns the datablock with its member index. On any error the sink writer is aborted, so
-    nothing is left under the archive id or in temporary files.
+    Returns the datablock with its member index. When the sink's writer reads its bytes back
+    while writing (:meth:`~moverd.Writer.read_back_into`), the result says whether they matched;
+    the caller verifies after the commit otherwise (and, on a mismatch, to name the damaged
+    member). On any error the sink writer is aborted, so nothing is left under the archive id
+    or in temporary files.
     """
     writer = await sink.open_writer(plan.archive_id, size_hint=plan.packed_size_estimate)
     block_hash = ctx.hasher(DATABLOCK_CHECKSUM)
+    read_back = ctx.hasher(DATABLOCK_CHECKSUM)
+    reads_back = writer.read_back_into(read_back)
     members: list[Member] = []
     taken: set[_FileStream] = set()  # files whose slabs are out: only those in flight
     try:
-        out = TarSink(writer, block_hash)
+        out = TarSink(writer, block_hash, ctx.pool.capacity)
         async with anyio.create_task_group() as tg:
+            tg.start_soon(out.drain)
             files_send, files_recv = anyio.create_memory_object_stream[_FileStream](ctx.prefetch_files)
             tg.start_soon(_schedule, plan, source, prefix, ctx, files_send, tg, taken)
-            async with files_recv:
-                async for fs in files_recv:
-                    members.append(await _consume_file(fs, out, ctx, transfer))
-                    taken.discard(fs)
-        await out.put_small(end_of_archive(out.offset))
-        await out.flush()
+            try:
+                async with files_recv:
+                    async for fs in files_recv:
+                        members.append(await _consume_file(fs, out, ctx, taken, transfer))
+                await out.put_small(end_of_archive(out.offset))
+                await out.flush()
+            finally:
+                out.close()
         await writer.commit()
     except BaseException:
         with anyio.CancelScope(shield=True):
             await writer.abort()
-        # A cancelled reader's worker thread may still be filling its slab: never reuse those.
+        # A cancelled reader's or writer's worker thread may still use its slabs: never reuse those.
         for fs in taken:
             if not fs.returned:
                 fs.returned = True
                 ctx.pool.discard(fs.slabs)
         raise
-    return Datablock(
+    digest = block_hash.hexdigest()
+    block = Datablock(
         archive_id=plan.archive_id, index=plan.index, size=plan.size, packed_size=out.offset,
-        checksum_alg=ctx.checksum, datablock_checksum=f"{DATABLOCK_CHECKSUM}:{block_hash.hexdigest()}",
+        checksum_alg=ctx.checksum, datablock_checksum=f"{DATABLOCK_CHECKSUM}:{digest}",
         members=members,
     )
+    return WrittenDatablock(block, read_back=(read_back.hexdigest() == digest) if reads_back else None)
 
 
 async def _consume_file(
-    fs: _FileStream, out: TarSink, ctx: PipelineContext, transfer: Transfer | None
+    fs: _FileStream, out: TarSink, ctx: PipelineContext, taken: set[_FileStream], transfer: Transfer | None
 ) -> Member:
     entry = fs.entry
     header_offset = out.offset
@@ -214,18 +312,22 @@ async def _consume_file(
         member_header(entry.path, entry.size, mtime=entry.mtime, mode=entry.mode, uid=entry.uid, gid=entry.gid)
     )
     data_offset = out.offset
-    async with fs.chunks, fs.give_back:
+    async with fs.chunks:
         async for slab, n in fs.chunks:
             view = memoryview(slab)[:n]
             if n >= THREAD_HASH_MIN:
-                await out.put_chunk(view)
+                fs.pending += 1
+                await out.put_chunk(view, functools.partial(fs.chunk_written, slab, ctx.pool, taken))
             else:
                 await out.put_small(view)
+                try:
+                    fs.give_back.send_nowait(slab)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass
             if transfer is not None:
                 transfer.bytes_done += n
-            fs.give_back.send_nowait(slab)
-    fs.returned = True
-    ctx.pool.release(fs.slabs)
+    fs.consumed = True
+    fs.release_if_done(ctx.pool, taken)
     await out.put_small(padding(entry.size))
     if transfer is not None:
         transfer.files_done += 1

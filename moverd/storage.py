@@ -13,10 +13,11 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
+from .checksums import Hasher
 from .errors import NotFoundError
 from .limits import Slots
 
@@ -44,6 +45,32 @@ class Reader(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class BlockingReads(Protocol):
+    """Optional for readers whose reads block anyway (files, plain sockets).
+
+    The event loop is the scarce resource of a transfer: every chunk that needs a thread hop to be
+    read and another to be hashed costs it twice. A reader that offers ``readinto_blocking`` is
+    called by the core in a worker thread, which reads the chunk and hashes it in the same call.
+    """
+
+    def readinto_blocking(self, buf: memoryview) -> int:
+        """``readinto`` without the event loop, called from a worker thread only: fill ``buf`` as
+        far as the object goes (a short count means the end), 0 only at the end."""
+        ...
+
+
+@runtime_checkable
+class BlockingWrites(Protocol):
+    """Optional for writers whose writes block anyway (files): the core then writes a batch of
+    chunks, and hashes them, in one worker-thread call instead of one hop per chunk."""
+
+    def write_blocking(self, data: memoryview | bytes) -> None:
+        """``write`` without the event loop, called from a worker thread only; never concurrently
+        with ``write`` or with itself."""
+        ...
+
+
 class Writer(ABC):
     """A new object being written. Nothing is visible under its key before :meth:`commit`."""
 
@@ -58,6 +85,17 @@ class Writer(ABC):
     @abstractmethod
     async def abort(self) -> None:
         """Discard everything written; must leave nothing behind and never raise on cleanup."""
+
+    def read_back_into(self, hasher: Hasher) -> bool:
+        """Offer to verify while writing: read every byte back from the medium, around any cache,
+        as it becomes durable, feed it to ``hasher`` in order, and be done when :meth:`commit`
+        returns. Called before the first write; return False (the default) when the storage
+        cannot, and the core reads the object back after the commit instead.
+
+        Reading back behind the writer takes the read-back off the end of a transfer, where it
+        would otherwise run alone after the last byte arrived.
+        """
+        return False
 
 
 class Storage(ABC):

@@ -154,7 +154,9 @@ async def test_lts_write_failure_is_a_system_error_and_rolls_back(facility: Faci
     assert len(facility.landing_keys(pid)) == len(files)
 
 
-async def test_verification_mismatch_is_a_system_error(facility: Facility) -> None:
+@pytest.mark.parametrize("medium", ["badmedia", "badreads"],
+                         ids=["read-back-while-writing", "read-back-after-commit"])
+async def test_verification_mismatch_is_a_system_error(facility: Facility, medium: str) -> None:
     from tests.support.badmedia import BadMediaPlugin
 
     facility.plugins.append(BadMediaPlugin())
@@ -163,11 +165,11 @@ async def test_verification_mismatch_is_a_system_error(facility: Facility) -> No
     job_id = facility.scicat.add_job("archive", [pid])
     facility.overrides["storages"] = {
         **facility.settings_dict()["storages"],
-        "lts": {"type": "badmedia", "root": str(facility.tmp / "lts"), "create": True},
+        "lts": {"type": medium, "root": str(facility.tmp / "lts"), "create": True},
     }
     res = await run(facility, job_id)
     assert res["status"] == "finishedUnsuccessful"
-    assert "corrupt" in res["datasets"][0]["message"]
+    assert "corrupt in member" in res["datasets"][0]["message"]
     assert facility.scicat.datablocks(pid) == []
     assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "scheduleArchiveJobFailed"
     assert len(facility.landing_keys(pid)) == len(files)

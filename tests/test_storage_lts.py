@@ -372,6 +372,87 @@ async def test_uncached_read_bypasses_the_page_cache(root: Path, store: PosixSto
     assert cold < len(data) // 8, (warm, cold)
 
 
+# -- read-back while writing ---------------------------------------------------------------------
+
+
+def _xxh3(data: bytes) -> str:
+    import xxhash
+
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+async def test_read_back_follows_the_writer(root: Path, store: PosixStorage) -> None:
+    import xxhash
+    from moverd_storage_lts.readback import SEGMENT
+
+    data = os.urandom(SEGMENT + 3 * 1024 * 1024 + 123)
+    hasher = xxhash.xxh3_128()
+    w = await store.open_writer("ds/block.tar")
+    assert w.read_back_into(hasher)
+    view = memoryview(data)
+    for i in range(0, len(data), 1 << 20):
+        await w.write(view[i : i + (1 << 20)])
+    # The first segment is read back before the commit, behind the writer.
+    with anyio.fail_after(30):
+        while w._read_back is None or w._read_back.done < SEGMENT:
+            await anyio.sleep(0.02)
+    assert not (root / "ds/block.tar").exists()
+    await w.commit()
+    assert hasher.hexdigest() == _xxh3(data)
+    assert (root / "ds/block.tar").read_bytes() == data
+    assert not [t for t in threading.enumerate() if t.name == "moverd-read-back"]
+
+
+async def test_read_back_sees_what_the_medium_holds(root: Path, store: PosixStorage) -> None:
+    import xxhash
+
+    data = os.urandom(3 * 1024 * 1024)
+    hasher = xxhash.xxh3_128()
+    w = await store.open_writer("ds/block.tar")
+    assert w.read_back_into(hasher)
+    await w.write(data)
+    tmp = next((root / "ds").iterdir())
+    with open(tmp, "r+b") as f:  # the medium changes a byte after it was written
+        f.seek(1_000_000)
+        f.write(bytes([data[1_000_000] ^ 0x04]))
+    await w.commit()
+    assert hasher.hexdigest() != _xxh3(data)
+
+
+async def test_read_back_is_offered_before_the_first_write_only(store: PosixStorage) -> None:
+    import xxhash
+
+    w = await store.open_writer("a.tar")
+    await w.write(b"x")
+    assert not w.read_back_into(xxhash.xxh3_128())
+    await w.abort()
+
+
+async def test_abort_stops_the_read_back(root: Path, store: PosixStorage) -> None:
+    import xxhash
+    from moverd_storage_lts.readback import SEGMENT
+
+    w = await store.open_writer("ds/block.tar")
+    assert w.read_back_into(xxhash.xxh3_128())
+    await w.write(os.urandom(SEGMENT + 1))
+    await w.abort()
+    assert files_in(root) == ["ds"]
+    assert not [t for t in threading.enumerate() if t.name == "moverd-read-back"]
+
+
+async def test_read_back_on_a_full_file_system_leaves_nothing(small_fs: Path) -> None:
+    import xxhash
+
+    storage = make(small_fs, fsync=True)
+    w = await storage.open_writer("ds/too-big.tar")
+    assert w.read_back_into(xxhash.xxh3_128())
+    with pytest.raises(NoSpaceError):
+        for _ in range(16):
+            await w.write(os.urandom(256 * 1024))
+        await w.commit()
+    assert files_in(small_fs) == ["ds"]
+
+
 # -- listing -------------------------------------------------------------------------------------
 
 

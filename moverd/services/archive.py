@@ -170,13 +170,22 @@ async def _archive_block(
     if block is None:
         async with app.slot(lts, "write"):
             await lts.wait_for_space(plan.packed_size_estimate)
-            block = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer)
+            written = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer)
+            block = written.datablock
             # A tar without its index would be written again on resume: never stop in between.
             with anyio.CancelScope(shield=True):
                 await write_index(lts, block)
         app.notify("datablock_committed", transfer=transfer, datablock=block)
-        async with app.slot(lts, "read"):
-            await verify_datablock(lts, block, app.registry.hasher, app.pool)
+        if written.read_back is not True:
+            # Not read back while written, or read back wrong: read it back now (this also
+            # names the damaged member).
+            async with app.slot(lts, "read"):
+                await verify_datablock(lts, block, app.registry.hasher, app.pool)
+            if written.read_back is False:
+                raise VerificationError(
+                    f"datablock {plan.archive_id!r} read back differently while it was written, though "
+                    "a second read matched: the LTS returns inconsistent data"
+                )
         result.written += 1
     app.notify("datablock_verified", transfer=transfer, datablock=block)
     block.catalog_id = await app.catalog.register_datablock(pid, block)

@@ -1,17 +1,44 @@
-"""A storage plugin for bad media: a POSIX directory whose read-back returns one flipped bit.
+"""Storage plugins for bad media, registered through ``register_storages`` like any third-party
+storage, so the code under test (the pipeline's verification) runs unchanged; only the medium is
+bad:
 
-It is registered through ``register_storages`` like any third-party storage, so the code under
-test (the pipeline's verification) runs unchanged; only the medium is bad.
+* ``badmedia``: a POSIX directory whose medium flips one bit of every tar between the write and
+  the read-back (the bit is flipped in the file on disk, before the commit's fsync and read-back);
+* ``badreads``: a POSIX directory that cannot read back while writing (like a third-party storage
+  that does not offer it) and whose uncached reads of tars return one flipped bit.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from moverd_storage_lts.options import PosixOptions
 from moverd_storage_lts.storage import PosixStorage
+from moverd_storage_lts.writer import PosixWriter
 
-from moverd import StorageType, hookimpl
+from moverd import Hasher, StorageType, hookimpl
+
+
+class _FlippingWriter(PosixWriter):
+    def _commit_sync(self) -> None:
+        if self.key.endswith(".tar") and self.bytes_written:
+            with open(self._tmp, "r+b") as f:
+                f.seek(self.bytes_written // 2)
+                byte = f.read(1)
+                f.seek(-1, os.SEEK_CUR)
+                f.write(bytes([byte[0] ^ 0x10]))
+        super()._commit_sync()
+
+
+class BadMediaStorage(PosixStorage):
+    def _open_writer_sync(self, key: str, size_hint: int | None) -> PosixWriter:
+        return _FlippingWriter.open_sync(self._confinement(), key, fsync=self.options.fsync, size_hint=size_hint)
+
+
+class _NoReadBackWriter(PosixWriter):
+    def read_back_into(self, hasher: Hasher) -> bool:
+        return False
 
 
 class _FlippingReader:
@@ -30,7 +57,10 @@ class _FlippingReader:
         await self.inner.aclose()
 
 
-class BadMediaStorage(PosixStorage):
+class BadReadsStorage(PosixStorage):
+    def _open_writer_sync(self, key: str, size_hint: int | None) -> PosixWriter:
+        return _NoReadBackWriter.open_sync(self._confinement(), key, fsync=self.options.fsync, size_hint=size_hint)
+
     async def open_reader(self, key: str, offset: int = 0, length: int | None = None, *,
                           uncached: bool = False) -> Any:
         reader = await super().open_reader(key, offset, length, uncached=uncached)
@@ -42,3 +72,5 @@ class BadMediaPlugin:
     def register_storages(self, register: Any) -> None:
         register(StorageType(name="badmedia", options=PosixOptions,
                              create=lambda name, options, ctx: BadMediaStorage(name, options)))
+        register(StorageType(name="badreads", options=PosixOptions,
+                             create=lambda name, options, ctx: BadReadsStorage(name, options)))

@@ -74,7 +74,7 @@ class PosixReader:
             raise StorageError(f"{self._where}: reader of {self._key!r} is closed")
         if self._done or len(buf) == 0:
             return 0
-        return await anyio.to_thread.run_sync(self._readinto_sync, buf)
+        return await anyio.to_thread.run_sync(self.readinto_blocking, buf)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -111,7 +111,12 @@ class PosixReader:
         self._fd = fd
         self._opened = True
 
-    def _readinto_sync(self, buf: memoryview) -> int:
+    def readinto_blocking(self, buf: memoryview) -> int:
+        """``readinto`` in the caller's worker thread (the core reads and hashes in one call)."""
+        if self._closed:
+            raise StorageError(f"{self._where}: reader of {self._key!r} is closed")
+        if self._done or len(buf) == 0:
+            return 0
         if not self._opened:
             self._open_sync()
         fd = self._fd

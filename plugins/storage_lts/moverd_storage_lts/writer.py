@@ -14,10 +14,11 @@ import stat
 
 import anyio
 
-from moverd import StorageError, Writer
+from moverd import Hasher, StorageError, Writer
 
 from .oserrors import map_os_error
 from .paths import Confined, temp_name
+from .readback import ReadBack
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class PosixWriter(Writer):
         self._state = "new"  # new -> open -> committed | discarded
         self.bytes_written = 0
         self._written_back = 0
+        self._read_back: ReadBack | None = None
         self.size_hint = size_hint or 0
 
     @classmethod
@@ -85,7 +87,7 @@ class PosixWriter(Writer):
         writer = cls.open_sync(confined, key, fsync=fsync, size_hint=len(data))
         try:
             if len(data):
-                writer._write_sync(data)
+                writer.write_blocking(data)
             writer._commit_sync()
         except BaseException:
             if writer._state == "open":
@@ -96,7 +98,15 @@ class PosixWriter(Writer):
         self._check_open()
         if len(data) == 0:
             return
-        await anyio.to_thread.run_sync(self._write_sync, data)
+        await anyio.to_thread.run_sync(self.write_blocking, data)
+
+    def read_back_into(self, hasher: Hasher) -> bool:
+        """Read the file back behind the writer (see :mod:`.readback`): the commit then only
+        waits for the last segment."""
+        if self._state != "open" or self.bytes_written:
+            return False
+        self._read_back = ReadBack(self._tmp, hasher, sync=self._fsync, where=self._where)
+        return True
 
     async def commit(self) -> None:
         self._check_open()
@@ -123,7 +133,9 @@ class PosixWriter(Writer):
 
     # -- worker-thread side -------------------------------------------------------------------
 
-    def _write_sync(self, data: memoryview | bytes) -> None:
+    def write_blocking(self, data: memoryview | bytes) -> None:
+        """Append ``data`` (in a worker thread: the core batches chunks into one call)."""
+        self._check_open()
         fd = self._fd
         if fd is None:
             raise StorageError(f"{self._where}: writer of {self.key!r} is closed")
@@ -151,6 +163,8 @@ class PosixWriter(Writer):
             except OSError:
                 pass  # advice only
             self._written_back = self.bytes_written
+        if self._read_back is not None:
+            self._read_back.advance(self.bytes_written)
 
     def _commit_sync(self) -> None:
         fd, self._fd = self._fd, None
@@ -159,6 +173,8 @@ class PosixWriter(Writer):
                 try:
                     if self._fsync:
                         os.fsync(fd)
+                    if self._read_back is not None:
+                        self._read_back.finish(self.bytes_written)
                 finally:
                     # close() can report a deferred write error (NFS): it counts as a failure.
                     os.close(fd)
@@ -166,6 +182,9 @@ class PosixWriter(Writer):
         except OSError as exc:
             self._discard_sync()
             raise map_os_error(exc, self.path, "commit", self._where) from exc
+        except BaseException:
+            self._discard_sync()
+            raise
         self._state = "committed"
         if self._fsync:
             try:
@@ -176,6 +195,8 @@ class PosixWriter(Writer):
     def _discard_sync(self) -> None:
         """Close and unlink the temp file; best effort, never raises."""
         self._state = "discarded"
+        if self._read_back is not None:
+            self._read_back.cancel()
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
