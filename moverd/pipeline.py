@@ -188,7 +188,9 @@ async def _read_file(
                     slab = await free.receive()
                     want = min(remaining, len(slab))
                     view = memoryview(slab)[:want]
-                    if blocking is not None:
+                    # Small chunks: ``readinto`` may have the bytes at hand (an S3 body that came
+                    # with the answer's head) and hashing inline costs less than a thread hop.
+                    if blocking is not None and want >= THREAD_HASH_MIN:
                         n = await anyio.to_thread.run_sync(fill_and_hash, blocking, view, file_hash, limiter=threads)
                     else:
                         n = await fill(reader, view)
