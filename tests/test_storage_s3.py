@@ -141,8 +141,9 @@ async def test_secret_from_file(s3_options: dict[str, Any], tmp_path: Path) -> N
 
 
 @pytest.mark.anyio
-async def test_small_round_trip_is_one_put(s3_options: dict[str, Any], s3_server: S3Server) -> None:
-    async with opened(s3_options) as storage:
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
+async def test_small_round_trip_is_one_put(s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool) -> None:
+    async with opened(s3_options, fast_get=fast_get) as storage:
         data = os.urandom(1000)
         writer = await write(storage, "dir/small.bin", data, chunk=300)
         assert writer.parts_in_flight_peak == 0 and writer.buffers_allocated == 1
@@ -265,26 +266,32 @@ async def test_not_found(s3_options: dict[str, Any], fast_get: bool) -> None:
 
 
 @pytest.mark.anyio
-async def test_create_bucket_option(s3_options: dict[str, Any], s3_server: S3Server) -> None:
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
+async def test_create_bucket_option(s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool) -> None:
     name = s3_options["bucket"] + "-new"
-    async with opened(s3_options, bucket=name, create_bucket=True) as storage:
+    async with opened(s3_options, bucket=name, create_bucket=True, fast_get=fast_get) as storage:
         await write(storage, "a", b"1")
-    async with opened(s3_options, bucket=name, create_bucket=True) as storage:  # exists: fine
+    async with opened(s3_options, bucket=name, create_bucket=True, fast_get=fast_get) as storage:  # exists: fine
         assert [i.key async for i in storage.list()] == ["a"]
     assert keys(s3_server, name) == ["a"]
+    other = s3_options["bucket"] + "-listed-first"
+    async with opened(s3_options, bucket=other, create_bucket=True, fast_get=fast_get) as storage:
+        assert [i.key async for i in storage.list()] == []  # created by the first listing
+    assert keys(s3_server, other) == []
 
 
 # -- listing, prefixes, deleting -------------------------------------------------------------
 
 
 @pytest.mark.anyio
-async def test_prefix_handling(s3_options: dict[str, Any], s3_server: S3Server) -> None:
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
+async def test_prefix_handling(s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool) -> None:
     bucket = s3_options["bucket"]
     client = s3_server.client()
     for key in ("archive/v1x/outside", "other/y", "archive/v1"):
         client.put_object(Bucket=bucket, Key=key, Body=b"-")
     client.put_object(Bucket=bucket, Key="archive/v1/marker/", Body=b"")  # console "folder"
-    async with opened(s3_options, prefix="archive/v1") as storage:
+    async with opened(s3_options, prefix="archive/v1", fast_get=fast_get) as storage:
         await write(storage, "ds/a.txt", b"a")
         await write(storage, "ds/sub/b.txt", b"bb")
         await write(storage, "dsx/c.txt", b"ccc")
@@ -303,14 +310,15 @@ async def test_prefix_handling(s3_options: dict[str, Any], s3_server: S3Server) 
 
 
 @pytest.mark.anyio
-async def test_list_and_delete_beyond_1000(s3_options: dict[str, Any], s3_server: S3Server) -> None:
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
+async def test_list_and_delete_beyond_1000(s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool) -> None:
     bucket = s3_options["bucket"]
     client = s3_server.client()
     names = [f"many/{i:05d}" for i in range(1003)]
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=b"x"), names))
     client.put_object(Bucket=bucket, Key="keep/me", Body=b"x")
-    async with opened(s3_options) as storage:
+    async with opened(s3_options, fast_get=fast_get) as storage:
         listed = [i async for i in storage.list("many")]
         assert sorted(i.key for i in listed) == names
         assert all(i.size == 1 and i.etag for i in listed)
@@ -394,12 +402,14 @@ async def test_broken_read_is_resumed(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
 async def test_object_replaced_during_resumed_read(
-    s3_options: dict[str, Any], s3_fault_proxy: FaultProxy, s3_server: S3Server
+    s3_options: dict[str, Any], s3_fault_proxy: FaultProxy, s3_server: S3Server, fast_get: bool
 ) -> None:
     bucket = s3_options["bucket"]
     s3_server.client().put_object(Bucket=bucket, Key="v.bin", Body=os.urandom(2 * MIB))
-    async with opened({**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES}) as storage:
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "fast_get": fast_get}
+    async with opened(opts) as storage:
         s3_fault_proxy.reset_next(1, after_bytes=256 * 1024)
         reader = await storage.open_reader("v.bin")
         s3_server.client().put_object(Bucket=bucket, Key="v.bin", Body=os.urandom(2 * MIB))
@@ -408,12 +418,13 @@ async def test_object_replaced_during_resumed_read(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
 async def test_persistent_failure_is_a_storage_error(
-    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy
+    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy, fast_get: bool
 ) -> None:
     bucket = s3_options["bucket"]
     s3_server.client().put_object(Bucket=bucket, Key="there", Body=b"x")
-    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "max_attempts": 2}
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "max_attempts": 2, "fast_get": fast_get}
     async with opened(opts, part_size="5MiB") as storage:
         s3_fault_proxy.fail_always(status=503, method="PUT")
         writer = await storage.open_writer("w.bin")
@@ -441,12 +452,13 @@ async def test_persistent_failure_is_a_storage_error(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
 async def test_stream_that_never_recovers(
-    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy
+    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy, fast_get: bool
 ) -> None:
     bucket = s3_options["bucket"]
     s3_server.client().put_object(Bucket=bucket, Key="r", Body=os.urandom(MIB))
-    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "max_attempts": 2}
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "max_attempts": 2, "fast_get": fast_get}
     async with opened(opts) as storage:
         s3_fault_proxy.reset_next(3, after_bytes=0)  # the GET and each resume: no body at all
         reader = await storage.open_reader("r")
@@ -455,12 +467,19 @@ async def test_stream_that_never_recovers(
 
 
 @pytest.mark.anyio
-async def test_unreachable_endpoint(s3_options: dict[str, Any]) -> None:
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
+async def test_unreachable_endpoint(s3_options: dict[str, Any], fast_get: bool) -> None:
     from tests.support.s3 import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
-    async with opened(s3_options, endpoint_url=endpoint, max_attempts=1, connect_timeout=1) as storage:
-        with pytest.raises(StorageError, match=f"s3 {s3_options['bucket']}/k: cannot talk to {endpoint}"):
+    bucket = s3_options["bucket"]
+    opts = {**s3_options, "endpoint_url": endpoint, "max_attempts": 1, "connect_timeout": 1, "fast_get": fast_get}
+    async with opened(opts) as storage:
+        with pytest.raises(StorageError, match=f"s3 {bucket}/k: cannot talk to {endpoint}"):
             await storage.stat("k")
+        with pytest.raises(StorageError, match=f"s3 {bucket}/k: cannot talk to {endpoint}"):
+            await storage.open_reader("k")
+        with pytest.raises(StorageError, match=f"s3 {bucket}/d/: list failed: cannot talk to {endpoint}"):
+            [i async for i in storage.list("d")]
         with pytest.raises(StorageError, match=endpoint):
             await write(storage, "k", b"data")

@@ -20,8 +20,9 @@ __all__ = ["S3Options", "S3Storage", "register_storages"]
 
 
 def _create(name: str, options: Any, context: Context) -> S3Storage:
-    # Imported here: aioboto3 takes most of a second to import, which every moverd command
-    # (and a daemon that never uses S3) would otherwise pay when plugins load.
+    # Imported here, not when plugins load: every moverd command (and a daemon that never uses
+    # S3) would pay for the storage's modules. aioboto3 itself (most of a second) is imported
+    # later still, only when an operation the lean client does not cover needs it.
     from .storage import S3Storage
 
     return S3Storage(name, options, context)

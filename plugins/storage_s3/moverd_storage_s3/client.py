@@ -8,6 +8,10 @@ client is opened there instead of touching the old loop's connections.
 
 Presigned URLs for users are signed by a second client whose endpoint is the external one: SigV4
 signs the ``Host`` header, so a URL cannot be rewritten to another host after signing.
+
+aioboto3 (with aiobotocore, botocore and aiohttp: about half a second) is imported when the
+first client is opened, not with this module: a storage whose reads and listings go through the
+lean client (:mod:`.fastget`) never needs it.
 """
 
 from __future__ import annotations
@@ -15,17 +19,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aioboto3
 import anyio
-from aiobotocore.config import AioConfig
-from botocore.exceptions import ClientError
 
 from moverd import StorageError
 
 from .errors import error_code, to_storage_error
 from .options import S3Options
+
+if TYPE_CHECKING:
+    import aioboto3
+    from aiobotocore.config import AioConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,8 @@ def make_config(opts: S3Options) -> AioConfig:
     supported" default adds CRC headers that several S3-compatible servers (older MinIO, Ceph)
     reject, and transfer integrity is already covered by TLS and moverd's own checksums.
     """
+    from aiobotocore.config import AioConfig
+
     return AioConfig(
         region_name=opts.region,
         signature_version="s3v4",
@@ -70,6 +77,8 @@ class S3Clients:
         return self._opts.endpoint_url or f"AWS S3 ({self._opts.region})"
 
     def _new_session(self) -> aioboto3.Session:
+        import aioboto3
+
         o = self._opts
         return aioboto3.Session(
             aws_access_key_id=o.access_key_id.get_secret_value() if o.access_key_id else None,
@@ -131,6 +140,8 @@ class S3Clients:
             return self._presigner
 
     async def _ensure_bucket(self, client: Any) -> None:
+        from botocore.exceptions import ClientError
+
         bucket = self._opts.bucket
         try:
             await client.head_bucket(Bucket=bucket)

@@ -1,348 +1,857 @@
-"""Object bodies over plain HTTP, received straight into the caller's buffer.
+"""The lean S3 client: GET object, ListObjectsV2 and HEAD over plain HTTP, in worker threads.
 
-Reading through aiobotocore costs about 2 ms of CPU per GET (request construction, event hooks,
-response parsing) and allocates a new ``bytes`` for every piece of the body, which is then copied
-into moverd's buffer. For the landing zone on an internal ``http://`` MinIO endpoint, that was
-most of moverd's CPU per gigabyte. This path signs the GET with botocore's own SigV4 signer,
-sends it on a kept-alive socket and reads the body with ``sock_recv_into`` into the caller's
-memoryview: no per-chunk allocation, no copy.
+Why it exists: through aiobotocore, a GET costs about 2 ms of CPU on the event loop (request
+construction, event hooks, response parsing) and every piece of the body arrives as a new
+``bytes`` that is then copied into moverd's buffer; importing aioboto3 and making its client
+costs half a second per CLI run. On a two-core machine that shares its CPU with the S3 server,
+the event-loop thread is the bottleneck. For the landing zone on an internal ``http://`` MinIO,
+this client does these reads with:
 
-Everything else (listing, HEAD, uploads, presigning, TLS endpoints) stays on aiobotocore. The
-semantics match :class:`~.reader.S3Reader`: errors name bucket and key, 5xx answers and broken
-connections are retried with backoff, and a body that breaks half way is resumed with a ranged GET
-pinned to the object's ETag.
+* **blocking sockets in worker threads.** Resolving (once per getter), connecting, sending,
+  reading the answer's head and receiving the body (``recv_into`` straight into the caller's
+  buffer, no copy) all happen in ``anyio.to_thread.run_sync`` calls, under a
+  :class:`anyio.CapacityLimiter` of ``max_pool_connections`` owned by the getter, so that reads
+  blocked on the network never take the default thread limiter's tokens that file writes need.
+  Timeouts are socket timeouts: ``connect_timeout`` to connect, ``read_timeout`` for each wait
+  for bytes. :meth:`FastReader.readinto_blocking` lets the core receive and hash a chunk in one
+  thread hop.
+* **its own SigV4** (:mod:`.sigv4`): the same signature as botocore's, without importing it.
+* **a kept-alive connection pool** shared by the worker threads; connections the server closed
+  without saying (moto closes after every answer) are detected before reuse.
+
+Everything else (uploads, deletes, presigning, ``https://`` endpoints, ``fast_get = false``)
+stays on aiobotocore. The semantics match :class:`~.reader.S3Reader`: errors name bucket and key,
+5xx, throttling and broken connections are retried with backoff, and a body that breaks half way
+is resumed with a ranged GET pinned to the object's ETag with ``If-Match``.
+
+Abandoning a blocking call: a task cancelled while its worker thread waits on a socket returns
+at once (``abandon_on_cancel=True``); the thread is then stopped through an :class:`Interrupt`,
+which shuts its sockets down and cuts short its backoff sleeps, so that no thread lingers for
+``read_timeout`` and no connection is left behind. Until it notices, that thread may still write
+into the buffer it was given.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
+import threading
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit
+from datetime import UTC, datetime
+from typing import Any, NamedTuple, TypeVar, TypeVarTuple
+from urllib.parse import unquote_plus, urlsplit
 
 import anyio
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 
-from moverd import NotFoundError, StorageError, retry_async
+from moverd import StorageError
+
+from .errors import HTTPStatusError, TransientHTTPError, to_storage_error
+from .retry import retry_blocking
+from .sigv4 import Signer, canonical_query, quote_key
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+_RECV = 65536
 _HEAD_MAX = 64 * 1024
-_IDLE_MAX = 64
+_SMALL_BODY_MAX = 64 * 1024 * 1024
+"""Error documents and listing pages (about 300 KiB for 1000 keys); anything bigger is an error."""
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_RETRY_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
+    "InternalError", "ServiceUnavailable",
+})
+"""Error codes retried whatever the status: botocore's standard-mode throttling and transient
+codes, and S3's own names for a 500 and a 503."""
 
 
-class HTTPStatusError(Exception):
-    """An error answer of the S3 server."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{code or 'HTTP ' + str(status)}: {message}".rstrip(": "))
-        self.status, self.code, self.message = status, code, message
+class ProtocolError(Exception):
+    """An answer this client cannot read (no Content-Length on a body, garbled head)."""
 
 
-class TransientHTTPError(HTTPStatusError):
-    """A 5xx or throttling answer: worth another attempt."""
+class AbandonedError(Exception):
+    """The blocking call was abandoned: its reader was closed or its task cancelled."""
+
+
+class _NoAnswerError(ConnectionResetError):
+    """The connection failed before any byte of the answer: a reused one may just be stale."""
 
 
 def transient(exc: BaseException) -> bool:
-    return isinstance(exc, (TransientHTTPError, ConnectionError, TimeoutError, OSError))
+    """Worth another attempt: a 5xx/throttling answer, a broken connection, a timeout."""
+    return isinstance(exc, (TransientHTTPError, OSError))
 
 
 def usable(endpoint_url: str | None, access_key: str | None, secret_key: str | None) -> bool:
-    """The fast path serves plain-HTTP endpoints with static credentials."""
+    """The lean client serves plain-HTTP endpoints with static credentials."""
     return bool(endpoint_url and endpoint_url.startswith("http://") and access_key and secret_key)
+
+
+class Interrupt:
+    """Stops a blocking call from another thread: shuts down the sockets it waits on and wakes
+    its backoff sleeps. Shutting down (not closing) is what wakes a thread blocked in ``recv``;
+    the thread closes the socket itself once it notices."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._event = threading.Event()
+
+    @property
+    def fired(self) -> bool:
+        return self._event.is_set()
+
+    def track(self, sock: socket.socket) -> None:
+        """Register a socket the calling thread is about to block on (raises if already fired)."""
+        with self._lock:
+            if self._event.is_set():
+                raise AbandonedError("abandoned")
+            self._socks.append(sock)
+
+    def untrack(self, sock: socket.socket) -> None:
+        with self._lock:
+            if sock in self._socks:
+                self._socks.remove(sock)
+
+    def fire(self) -> None:
+        with self._lock:
+            self._event.set()
+            socks, self._socks = self._socks, []
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def sleep(self, seconds: float) -> None:
+        """A backoff pause that ends early, with :class:`AbandonedError`, when fired."""
+        if self._event.wait(seconds):
+            raise AbandonedError("abandoned")
 
 
 @dataclass
 class _Head:
     status: int
+    reason: str
     headers: dict[str, str]
     extra: bytes
+    """Bytes received after the head: the start of the body."""
+    keep: bool
+    """The server keeps the connection open after this answer."""
+
+
+class Listed(NamedTuple):
+    """One entry of a ListObjectsV2 page, key in full (prefix included) and decoded."""
+
+    key: str
+    size: int
+    mtime: float
+    etag: str | None
 
 
 class FastGetter:
-    """A small pool of kept-alive HTTP/1.1 connections to one S3 endpoint, for GETs only."""
+    """Kept-alive HTTP/1.1 connections to one S3 endpoint and the requests the lean path makes.
+
+    Blocking methods (``*_blocking``) run in worker threads and are safe to call from several at
+    once; the async ones hand them to a thread under :attr:`limiter`.
+    """
 
     def __init__(
         self, *, endpoint_url: str, region: str, bucket: str, access_key: str, secret_key: str,
-        addressing_style: str, timeout: float, attempts: int,
+        addressing_style: str, connect_timeout: float, read_timeout: float, attempts: int,
+        max_connections: int,
     ) -> None:
         url = urlsplit(endpoint_url)
+        self.endpoint = endpoint_url
         self.host = url.hostname or "127.0.0.1"
         self.port = url.port or 80
-        self.hostport = url.netloc
         self.base = url.path.rstrip("/")
         self.bucket = bucket
         self.virtual = addressing_style == "virtual"
-        self.timeout = timeout
+        self.host_header = f"{bucket}.{url.netloc}" if self.virtual else url.netloc
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self.attempts = attempts
-        self._signer = S3SigV4Auth(Credentials(access_key, secret_key), "s3", region)
-        self._idle: list[socket.socket] = []
+        self.max_connections = max_connections
+        self._signer = Signer(access_key, secret_key, region)
+        self._addrs: list[tuple[Any, ...]] | None = None
+        self._idle: deque[socket.socket] = deque()
+        self._idle_lock = threading.Lock()
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    # -- requests -------------------------------------------------------------------------------
+    # -- threads ---------------------------------------------------------------------------------
 
-    def _request(self, full_key: str, start: int, end: int | None, etag: str | None) -> bytes:
-        path = f"{self.base}/{quote(full_key, safe='/~')}"
-        host = self.hostport
-        if self.virtual:
-            host = f"{self.bucket}.{host}"
-        else:
-            path = f"{self.base}/{self.bucket}/{quote(full_key, safe='/~')}"
-        headers = {"Host": host}
-        if start or end is not None:
-            headers["Range"] = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
-        if etag:
-            headers["If-Match"] = etag
-        req = AWSRequest(method="GET", url=f"http://{host}{path}", headers=headers)
-        self._signer.add_auth(req)
-        lines = [f"GET {path} HTTP/1.1"]
-        lines += [f"{k}: {v}" for k, v in req.headers.items()]
-        lines += ["Connection: keep-alive", "", ""]
-        return "\r\n".join(lines).encode("latin-1")
-
-    async def _connect(self) -> socket.socket:
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        """The worker-thread tokens of this endpoint (one per pooled connection), for the event
+        loop that is running: a limiter's waiters belong to one loop."""
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-        family, type_, proto, _, addr = infos[0]
-        sock = socket.socket(family, type_, proto)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._limiter is None or self._loop is not loop:
+            self._loop, self._limiter = loop, anyio.CapacityLimiter(self.max_connections)
+        return self._limiter
+
+    async def run(self, fn: Callable[[*Ts], T], *args: *Ts, interrupt: Callable[[], None]) -> T:
+        """``fn(*args)`` in a worker thread; if the task is cancelled meanwhile, it returns at once
+        and ``interrupt()`` stops the thread."""
         try:
-            with anyio.fail_after(self.timeout):
-                await loop.sock_connect(sock, addr)
-        except BaseException:
-            sock.close()
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                interrupt()
             raise
-        return sock
 
-    async def _read_head(self, sock: socket.socket) -> _Head:
-        loop = asyncio.get_running_loop()
-        buf = bytearray()
-        while b"\r\n\r\n" not in buf:
-            if len(buf) > _HEAD_MAX:
-                raise StorageError("S3 answer headers too long")
-            with anyio.fail_after(self.timeout):
-                chunk = await loop.sock_recv(sock, 65536)
-            if not chunk:
-                raise ConnectionResetError("connection closed before the answer")
-            buf += chunk
-        head, _, extra = bytes(buf).partition(b"\r\n\r\n")
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        parts = status_line.split(" ", 2)
-        status = int(parts[1])
-        headers = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return _Head(status, headers, extra)
+    # -- connections -------------------------------------------------------------------------------
 
-    async def _exchange(self, request: bytes) -> tuple[socket.socket, _Head]:
-        """Send on an idle connection (a fresh one if the idle one was closed by the server)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            reused = bool(self._idle)
-            sock = self._idle.pop() if reused else await self._connect()
+    def _connect(self, stop: Interrupt) -> socket.socket:
+        """A new connection, tracked by ``stop`` (so that a connect in progress can be aborted)."""
+        addrs = self._addrs
+        if addrs is None:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            addrs = self._addrs = [(family, type_, proto, addr) for family, type_, proto, _, addr in infos]
+        error: OSError = ConnectionRefusedError(f"no address for {self.host}")
+        for family, type_, proto, addr in addrs:
+            sock = socket.socket(family, type_, proto)
             try:
-                await loop.sock_sendall(sock, request)
-                return sock, await self._read_head(sock)
-            except (ConnectionError, OSError):
-                sock.close()
-                if not reused:
-                    raise
+                stop.track(sock)
             except BaseException:
                 sock.close()
                 raise
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.settimeout(self.connect_timeout)
+                sock.connect(addr)
+                sock.settimeout(self.read_timeout)
+            except OSError as exc:
+                self._discard(sock, stop)
+                if stop.fired:
+                    raise AbandonedError("abandoned") from None
+                error = exc
+                continue
+            except BaseException:
+                self._discard(sock, stop)
+                raise
+            return sock
+        self._addrs = None  # resolve again next time: the server may have moved
+        raise error
+
+    def _quiet(self, sock: socket.socket) -> bool:
+        """Open and with nothing to read: reusable. A server that closed the connection after its
+        answer without saying so (moto does) shows up here as an end of stream."""
+        try:
+            # Non-blocking for the peek: with a timeout set, Python would wait for data first.
+            sock.settimeout(0.0)
+            try:
+                sock.recv(1, socket.MSG_PEEK)
+            finally:
+                sock.settimeout(self.read_timeout)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False  # end of stream, or bytes nobody asked for: not reusable either way
+
+    def _take_idle(self) -> socket.socket | None:
+        while True:
+            with self._idle_lock:
+                if not self._idle:
+                    return None
+                sock = self._idle.pop()
+            if self._quiet(sock):
+                return sock
+            sock.close()
 
     def release(self, sock: socket.socket) -> None:
-        """Keep a connection for the next GET, unless the server already closed it (some servers,
-        moto's among them, close after every answer without saying so)."""
-        try:
-            if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                sock.close()
-                return
-        except BlockingIOError:
-            pass  # open and quiet: reusable
-        except OSError:
-            sock.close()
-            return
-        if len(self._idle) < _IDLE_MAX:
-            self._idle.append(sock)
-        else:
-            sock.close()
+        """Keep a connection whose answer was read to its end, for the next request."""
+        if self._quiet(sock):
+            with self._idle_lock:
+                if len(self._idle) < self.max_connections:
+                    self._idle.append(sock)
+                    return
+        sock.close()
 
     def close(self) -> None:
-        for sock in self._idle:
+        """Close the idle connections (those in use close when their reader does)."""
+        with self._idle_lock:
+            socks = list(self._idle)
+            self._idle.clear()
+        for sock in socks:
             sock.close()
-        self._idle.clear()
 
-    async def _once(self, full_key: str, start: int, end: int | None, etag: str | None) -> FastBody:
-        sock, head = await self._exchange(self._request(full_key, start, end, etag))
+    # -- one exchange ----------------------------------------------------------------------------
+
+    def _object_path(self, full_key: str) -> str:
+        key = quote_key(full_key)
+        return f"{self.base}/{key}" if self.virtual else f"{self.base}/{self.bucket}/{key}"
+
+    def _bucket_path(self) -> str:
+        return f"{self.base}/" if self.virtual else f"{self.base}/{self.bucket}"
+
+    def _request(self, method: str, path: str, query: str, headers: dict[str, str]) -> bytes:
+        headers = {"Host": self.host_header, **headers}
+        headers.update(self._signer.sign(method, path, query, headers))
+        lines = [f"{method} {path}?{query} HTTP/1.1" if query else f"{method} {path} HTTP/1.1"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines += ["Connection: keep-alive", "", ""]
+        return "\r\n".join(lines).encode("latin-1")
+
+    def _exchange(self, request: bytes, stop: Interrupt) -> tuple[socket.socket, _Head]:
+        """Send on an idle connection, or a new one when the idle one turns out to be closed.
+        The socket comes back tracked by ``stop``."""
+        while True:
+            sock = self._take_idle()
+            reused = sock is not None
+            if sock is None:
+                sock = self._connect(stop)
+            else:
+                try:
+                    stop.track(sock)
+                except BaseException:
+                    sock.close()
+                    raise
+            try:
+                try:
+                    sock.sendall(request)
+                except ConnectionError as exc:
+                    raise _NoAnswerError(str(exc)) from exc
+                return sock, self._read_head(sock)
+            except _NoAnswerError:
+                self._discard(sock, stop)
+                if not reused:
+                    raise
+            except BaseException:
+                self._discard(sock, stop)
+                raise
+
+    @staticmethod
+    def _discard(sock: socket.socket, stop: Interrupt) -> None:
+        stop.untrack(sock)
+        sock.close()
+
+    def _read_head(self, sock: socket.socket) -> _Head:
+        buf = b""
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            while end < 0:
+                if len(buf) > _HEAD_MAX:
+                    raise ProtocolError("S3 answer headers too long")
+                try:
+                    chunk = sock.recv(_RECV)
+                except ConnectionError as exc:
+                    if not buf:
+                        raise _NoAnswerError(str(exc)) from exc
+                    raise
+                if not chunk:
+                    if not buf:
+                        raise _NoAnswerError("connection closed before the answer")
+                    raise ConnectionResetError("connection closed in the middle of the answer's headers")
+                buf += chunk
+                end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(chunk) - 3))
+            head, extra = buf[:end].decode("latin-1"), buf[end + 4 :]
+            status_line, *header_lines = head.split("\r\n")
+            parts = status_line.split(" ", 2)
+            try:
+                status = int(parts[1])
+            except (IndexError, ValueError):
+                raise ProtocolError(f"not an HTTP answer: {status_line[:80]!r}") from None
+            if 100 <= status < 200 and status != 101:
+                buf = extra  # an interim answer (100 Continue): the real one follows
+                continue
+            headers: dict[str, str] = {}
+            for line in header_lines:
+                name, _, value = line.partition(":")
+                name = name.strip().lower()
+                value = value.strip()
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            connection = headers.get("connection", "").lower()
+            keep = "close" not in connection if parts[0] == "HTTP/1.1" else "keep-alive" in connection
+            return _Head(status, parts[2] if len(parts) > 2 else "", headers, extra, keep)
+
+    def _read_small_body(self, sock: socket.socket, head: _Head, *, bodiless: bool) -> tuple[bytes, bool]:
+        """The whole body of an answer that is not object content (an error, a listing), and
+        whether the connection may serve another request."""
+        if bodiless or head.status in (204, 304):
+            return b"", head.keep and not head.extra
+        stream = _Stream(sock, head.extra)
+        if "chunked" in head.headers.get("transfer-encoding", "").lower():
+            body = stream.read_chunked()
+        elif "content-length" in head.headers:
+            body = stream.read_exact(int(head.headers["content-length"]))
+        else:
+            return stream.read_to_eof(), False
+        return body, head.keep and not stream.buf
+
+    def _finish(self, sock: socket.socket, head: _Head, stop: Interrupt, *, bodiless: bool) -> bytes:
+        """Read the rest of a small answer, then pool or close its connection."""
+        try:
+            body, reusable = self._read_small_body(sock, head, bodiless=bodiless)
+        except BaseException:
+            self._discard(sock, stop)
+            raise
+        stop.untrack(sock)
+        if reusable:
+            self.release(sock)
+        else:
+            sock.close()
+        return body
+
+    def _fetch(self, method: str, path: str, query: str, stop: Interrupt) -> tuple[_Head, bytes]:
+        """One request whose answer is read whole; error answers raise :class:`HTTPStatusError`."""
+        sock, head = self._exchange(self._request(method, path, query, {}), stop)
+        bodiless = method == "HEAD"
+        body = self._finish(sock, head, stop, bodiless=bodiless)
+        if head.status >= 300:
+            raise _status_error(head, body, bodiless=bodiless)
+        return head, body
+
+    def _retrying(self, op: Callable[[], T], what: str, stop: Interrupt) -> T:
+        try:
+            return retry_blocking(
+                op, retryable=lambda exc: transient(exc) and not stop.fired, attempts=self.attempts,
+                what=what, sleep=stop.sleep,
+            )
+        except OSError:
+            if stop.fired:
+                raise AbandonedError("abandoned") from None
+            raise
+
+    # -- GET object ----------------------------------------------------------------------------
+
+    def open_blocking(self, full_key: str, start: int, end: int | None, etag: str | None,
+                      stop: Interrupt) -> FastBody:
+        """One GET of ``[start, end)`` (``end`` None: to the end of the object); the body is left
+        to read. Error answers raise :class:`HTTPStatusError` (transient ones its subclass)."""
+        headers: dict[str, str] = {}
+        ranged = bool(start) or end is not None
+        if ranged:
+            headers["Range"] = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
+        if etag:
+            headers["If-Match"] = etag
+        sock, head = self._exchange(self._request("GET", self._object_path(full_key), "", headers), stop)
         if head.status in (200, 206):
-            if "content-length" not in head.headers:
-                sock.close()
-                raise StorageError("S3 answered without Content-Length")
-            keep = head.headers.get("connection", "").lower() != "close"
-            return FastBody(self, sock, int(head.headers["content-length"]), head.extra, keep,
-                            head.headers.get("etag"))
-        body = await FastBody(self, sock, int(head.headers.get("content-length", 0)), head.extra,
-                              head.headers.get("connection", "").lower() != "close", None).read_all()
-        code = _xml(body, "Code")
-        message = _xml(body, "Message")
-        if head.status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
-            raise TransientHTTPError(head.status, code, message)
-        raise HTTPStatusError(head.status, code, message)
+            length_text = head.headers.get("content-length")
+            keep = head.keep
+            if length_text is None or "chunked" in head.headers.get("transfer-encoding", "").lower():
+                self._discard(sock, stop)
+                raise ProtocolError("S3 answered without Content-Length")
+            length = int(length_text)
+            if head.status == 200 and ranged:
+                # The server ignored Range: the body starts at byte 0.
+                if start:
+                    self._discard(sock, stop)
+                    raise ProtocolError("S3 ignored the Range header")
+                if end is not None and end < length:
+                    length, keep = end, False
+            return FastBody(self, sock, length, head.extra, keep, head.headers.get("etag"), stop)
+        raise _status_error(head, self._finish(sock, head, stop, bodiless=False))
 
-    async def get(self, full_key: str, start: int, end: int | None, etag: str | None = None) -> FastBody:
-        """Open the body of ``[start, end)``; retried on 5xx, throttling and broken connections."""
+    # -- HEAD ------------------------------------------------------------------------------------
 
-        async def attempt() -> FastBody:
-            return await self._once(full_key, start, end, etag)
+    def head_blocking(self, full_key: str, stop: Interrupt) -> Listed:
+        """Size, mtime and ETag of one object (HEAD), retried like any request."""
+        from email.utils import parsedate_to_datetime  # a few ms: only for storages that stat
 
-        return await retry_async(attempt, retryable=transient, attempts=self.attempts,
-                                 what=f"GET s3 {self.bucket}/{full_key}")
+        def attempt() -> Listed:
+            head, _ = self._fetch("HEAD", self._object_path(full_key), "", stop)
+            modified = head.headers.get("last-modified")
+            mtime = parsedate_to_datetime(modified).timestamp() if modified else 0.0
+            etag = head.headers.get("etag")
+            return Listed(full_key, int(head.headers.get("content-length", 0)), mtime,
+                          etag.strip('"') if etag else None)
+
+        return self._retrying(attempt, f"HEAD s3 {self.bucket}/{full_key}", stop)
+
+    async def head(self, full_key: str) -> Listed:
+        stop = Interrupt()
+        return await self.run(self.head_blocking, full_key, stop, interrupt=stop.fire)
+
+    # -- ListObjectsV2 ---------------------------------------------------------------------------
+
+    def list_page_blocking(self, prefix: str, token: str | None, stop: Interrupt) -> tuple[list[Listed], str | None]:
+        """One page (up to 1000 keys) under ``prefix`` and the token of the next one, if any.
+
+        Keys are asked URL-encoded (``encoding-type=url``, as botocore does): XML 1.0 cannot
+        carry most control characters, which S3 allows in keys.
+        """
+        params = [("list-type", "2"), ("encoding-type", "url")]
+        if prefix:
+            params.append(("prefix", prefix))
+        if token:
+            params.append(("continuation-token", token))
+        query = canonical_query(params)
+
+        def attempt() -> tuple[list[Listed], str | None]:
+            _, body = self._fetch("GET", self._bucket_path(), query, stop)
+            return parse_list(body)
+
+        return self._retrying(attempt, f"list s3 {self.bucket}/{prefix}", stop)
+
+    async def list_page(self, prefix: str, token: str | None) -> tuple[list[Listed], str | None]:
+        stop = Interrupt()
+        return await self.run(self.list_page_blocking, prefix, token, stop, interrupt=stop.fire)
 
 
-def _xml(body: bytes, tag: str) -> str:
-    m = re.search(rb"<%s>(.*?)</%s>" % (tag.encode(), tag.encode()), body, re.S)
-    return m.group(1).decode("utf-8", "replace") if m else ""
+class _Stream:
+    """Buffered reads of a small body (error document, listing page) from a blocking socket."""
+
+    def __init__(self, sock: socket.socket, data: bytes) -> None:
+        self.sock = sock
+        self.buf = bytearray(data)
+        self.total = 0
+
+    def _more(self) -> None:
+        chunk = self.sock.recv(_RECV)
+        if not chunk:
+            raise ConnectionResetError("connection closed in the middle of an answer")
+        self.total += len(chunk)
+        if self.total > _SMALL_BODY_MAX:
+            raise ProtocolError("S3 answer too long")
+        self.buf += chunk
+
+    def read_exact(self, n: int) -> bytes:
+        if n > _SMALL_BODY_MAX:
+            raise ProtocolError("S3 answer too long")
+        while len(self.buf) < n:
+            self._more()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def read_line(self) -> bytes:
+        while (i := self.buf.find(b"\r\n")) < 0:
+            self._more()
+        line = bytes(self.buf[:i])
+        del self.buf[: i + 2]
+        return line
+
+    def read_chunked(self) -> bytes:
+        out = bytearray()
+        while True:
+            try:
+                size = int(self.read_line().split(b";")[0], 16)
+            except ValueError:
+                raise ProtocolError("bad chunk in S3 answer") from None
+            if size == 0:
+                while self.read_line():  # trailers, up to the empty line
+                    pass
+                return bytes(out)
+            out += self.read_exact(size)
+            if len(out) > _SMALL_BODY_MAX:
+                raise ProtocolError("S3 answer too long")
+            self.read_line()
+
+    def read_to_eof(self) -> bytes:
+        while True:
+            try:
+                self._more()
+            except ConnectionResetError:
+                return bytes(self.buf)
+
+
+def _local(tag: str) -> str:
+    return tag.rpartition("}")[2]
+
+
+def _parse_error(body: bytes) -> tuple[str, str]:
+    """``Code`` and ``Message`` of an S3 error document ("" when there is none)."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return "", ""
+    found = {_local(child.tag): (child.text or "").strip() for child in root}
+    return found.get("Code", ""), found.get("Message", "")
+
+
+def _status_error(head: _Head, body: bytes, *, bodiless: bool = False) -> HTTPStatusError:
+    if bodiless:  # HEAD: no document; botocore names the error by its status
+        code, message = str(head.status), head.reason
+    else:
+        code, message = _parse_error(body)
+    cls = TransientHTTPError if head.status in _RETRY_STATUS or code in _RETRY_CODES else HTTPStatusError
+    return cls(head.status, code, message)
+
+
+def parse_list(body: bytes) -> tuple[list[Listed], str | None]:
+    """Entries and next continuation token of a ListObjectsV2 answer (any XML namespace)."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as exc:
+        raise ProtocolError(f"unreadable ListObjectsV2 answer: {exc}") from None
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    url_encoded = (root.findtext(f"{ns}EncodingType") or "").lower() == "url"
+    entries = []
+    for item in root.iterfind(f"{ns}Contents"):
+        key = item.findtext(f"{ns}Key") or ""
+        if url_encoded:
+            key = unquote_plus(key)
+        modified = datetime.fromisoformat(item.findtext(f"{ns}LastModified") or "1970-01-01T00:00:00Z")
+        if modified.tzinfo is None:
+            modified = modified.replace(tzinfo=UTC)
+        etag = item.findtext(f"{ns}ETag")
+        entries.append(Listed(key, int(item.findtext(f"{ns}Size") or 0), modified.timestamp(),
+                              etag.strip('"') if etag else None))
+    truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
+    token = root.findtext(f"{ns}NextContinuationToken") if truncated else None
+    return entries, token or None
 
 
 class FastBody:
-    """The remaining ``length`` bytes of one answer, received into the caller's buffers."""
+    """The remaining ``length`` bytes of one answer, received into the caller's buffers.
+
+    Used by one thread at a time. Its socket stays tracked by the reader's :class:`Interrupt`
+    until the body is closed; read to its end, the connection goes back to the pool.
+    """
 
     def __init__(self, getter: FastGetter, sock: socket.socket, length: int, extra: bytes, keep: bool,
-                 etag: str | None) -> None:
+                 etag: str | None, stop: Interrupt) -> None:
         self._getter = getter
         self._sock: socket.socket | None = sock
+        self._stop = stop
         self.length = length
         self.remaining = length
+        if len(extra) > length:  # more than announced: the connection is out of step
+            extra, keep = extra[:length], False
         self._extra = memoryview(extra)
         self._keep = keep
         self.etag = etag
+        if length == 0:
+            self.close()
 
-    async def readinto(self, buf: memoryview) -> int:
-        if self.remaining == 0:
-            self._finish()
-            return 0
-        if self._sock is None:
-            raise ConnectionResetError("body already closed")
-        want = min(len(buf), self.remaining)
-        if self._extra:
-            n = min(want, len(self._extra))
-            buf[:n] = self._extra[:n]
-            self._extra = self._extra[n:]
-        else:
-            try:
-                # Bytes already in the socket buffer need no trip through the event loop.
-                n = self._sock.recv_into(buf[:want])
-            except (BlockingIOError, InterruptedError):
-                loop = asyncio.get_running_loop()
-                with anyio.fail_after(self._getter.timeout):
-                    n = await loop.sock_recv_into(self._sock, buf[:want])
-            if n == 0:
-                self.close()
-                raise ConnectionResetError(f"connection closed with {self.remaining} bytes of the body to come")
+    @property
+    def buffered(self) -> int:
+        """Bytes already received with the answer's head."""
+        return len(self._extra)
+
+    def take_buffered(self, buf: memoryview) -> int:
+        """Copy bytes received with the head; no socket call (safe on the event loop)."""
+        n = min(len(buf), len(self._extra), self.remaining)
+        buf[:n] = self._extra[:n]
+        self._extra = self._extra[n:]
         self.remaining -= n
         if self.remaining == 0:
-            self._finish()
+            self.close()
         return n
 
-    async def read_all(self) -> bytes:
-        out = bytearray(self.remaining)
-        view = memoryview(out)
-        got = 0
-        while got < len(out):
-            got += await self.readinto(view[got:])
-        return bytes(out)
-
-    def _finish(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            if self._keep and not self._extra:
-                self._getter.release(sock)
-            else:
-                sock.close()
+    def readinto_blocking(self, buf: memoryview) -> int:
+        """Receive up to ``len(buf)`` bytes (one ``recv_into``); raises ``OSError`` (a
+        ``ConnectionResetError`` when the server closes early, ``TimeoutError`` after
+        ``read_timeout`` without a byte)."""
+        if self._extra:
+            return self.take_buffered(buf)
+        want = min(len(buf), self.remaining)
+        if want == 0:
+            return 0
+        sock = self._sock
+        if sock is None:
+            raise ConnectionResetError("body already closed")
+        n = sock.recv_into(buf, want)
+        if n == 0:
+            raise ConnectionResetError(f"connection closed with {self.remaining} bytes of the body to come")
+        self.remaining -= n
+        if self.remaining == 0:
+            self.close()
+        return n
 
     def close(self) -> None:
-        """Drop the connection unless the body was read to its end (then it is reused)."""
+        """Give the connection back if the body was read to its end, else drop it."""
         sock, self._sock = self._sock, None
-        if sock is not None:
-            if self.remaining == 0 and self._keep:
-                self._getter.release(sock)
-            else:
-                sock.close()
+        if sock is None:
+            return
+        self._stop.untrack(sock)
+        if self.remaining == 0 and self._keep and not self._extra:
+            self._getter.release(sock)
+        else:
+            sock.close()
 
 
 class FastReader:
-    """A :class:`moverd.Reader` over a fast GET, resumed from its position if the body breaks."""
+    """A :class:`moverd.Reader` over lean GETs, resumed from its position if the body breaks.
 
-    def __init__(self, getter: FastGetter, *, bucket: str, key: str, full_key: str, start: int, end: int,
-                 body: FastBody | None) -> None:
+    Reading happens in :meth:`readinto_blocking`, called from a worker thread: by the core
+    directly (receiving and hashing a chunk in one hop), or by :meth:`readinto`. One read at a
+    time; :meth:`aclose` may come at any moment, a read in progress then fails promptly.
+    """
+
+    def __init__(self, getter: FastGetter, *, bucket: str, key: str, full_key: str, start: int,
+                 end: int | None) -> None:
         self._getter = getter
         self._bucket, self._key, self._full_key = bucket, key, full_key
-        self._pos, self._end = start, end
-        self._body = body
-        self._etag = body.etag if body else None
+        self._pos = start
+        self._end = start if end is None else end
+        self._want_end = end
+        self._etag: str | None = None
+        self._body: FastBody | None = None
+        self._stop = Interrupt()
+        self._lock = threading.Lock()
+        self._busy = False
         self._closed = False
+        self._failure: str | None = None
         self.resumes = 0
+        """How many times the stream was re-opened after a break (for tests and metrics)."""
 
-    async def readinto(self, buf: memoryview) -> int:
-        if self._closed or self._pos >= self._end or len(buf) == 0:
-            return 0
-        want = min(len(buf), self._end - self._pos)
+    @classmethod
+    def empty(cls, getter: FastGetter, *, bucket: str, key: str, full_key: str) -> FastReader:
+        return cls(getter, bucket=bucket, key=key, full_key=full_key, start=0, end=0)
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        """The thread limiter of this reader's endpoint: what a caller running
+        :meth:`readinto_blocking` in its own worker thread should pass to ``run_sync``."""
+        return self._getter.limiter
+
+    # -- the blocking side (worker threads) -------------------------------------------------------
+
+    def _enter(self) -> bool:
+        """Mark a read in progress; False when the reader is closed (read nothing)."""
+        with self._lock:
+            if self._closed:
+                if self._failure:
+                    raise StorageError(self._failure)
+                return False
+            if self._busy:
+                raise RuntimeError("FastReader: one read at a time")
+            self._busy = True
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._busy = False
+            closed = self._closed
+        if closed:
+            self._drop_body()
+
+    def _closed_error(self) -> StorageError:
+        return StorageError(self._failure or f"s3 {self._bucket}/{self._key}: reader closed during a read")
+
+    def open_blocking(self) -> None:
+        """The first GET; its Content-Length fixes the end. Errors are raised as they come
+        (:class:`HTTPStatusError` for answers: the storage maps them, 416 included)."""
+        if not self._enter():
+            raise self._closed_error()
         try:
-            if self._body is None:
-                raise ConnectionResetError("no body")
-            n = await self._body.readinto(buf[:want])
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            n = await self._resume(buf[:want], exc)
-        self._pos += n
-        return n
-
-    async def _resume(self, buf: memoryview, first: BaseException) -> int:
-        log.warning("s3 %s/%s: stream broke at byte %d (%s), resuming", self._bucket, self._key, self._pos, first)
-
-        async def attempt() -> int:
-            if self._body is not None:
-                self._body.close()
-                self._body = None
-            self.resumes += 1
-            self._body = await self._getter._once(self._full_key, self._pos, self._end, self._etag)
-            return await self._body.readinto(buf)
-
-        try:
-            return await retry_async(
-                attempt, retryable=transient, attempts=self._getter.attempts,
-                what=f"resumed read of s3 {self._bucket}/{self._key} at byte {self._pos}",
+            start, end = self._pos, self._want_end
+            body = self._getter._retrying(
+                lambda: self._getter.open_blocking(self._full_key, start, end, None, self._stop),
+                f"GET s3 {self._bucket}/{self._full_key}", self._stop,
             )
+            self._body, self._end, self._etag = body, start + body.length, body.etag
+        except AbandonedError:
+            raise self._closed_error() from None
+        finally:
+            self._leave()
+
+    def readinto_blocking(self, buf: memoryview) -> int:
+        """Fill ``buf`` as far as the range goes; return the count, 0 only at the end (or once
+        closed). Blocks: never call it on the event loop. A broken body is resumed here."""
+        if not self._enter():
+            return 0
+        try:
+            want = min(len(buf), self._end - self._pos)
+            if want <= 0:
+                self._drop_body()
+                return 0
+            got = 0
+            while got < want:
+                view = buf[got:want]
+                try:
+                    body = self._body
+                    if body is None:
+                        raise ConnectionResetError("no body")
+                    n = body.readinto_blocking(view)
+                except OSError as exc:
+                    if self._stop.fired:
+                        raise AbandonedError("abandoned") from None
+                    n = self._resume(view, exc)
+                got += n
+                self._pos += n
+            return got
+        except AbandonedError:
+            raise self._closed_error() from None
+        finally:
+            self._leave()
+
+    def _resume(self, view: memoryview, first: BaseException) -> int:
+        log.warning("s3 %s/%s: stream broke at byte %d (%s: %s), resuming",
+                    self._bucket, self._key, self._pos, type(first).__name__, first)
+
+        def attempt() -> int:
+            self._drop_body()
+            self.resumes += 1
+            body = self._getter.open_blocking(self._full_key, self._pos, self._end, self._etag, self._stop)
+            self._body = body
+            if body.length != self._end - self._pos:
+                raise ProtocolError(f"resumed GET gave {body.length} bytes, expected {self._end - self._pos}")
+            return body.readinto_blocking(view)
+
+        action = f"read at byte {self._pos} (resumed)"
+        try:
+            return self._getter._retrying(
+                attempt, f"resumed read of s3 {self._bucket}/{self._key} at byte {self._pos}", self._stop
+            )
+        except AbandonedError:
+            raise
         except HTTPStatusError as exc:
             if exc.status == 412:
                 raise StorageError(
                     f"s3 {self._bucket}/{self._key}: the object was replaced while being read (at byte {self._pos})"
                 ) from None
-            raise to_error(exc, self._bucket, self._key, f"read at byte {self._pos} (resumed)") from None
+            raise self._error(exc, action) from None
         except Exception as exc:
-            raise to_error(exc, self._bucket, self._key, f"read at byte {self._pos} (resumed)") from exc
+            raise self._error(exc, action) from exc
+
+    def _error(self, exc: BaseException, action: str) -> StorageError:
+        return to_storage_error(exc, bucket=self._bucket, key=self._key, endpoint=self._getter.endpoint,
+                                action=action)
+
+    def _drop_body(self) -> None:
+        with self._lock:  # the loop (close) and a finishing reader thread may both get here
+            body, self._body = self._body, None
+        if body is not None:
+            body.close()
+
+    # -- the event-loop side -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._getter.run(self.open_blocking, interrupt=self._cancelled)
+
+    async def readinto(self, buf: memoryview) -> int:
+        if self._closed:
+            if self._failure:
+                raise StorageError(self._failure)
+            return 0
+        want = min(len(buf), self._end - self._pos)
+        if want <= 0:
+            self._drop_body()
+            return 0
+        body = self._body
+        if body is not None and body.buffered:  # came with the head: no thread hop
+            n = body.take_buffered(buf[:want])
+            self._pos += n
+            return n
+        return await self._getter.run(self.readinto_blocking, buf, interrupt=self._cancelled)
+
+    def _cancelled(self) -> None:
+        self._failure = f"s3 {self._bucket}/{self._key}: a read was cancelled, the stream position is lost"
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading: the connection is dropped (or pooled, if the body was read to its end).
+        A read in progress in another thread is woken up and fails."""
+        with self._lock:
+            self._closed = True
+            busy = self._busy
+        if busy:
+            self._stop.fire()  # the reading thread drops the body when it notices
+        else:
+            self._drop_body()
 
     async def aclose(self) -> None:
-        self._closed = True
-        if self._body is not None:
-            self._body.close()
-            self._body = None
-
-
-def to_error(exc: BaseException, bucket: str, key: str, action: str = "") -> StorageError:
-    place = f"s3 {bucket}/{key}"
-    doing = f"{action} failed: " if action else ""
-    if isinstance(exc, StorageError):
-        return exc
-    if isinstance(exc, HTTPStatusError):
-        if exc.status == 404 and exc.code == "NoSuchBucket":
-            return NotFoundError(f"{place}: bucket {bucket!r} does not exist")
-        if exc.status == 404:
-            return NotFoundError(f"{place}: no such object")
-        return StorageError(f"{place}: {doing}{exc.code or 'HTTP ' + str(exc.status)}: {exc.message or 'error'}")
-    return StorageError(f"{place}: {doing}{type(exc).__name__}: {exc}".rstrip(": "))
+        self.close()

@@ -43,11 +43,12 @@ class S3Options(Options):
     read_timeout: Duration = 120.0
     max_pool_connections: int = Field(default=64, ge=1)
     create_bucket: bool = False
-    fast_get: bool = True
-    """Read object bodies over plain ``http://`` endpoints with moverd's lean GET client (signed
-    with botocore's SigV4 signer, received straight into moverd's buffers); false: aiobotocore
-    for every request. TLS endpoints always use aiobotocore."""
     """Create the bucket on first use when it is missing: for tests and development setups."""
+    fast_get: bool = True
+    """Over plain ``http://`` endpoints with static credentials, read objects (GET), list and stat
+    (HEAD) with moverd's lean client: blocking sockets in worker threads, its own SigV4, bodies
+    received straight into moverd's buffers, no botocore import. False: aiobotocore for every
+    request. TLS endpoints, uploads, deletes and presigning always use aiobotocore."""
 
     @field_validator("endpoint_url", "external_endpoint_url")
     @classmethod

@@ -13,11 +13,9 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from moverd import StorageError, retry_async
 
-from .errors import PrematureEndError, error_code, is_transient, to_storage_error
+from .errors import PrematureEndError, client_error_code, is_transient, to_storage_error
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +116,8 @@ class S3Reader:
             kwargs["IfMatch"] = self._etag
         try:
             resp = await client.get_object(**kwargs)
-        except ClientError as exc:
-            if error_code(exc) == "PreconditionFailed":
+        except Exception as exc:
+            if client_error_code(exc) == "PreconditionFailed":
                 raise StorageError(
                     f"s3 {self._bucket}/{self._key}: the object was replaced while being read "
                     f"(at byte {self._pos})"

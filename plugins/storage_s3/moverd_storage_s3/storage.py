@@ -1,4 +1,9 @@
-"""The ``s3`` storage: a bucket (and a folder of it) as a moverd source or sink."""
+"""The ``s3`` storage: a bucket (and a folder of it) as a moverd source or sink.
+
+Reads, listings and HEADs go through the lean client (:mod:`.fastget`) when it can serve the
+endpoint (plain ``http://``, static credentials, ``fast_get`` on); everything else, and every
+request when it cannot, through aiobotocore, which is then imported on first use only.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,6 @@ import math
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
-
-from botocore.exceptions import ClientError
 
 from moverd import (
     Context,
@@ -23,7 +26,7 @@ from moverd import (
 
 from . import fastget
 from .client import S3Clients
-from .errors import error_code, to_storage_error
+from .errors import HTTPStatusError, client_error_code, to_storage_error
 from .options import S3Options
 from .reader import S3Reader, range_header
 from .writer import MultipartWriter
@@ -50,12 +53,14 @@ class S3Storage(Storage):
         self._fast: fastget.FastGetter | None = None
         secret = options.secret_access_key.get_secret_value() if options.secret_access_key else None
         access = options.access_key_id.get_secret_value() if options.access_key_id else None
+        self._bucket_ready = not options.create_bucket
         if options.fast_get and fastget.usable(options.endpoint_url, access, secret):
             assert options.endpoint_url and access and secret
             self._fast = fastget.FastGetter(
                 endpoint_url=options.endpoint_url, region=options.region, bucket=options.bucket,
                 access_key=access, secret_key=secret, addressing_style=options.addressing_style,
-                timeout=options.read_timeout, attempts=options.max_attempts,
+                connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
+                attempts=options.max_attempts, max_connections=options.max_pool_connections,
             )
 
     # -- keys -------------------------------------------------------------------------------
@@ -85,34 +90,61 @@ class S3Storage(Storage):
         except Exception as exc:
             raise self._error(exc, None, "connect") from exc
 
+    async def _lean(self) -> fastget.FastGetter | None:
+        """The lean client, if it serves this storage. With ``create_bucket``, the aiobotocore
+        client (which creates the bucket) is opened first, once: that option is for tests and
+        development setups, where the import does not matter."""
+        if self._fast is not None and not self._bucket_ready:
+            await self._client()
+            self._bucket_ready = True
+        return self._fast
+
     # -- reading ----------------------------------------------------------------------------
 
-    async def _pages(self, folder: str) -> AsyncIterator[builtins.list[dict[str, Any]]]:
+    async def _pages(self, folder: str) -> AsyncIterator[builtins.list[fastget.Listed]]:
+        """ListObjectsV2 pages under ``folder``, following continuation tokens."""
+        fast = await self._lean()
+        if fast is not None:
+            token: str | None = None
+            while True:
+                try:
+                    page, token = await fast.list_page(folder, token)
+                except Exception as exc:
+                    raise self._error(exc, folder or None, "list") from exc
+                yield page
+                if token is None:
+                    return
         client = await self._client()
-        paginator = client.get_paginator("list_objects_v2")
-        try:
-            async for page in paginator.paginate(Bucket=self.bucket, Prefix=folder):
-                yield page.get("Contents", [])
-        except StorageError:
-            raise
-        except Exception as exc:
-            raise self._error(exc, folder or None, "list") from exc
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder).__aiter__()
+        while True:
+            try:
+                resp = await pages.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                raise self._error(exc, folder or None, "list") from exc
+            yield [
+                fastget.Listed(str(obj["Key"]), int(obj["Size"]), obj["LastModified"].timestamp(),
+                               _etag(obj.get("ETag")))
+                for obj in resp.get("Contents", [])
+            ]
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        async for contents in self._pages(self._folder(prefix)):
-            for obj in contents:
-                full = str(obj["Key"])
-                if full.endswith("/"):
+        async for page in self._pages(self._folder(prefix)):
+            for obj in page:
+                if obj.key.endswith("/"):
                     continue  # a "folder" marker some S3 consoles create: not a file
-                yield ObjectInfo(
-                    key=self._relative(full),
-                    size=int(obj["Size"]),
-                    mtime=obj["LastModified"].timestamp(),
-                    etag=_etag(obj.get("ETag")),
-                )
+                yield ObjectInfo(key=self._relative(obj.key), size=obj.size, mtime=obj.mtime, etag=obj.etag)
 
     async def stat(self, key: str) -> ObjectInfo:
         full = self._full(key)
+        fast = await self._lean()
+        if fast is not None:
+            try:
+                head = await fast.head(full)
+            except Exception as exc:
+                raise self._error(exc, key) from exc
+            return ObjectInfo(key=key, size=head.size, mtime=head.mtime, etag=head.etag)
         client = await self._client()
         try:
             resp = await client.head_object(Bucket=self.bucket, Key=full)
@@ -136,21 +168,20 @@ class S3Storage(Storage):
         )
         if length == 0:
             await self.stat(key)  # a missing key is still an error
-            return S3Reader.empty(**common)
+            return self._empty(key, common)
         end = None if length is None else offset + length
-        if self._fast is not None:
-            return await self._fast_reader(key, full, offset, end, common)
+        fast = await self._lean()
+        if fast is not None:
+            return await self._fast_reader(fast, key, full, offset, end, common)
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
         if offset or end is not None:
             kwargs["Range"] = range_header(offset, end)
         client = await self._client()
         try:
             resp = await client.get_object(**kwargs)
-        except ClientError as exc:
-            if error_code(exc) == "InvalidRange":
-                return await self._past_end(key, offset, common)
-            raise self._error(exc, key) from exc
         except Exception as exc:
+            if client_error_code(exc) == "InvalidRange":
+                return await self._past_end(key, offset, common)
             raise self._error(exc, key) from exc
         return S3Reader(
             start=offset, end=offset + int(resp["ContentLength"]), etag=resp.get("ETag"),
@@ -158,30 +189,28 @@ class S3Storage(Storage):
         )
 
     async def _fast_reader(
-        self, key: str, full: str, offset: int, end: int | None, common: dict[str, Any]
+        self, fast: fastget.FastGetter, key: str, full: str, offset: int, end: int | None, common: dict[str, Any]
     ) -> S3Reader | fastget.FastReader:
-        assert self._fast is not None
+        reader = fastget.FastReader(fast, bucket=self.bucket, key=key, full_key=full, start=offset, end=end)
         try:
-            body = await self._fast.get(full, offset, end)
-        except fastget.HTTPStatusError as exc:
-            if exc.status == 416:
-                return await self._past_end(key, offset, common)
-            raise fastget.to_error(exc, self.bucket, key) from None
-        except StorageError:
-            raise
+            await reader.open()
         except Exception as exc:
-            raise self._error(exc, key) from exc
-        return fastget.FastReader(
-            self._fast, bucket=self.bucket, key=key, full_key=full, start=offset, end=offset + body.length,
-            body=body,
-        )
+            if isinstance(exc, HTTPStatusError) and exc.status == 416:
+                return await self._past_end(key, offset, common)
+            raise self._error(exc, key) from (None if isinstance(exc, HTTPStatusError) else exc)
+        return reader
 
-    async def _past_end(self, key: str, offset: int, common: dict[str, Any]) -> S3Reader:
+    def _empty(self, key: str, common: dict[str, Any]) -> S3Reader | fastget.FastReader:
+        if self._fast is not None:
+            return fastget.FastReader.empty(self._fast, bucket=self.bucket, key=key, full_key=self._full(key))
+        return S3Reader.empty(**common)
+
+    async def _past_end(self, key: str, offset: int, common: dict[str, Any]) -> S3Reader | fastget.FastReader:
         """S3 answers 416 for a range starting at or after the end: empty at the end, else error."""
         size = (await self.stat(key)).size
         if offset >= size and offset != size:
             raise StorageError(f"s3 {self.bucket}/{key}: offset {offset} is beyond the end ({size} bytes)")
-        return S3Reader.empty(**common)
+        return self._empty(key, common)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -208,9 +237,9 @@ class S3Storage(Storage):
         client = await self._client()
         deleted = 0
         batch: builtins.list[dict[str, str]] = []
-        async for contents in self._pages(folder):
-            for obj in contents:
-                batch.append({"Key": str(obj["Key"])})
+        async for page in self._pages(folder):
+            for obj in page:
+                batch.append({"Key": obj.key})
                 if len(batch) == DELETE_BATCH:
                     deleted += await self._delete_batch(client, batch, prefix)
                     batch = []
@@ -278,4 +307,4 @@ def _etag(value: Any) -> str | None:
 
 
 def _is_bucket_error(exc: BaseException) -> bool:
-    return isinstance(exc, ClientError) and error_code(exc) == "NoSuchBucket"
+    return client_error_code(exc) == "NoSuchBucket"

@@ -1,0 +1,253 @@
+"""The ``s3`` storage's lean client (``fast_get``: GET, list, HEAD in worker threads, own SigV4)
+against a real S3 server (moto over HTTP), compared with the aiobotocore path where both apply."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from moverd_storage_s3.fastget import FastReader
+
+from moverd import StorageError
+from tests.support.faultproxy import FaultProxy
+from tests.support.s3 import S3Server
+from tests.test_storage_s3 import FAST_RETRIES, MIB, opened, read_all
+
+pytestmark = pytest.mark.anyio
+
+AWKWARD_KEYS = [
+    "plain.bin",
+    "with space/and more spaces.txt",
+    "plus+sign/a+b+c.tar",
+    "percent%20literal/100%.dat",
+    "tilde~/x~y",
+    "unicode/ÄÖÜ ß/日本語 ファイル.bin",
+    "xml/&amp; <tag> 'quote' \"dq\".txt",
+    "ctl/tab\there bell\x07.txt",  # control characters: XML 1.0 cannot carry them raw
+    "deep/" + "é" * 200 + "/end",
+]
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def blocking_read_all(reader: Any, chunk: int = MIB) -> tuple[bytes, list[int], str]:
+    """Read as the core does: one thread hop per chunk that both receives and hashes it."""
+    out = bytearray()
+    sizes: list[int] = []
+    md5 = hashlib.md5()
+    view = memoryview(bytearray(chunk))
+
+    def step() -> int:
+        n: int = reader.readinto_blocking(view)
+        md5.update(view[:n])
+        return n
+
+    try:
+        while n := await anyio.to_thread.run_sync(step, limiter=reader.limiter):
+            sizes.append(n)
+            out += view[:n]
+    finally:
+        await reader.aclose()
+    return bytes(out), sizes, md5.hexdigest()
+
+
+@pytest.mark.parametrize("fast_get", [True, False], ids=["lean", "aiobotocore"])
+async def test_awkward_keys_round_trip(s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool) -> None:
+    client = s3_server.client()
+    bucket = s3_options["bucket"]
+    bodies = {key: f"body of {key!r}".encode() * (i + 1) for i, key in enumerate(AWKWARD_KEYS)}
+    for key, body in bodies.items():
+        client.put_object(Bucket=bucket, Key=f"top/{key}", Body=body)
+    async with opened(s3_options, prefix="top", fast_get=fast_get) as storage:
+        listed = {info.key: info async for info in storage.list()}
+        assert sorted(listed) == sorted(AWKWARD_KEYS)
+        for key, body in bodies.items():
+            if any(ord(c) < 0x20 for c in key):
+                continue  # listed faithfully, but moverd refuses such keys for reading
+            assert listed[key].size == len(body)
+            assert listed[key].etag == hashlib.md5(body).hexdigest()
+            assert await read_all(await storage.open_reader(key)) == body
+            assert await read_all(await storage.open_reader(key, 3, 5)) == body[3:8]
+            info = await storage.stat(key)
+            assert (info.key, info.size, info.etag) == (key, len(body), listed[key].etag)
+            assert abs(info.mtime - listed[key].mtime) < 1  # HEAD gives whole seconds
+        assert [i.key async for i in storage.list("unicode/ÄÖÜ ß")] == ["unicode/ÄÖÜ ß/日本語 ファイル.bin"]
+
+
+async def test_lean_and_aiobotocore_list_and_stat_alike(s3_options: dict[str, Any], s3_server: S3Server) -> None:
+    client = s3_server.client()
+    bucket = s3_options["bucket"]
+    for i, key in enumerate(AWKWARD_KEYS):
+        client.put_object(Bucket=bucket, Key=f"p/{key}", Body=os.urandom(i * 1000))
+    client.put_object(Bucket=bucket, Key="p/folder/", Body=b"")
+    results = []
+    for fast_get in (True, False):
+        async with opened(s3_options, prefix="p", fast_get=fast_get) as storage:
+            listed = sorted([i async for i in storage.list()], key=lambda i: i.key)
+            stats = [await storage.stat(k) for k in ("plain.bin", "unicode/ÄÖÜ ß/日本語 ファイル.bin")]
+            results.append((listed, stats))
+    assert results[0] == results[1]
+    assert len(results[0][0]) == len(AWKWARD_KEYS)
+
+
+async def test_lean_listing_pages_beyond_1000(s3_options: dict[str, Any], s3_server: S3Server) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = s3_server.client()
+    bucket = s3_options["bucket"]
+    names = [f"many/{i:05d} é+x" for i in range(2010)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=b"x"), names))
+    async with opened(s3_options, fast_get=True) as storage:
+        assert storage._fast is not None
+        page, token = await storage._fast.list_page("many/", None)
+        assert len(page) == 1000 and token  # really paged
+        listed = [i.key async for i in storage.list("many")]
+        assert listed == sorted(names)
+
+
+async def test_blocking_reads_fill_chunks_and_resume(
+    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy
+) -> None:
+    data = os.urandom(3 * MIB + 123)
+    s3_server.client().put_object(Bucket=s3_options["bucket"], Key="r.bin", Body=data)
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "fast_get": True}
+    async with opened(opts) as storage:
+        reader = await storage.open_reader("r.bin")
+        assert isinstance(reader, FastReader)
+        got, sizes, digest = await blocking_read_all(reader)
+        assert got == data and digest == hashlib.md5(data).hexdigest()
+        assert sizes == [MIB, MIB, MIB, 123]  # whole chunks, as the core wants them
+        assert reader.resumes == 0
+
+        # the first GET and its first resume break mid-body (a reset, then an early close)
+        s3_fault_proxy.reset_next(1, after_bytes=700_000, rst=True)
+        s3_fault_proxy.reset_next(1, after_bytes=900_000, rst=False)
+        reader = await storage.open_reader("r.bin")
+        got, sizes, digest = await blocking_read_all(reader)
+        assert got == data and digest == hashlib.md5(data).hexdigest()
+        assert sizes == [MIB, MIB, MIB, 123]
+        assert reader.resumes == 2
+
+        # a ranged read breaking too; async and blocking reads mixed on one reader
+        s3_fault_proxy.reset_next(1, after_bytes=100_000)
+        reader = await storage.open_reader("r.bin", MIB - 5, MIB + 10)
+        assert isinstance(reader, FastReader)
+        view = memoryview(bytearray(1000))
+        first = await reader.readinto(view)
+        head = bytes(view[:first])
+        rest, _, _ = await blocking_read_all(reader, chunk=256 * 1024)
+        assert head + rest == data[MIB - 5 : 2 * MIB + 5]
+        assert reader.resumes == 1
+        assert reader.readinto_blocking(view) == 0  # closed: nothing more
+
+
+async def test_object_replaced_during_blocking_resume(
+    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy
+) -> None:
+    bucket = s3_options["bucket"]
+    s3_server.client().put_object(Bucket=bucket, Key="v.bin", Body=os.urandom(2 * MIB))
+    async with opened({**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES}) as storage:
+        s3_fault_proxy.reset_next(1, after_bytes=256 * 1024)
+        reader = await storage.open_reader("v.bin")
+        s3_server.client().put_object(Bucket=bucket, Key="v.bin", Body=os.urandom(2 * MIB))
+        with pytest.raises(StorageError, match=f"s3 {bucket}/v.bin: the object was replaced"):
+            await blocking_read_all(reader)
+
+
+async def test_lean_listing_errors(s3_options: dict[str, Any], s3_fault_proxy: FaultProxy) -> None:
+    bucket = s3_options["bucket"]
+    opts = {**s3_options, "fast_get": True, "max_attempts": 2}
+    async with opened(opts, bucket="no-such-bucket-here") as storage:
+        with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist at http://"):
+            [i async for i in storage.list()]
+    async with opened({**opts, "endpoint_url": s3_fault_proxy.url}) as storage:
+        s3_fault_proxy.fail_next(1, status=503, method="GET")  # retried
+        assert [i async for i in storage.list()] == []
+        s3_fault_proxy.fail_always(status=403, code="AccessDenied", method="GET")
+        with pytest.raises(StorageError, match=f"s3 {bucket}/x/: list failed: AccessDenied: Injected fault"):
+            [i async for i in storage.list("x")]
+
+
+async def test_cancelled_lean_read_lets_go_of_its_connection(s3_options: dict[str, Any]) -> None:
+    """A server that accepts the GET and never answers: cancelling the waiting task must stop the
+    worker thread blocked on the socket (the server sees the connection end) long before
+    ``read_timeout``, and the reader is unusable afterwards."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(60)
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        async with opened(s3_options, endpoint_url=endpoint, read_timeout=600, max_attempts=1) as storage:
+            with anyio.move_on_after(0.3) as scope:
+                await storage.open_reader("k")
+            assert scope.cancelled_caught
+
+            def drain() -> bytes:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(60)  # a guard: without the interrupt, this would time out
+                    data = b""
+                    while chunk := conn.recv(65536):
+                        data += chunk
+                    return data
+
+            request = await anyio.to_thread.run_sync(drain)
+            assert request.startswith(b"GET /" + s3_options["bucket"].encode() + b"/k HTTP/1.1\r\n")
+
+
+def test_lean_path_imports_no_botocore(s3_options: dict[str, Any], s3_server: S3Server, tmp_path: Path) -> None:
+    """Listing, stat and reading with ``fast_get`` never import aioboto3, aiobotocore, botocore
+    or aiohttp (half a second of every CLI run)."""
+    client = s3_server.client()
+    for i in range(3):
+        client.put_object(Bucket=s3_options["bucket"], Key=f"ds/f{i}", Body=b"x" * (i + 1) * 100_000)
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import anyio
+        from moverd.plugins import load_plugins
+        from moverd.registry import Context, Registry
+
+        options, state = json.loads(sys.argv[1]), sys.argv[2]
+
+        async def main():
+            registry = Registry.from_plugins(load_plugins()[0])
+            storage = registry.create_storage("s3", "landing", options, Context(state_dir=state))
+            try:
+                infos = [i async for i in storage.list("ds")]
+                total = 0
+                for info in infos:
+                    await storage.stat(info.key)
+                    reader = await storage.open_reader(info.key)
+                    buf = memoryview(bytearray(65536))
+                    while n := await reader.readinto(buf):
+                        total += n
+                    await reader.aclose()
+            finally:
+                await storage.aclose()
+            heavy = sorted(m for m in ("aioboto3", "aiobotocore", "botocore", "aiohttp", "boto3")
+                           if m in sys.modules)
+            print(json.dumps({"objects": len(infos), "bytes": total, "heavy": heavy}))
+
+        anyio.run(main)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MOVERD_"))}
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(s3_options), str(tmp_path)],
+        capture_output=True, text=True, check=True, env=env, cwd=Path(__file__).parent.parent,
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"objects": 3, "bytes": 600_000, "heavy": []}
