@@ -440,6 +440,19 @@ async def test_abort_stops_the_read_back(root: Path, store: PosixStorage) -> Non
     assert not [t for t in threading.enumerate() if t.name == "moverd-read-back"]
 
 
+async def test_read_back_on_tmpfs(small_fs: Path) -> None:
+    import xxhash
+
+    storage = make(small_fs, fsync=True)
+    data = os.urandom(600 * 1024)
+    hasher = xxhash.xxh3_128()
+    w = await storage.open_writer("ds/small.tar")
+    assert w.read_back_into(hasher)
+    await w.write(data)
+    await w.commit()
+    assert hasher.hexdigest() == _xxh3(data)
+
+
 async def test_read_back_on_a_full_file_system_leaves_nothing(small_fs: Path) -> None:
     import xxhash
 

@@ -8,10 +8,16 @@ now clean pages), reads it back — so the bytes come from the medium, not from 
 them to the caller's hasher. At commit only the last segment is left to read.
 
 The thread reads through its own descriptor and buffer; it never touches the pipeline's slabs.
+It reads with ``O_DIRECT`` where the file system takes it: the device then writes into the
+buffer and the kernel copies nothing (the buffer is an anonymous mapping, so page-aligned, and
+segments start at multiples of ``SEGMENT``); elsewhere (tmpfs) it reads through the page cache
+after the eviction.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import queue
 import threading
@@ -25,7 +31,9 @@ SEGMENT = 64 << 20
 that the last segment (read after the commit's fsync) is short."""
 
 _READ_SIZE = 4 << 20
+_ALIGN = 4096
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def _drop(fd: int, offset: int, length: int) -> None:
@@ -50,7 +58,8 @@ class ReadBack:
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._submitted = 0
         self.done = 0
-        """Bytes read back and hashed so far."""
+        """Bytes read back and hashed so far, in whole segments."""
+        self._pos = 0
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -90,37 +99,68 @@ class ReadBack:
 
     def _run(self) -> None:
         fd: int | None = None
-        buf = memoryview(bytearray(_READ_SIZE))
+        direct = bool(_DIRECT)
+        area = mmap.mmap(-1, _READ_SIZE)
+        buf = memoryview(area)
         try:
             while (end := self._queue.get()) is not None:
                 if self._error is not None:
                     continue  # keep draining until stopped
                 try:
                     if fd is None:
-                        fd = os.open(self._path, _OPEN_FLAGS)
-                    self._read_segment(fd, end, buf)
+                        fd, direct = self._open(direct)
+                    try:
+                        self._read_segment(fd, end, buf, direct)
+                    except OSError as exc:
+                        if not (direct and exc.errno == errno.EINVAL):
+                            raise
+                        # The file system refused a direct read after all: read through the cache.
+                        os.close(fd)
+                        fd, direct = self._open(False)
+                        self._read_segment(fd, end, buf, direct)
                 except BaseException as exc:
                     self._error = exc
         finally:
             if fd is not None:
                 os.close(fd)
+            buf.release()
+            area.close()
 
-    def _read_segment(self, fd: int, end: int, buf: memoryview) -> None:
+    def _open(self, direct: bool) -> tuple[int, bool]:
+        try:
+            if direct:
+                try:
+                    return os.open(self._path, _OPEN_FLAGS | _DIRECT), True
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+            return os.open(self._path, _OPEN_FLAGS), False
+        except OSError as exc:
+            raise map_os_error(exc, self._path, "read back", self._where) from exc
+
+    def _read_segment(self, fd: int, end: int, buf: memoryview, direct: bool) -> None:
         start = self.done
         try:
             if self._sync:
                 # Durable first, so that the eviction below drops clean pages and the read
                 # goes to the medium (dirty pages cannot be dropped).
                 os.fdatasync(fd)
-            _drop(fd, start, end - start)
-            pos = start
+            if not direct:
+                _drop(fd, start, end - start)
+            # Continue where a refused direct read stopped: the hasher has what came before.
+            pos = self._pos = max(self._pos, start)
             while pos < end:
-                n = os.preadv(fd, [buf[: min(len(buf), end - pos)]], pos)
+                want = min(len(buf), end - pos)
+                # A direct read takes whole blocks; the file's last one is returned short.
+                ask = -(-want // _ALIGN) * _ALIGN if direct else want
+                n = min(os.preadv(fd, [buf[:ask]], pos), want)
                 if n == 0:
                     raise StorageError(f"{self._where}: {self._path} ends at byte {pos} while reading it back")
                 self._hasher.update(buf[:n])
-                pos += n
+                pos = self._pos = pos + n
             _drop(fd, start, end - start)
         except OSError as exc:
+            if direct and exc.errno == errno.EINVAL:
+                raise
             raise map_os_error(exc, self._path, "read back", self._where) from exc
         self.done = end
