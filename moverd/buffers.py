@@ -87,3 +87,17 @@ def fill_and_hash(readinto_blocking: Callable[[memoryview], int], view: memoryvi
     if got:
         hasher.update(view[:got])
     return got
+
+
+def fill_many_and_hash(
+    readinto_blocking: Callable[[memoryview], int], views: list[memoryview], hasher: Hasher
+) -> list[int]:
+    """:func:`fill_and_hash` into several buffers in a row, in one worker-thread call; stops after
+    the first one the stream could not fill (its count is the last in the list)."""
+    counts: list[int] = []
+    for view in views:
+        n = fill_and_hash(readinto_blocking, view, hasher)
+        counts.append(n)
+        if n < len(view):
+            break
+    return counts

@@ -29,7 +29,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .buffers import SlabPool, fill, fill_and_hash
+from .buffers import SlabPool, fill, fill_many_and_hash
 from .checksums import DATABLOCK_CHECKSUM, THREAD_HASH_MIN, Hasher
 from .errors import MissingFileError, NotFoundError
 from .events import Transfer
@@ -169,6 +169,22 @@ class TarSink:
             writer.write_blocking(data)
 
 
+def _views(slabs: list[bytearray], free: MemoryObjectReceiveStream[bytearray], remaining: int) -> list[memoryview]:
+    """Views for the next ``remaining`` bytes over ``slabs`` and every other free slab of the file:
+    one worker-thread call then reads and hashes them all (a 2 MiB file in one hop)."""
+    views = [memoryview(slabs[0])[:remaining]]
+    room = len(views[0])
+    while room < remaining:
+        try:
+            slab = free.receive_nowait()
+        except anyio.WouldBlock:
+            break
+        slabs.append(slab)
+        views.append(memoryview(slab)[: remaining - room])
+        room += len(views[-1])
+    return views
+
+
 async def _read_file(
     source: Storage, key: str, entry: FileEntry, send: MemoryObjectSendStream[tuple[bytearray, int]],
     free: MemoryObjectReceiveStream[bytearray], limiter: anyio.CapacityLimiter, file_hash: Hasher,
@@ -185,26 +201,29 @@ async def _read_file(
                 blocking = reader.readinto_blocking if isinstance(reader, BlockingReads) else None
                 remaining = entry.size
                 while remaining > 0:
-                    slab = await free.receive()
-                    want = min(remaining, len(slab))
-                    view = memoryview(slab)[:want]
+                    slabs = [await free.receive()]
                     # Small chunks: ``readinto`` may have the bytes at hand (an S3 body that came
                     # with the answer's head) and hashing inline costs less than a thread hop.
-                    if blocking is not None and want >= THREAD_HASH_MIN:
-                        n = await anyio.to_thread.run_sync(fill_and_hash, blocking, view, file_hash, limiter=threads)
-                    else:
-                        n = await fill(reader, view)
-                        if n >= THREAD_HASH_MIN:
-                            await anyio.to_thread.run_sync(file_hash.update, view[:n], limiter=threads)
-                        else:
-                            file_hash.update(view[:n])
-                    if n < want:
-                        raise MissingFileError(
-                            f"{key!r} in {source.name!r} has {entry.size - remaining + n} bytes, "
-                            f"expected {entry.size} (it changed while being archived)"
+                    if blocking is not None and min(remaining, len(slabs[0])) >= THREAD_HASH_MIN:
+                        views = _views(slabs, free, remaining)
+                        counts = await anyio.to_thread.run_sync(
+                            fill_many_and_hash, blocking, views, file_hash, limiter=threads
                         )
-                    remaining -= n
-                    await send.send((slab, n))
+                    else:
+                        views = [memoryview(slabs[0])[: min(remaining, len(slabs[0]))]]
+                        counts = [await fill(reader, views[0])]
+                        if counts[0] >= THREAD_HASH_MIN:
+                            await anyio.to_thread.run_sync(file_hash.update, views[0], limiter=threads)
+                        else:
+                            file_hash.update(views[0][: counts[0]])
+                    for slab, view, n in zip(slabs, views, counts, strict=False):
+                        if n < len(view):
+                            raise MissingFileError(
+                                f"{key!r} in {source.name!r} has {entry.size - remaining + n} bytes, "
+                                f"expected {entry.size} (it changed while being archived)"
+                            )
+                        remaining -= n
+                        await send.send((slab, n))
             except NotFoundError:
                 # Storages may open lazily, so a vanished file shows up on open or first read.
                 raise MissingFileError(f"{key!r} vanished from {source.name!r} before it was archived") from None
