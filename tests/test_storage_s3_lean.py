@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import anyio
 import pytest
 from moverd_storage_s3.fastget import FastReader
 
-from moverd import StorageError
+from moverd import NotFoundError, StorageError, UnsafePathError
 from tests.support.faultproxy import FaultProxy
 from tests.support.s3 import S3Server
 from tests.test_storage_s3 import FAST_RETRIES, MIB, opened, read_all
@@ -162,6 +163,7 @@ async def test_object_replaced_during_blocking_resume(
     async with opened({**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES}) as storage:
         s3_fault_proxy.reset_next(1, after_bytes=256 * 1024)
         reader = await storage.open_reader("v.bin")
+        assert await read_blocking(reader, memoryview(bytearray(1000))) == 1000  # the GET is sent
         s3_server.client().put_object(Bucket=bucket, Key="v.bin", Body=os.urandom(2 * MIB))
         with pytest.raises(StorageError, match=f"s3 {bucket}/v.bin: the object was replaced"):
             await blocking_read_all(reader)
@@ -191,8 +193,10 @@ async def test_cancelled_lean_read_lets_go_of_its_connection(s3_options: dict[st
         listener.settimeout(60)
         endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
         async with opened(s3_options, endpoint_url=endpoint, read_timeout=600, max_attempts=1) as storage:
+            reader = await storage.open_reader("k")  # lazy: the GET goes with the first read
+            buf = memoryview(bytearray(1000))
             with anyio.move_on_after(0.3) as scope:
-                await storage.open_reader("k")
+                await reader.readinto(buf)
             assert scope.cancelled_caught
 
             def drain() -> bytes:
@@ -206,6 +210,174 @@ async def test_cancelled_lean_read_lets_go_of_its_connection(s3_options: dict[st
 
             request = await anyio.to_thread.run_sync(drain)
             assert request.startswith(b"GET /" + s3_options["bucket"].encode() + b"/k HTTP/1.1\r\n")
+            with pytest.raises(StorageError, match="a read was cancelled"):
+                await reader.readinto(buf)
+            await reader.aclose()
+
+
+# -- lazy open: the GET goes with the first read ------------------------------------------------
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, obj: Any, name: str) -> list[str]:
+    """Record each call of ``obj.name`` (which still runs), from any thread."""
+    calls: list[str] = []
+    original = getattr(obj, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return calls
+
+
+def socket_fds() -> int:
+    """Sockets open in this process."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+async def read_blocking(reader: Any, buf: memoryview) -> int:
+    """One ``readinto_blocking`` in a worker thread, as the core calls it."""
+    n: int = await anyio.to_thread.run_sync(reader.readinto_blocking, buf, limiter=reader.limiter)
+    return n
+
+
+async def test_lazy_open_missing_object_raises_from_first_read(
+    s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = s3_options["bucket"]
+    buf = memoryview(bytearray(1000))
+    async with opened(s3_options, fast_get=True) as storage:
+        assert storage._fast is not None
+        exchanges = count_calls(monkeypatch, storage._fast, "_exchange")
+        for args in [(), (10, 100)]:
+            reader = await storage.open_reader("missing", *args)
+            assert isinstance(reader, FastReader) and exchanges == []  # no I/O yet
+            with pytest.raises(NotFoundError, match=f"^s3 {bucket}/missing: no such object$"):
+                await reader.readinto(buf)
+            await reader.aclose()
+            reader = await storage.open_reader("missing", *args)
+            with pytest.raises(NotFoundError, match=f"^s3 {bucket}/missing: no such object$"):
+                await read_blocking(reader, buf)
+            await reader.aclose()
+            exchanges.clear()
+        with pytest.raises(ValueError):
+            await storage.open_reader("missing", -1)  # bad arguments still raise at once
+        with pytest.raises(UnsafePathError):
+            await storage.open_reader("../escape")
+        assert exchanges == []
+    endpoint = re.escape(s3_options["endpoint_url"])
+    async with opened(s3_options, bucket="no-such-bucket-here", fast_get=True) as storage:
+        for read in (lambda r: r.readinto(buf), lambda r: read_blocking(r, buf)):
+            reader = await storage.open_reader("x")
+            error = f"^s3 no-such-bucket-here/x: bucket 'no-such-bucket-here' does not exist at {endpoint}$"
+            with pytest.raises(NotFoundError, match=error):
+                await read(reader)
+            await reader.aclose()
+
+
+async def test_lazy_open_errors_and_retries(
+    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy
+) -> None:
+    bucket = s3_options["bucket"]
+    data = os.urandom(300_000)
+    s3_server.client().put_object(Bucket=bucket, Key="k", Body=data)
+    buf = memoryview(bytearray(MIB))
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "fast_get": True}
+    async with opened(opts) as storage:
+        s3_fault_proxy.fail_next(2, status=503, method="GET")  # retried within the first read
+        reader = await storage.open_reader("k")
+        assert s3_fault_proxy.faults == 0
+        assert await read_blocking(reader, buf) == len(data) and buf[: len(data)] == data
+        assert s3_fault_proxy.faults == 2 and reader.resumes == 0
+        await reader.aclose()
+        s3_fault_proxy.fail_always(status=403, code="AccessDenied", method="GET")
+        for read in (lambda r: r.readinto(buf), lambda r: read_blocking(r, buf)):
+            reader = await storage.open_reader("k")
+            with pytest.raises(StorageError, match=f"^s3 {bucket}/k: AccessDenied: Injected fault") as err:
+                await read(reader)
+            assert not isinstance(err.value, NotFoundError)
+            await reader.aclose()
+
+
+async def test_lazy_ranges_at_and_past_the_end(s3_options: dict[str, Any], s3_server: S3Server) -> None:
+    bucket = s3_options["bucket"]
+    data = os.urandom(5000)
+    s3_server.client().put_object(Bucket=bucket, Key="r.bin", Body=data)
+    buf = memoryview(bytearray(1000))
+    async with opened(s3_options, fast_get=True) as storage:
+        for offset, length in [(5000, None), (5000, 10)]:  # S3 answers 416: a HEAD tells the end
+            reader = await storage.open_reader("r.bin", offset, length)
+            assert await reader.readinto(buf) == 0
+            assert await reader.readinto(buf) == 0
+            await reader.aclose()
+            reader = await storage.open_reader("r.bin", offset, length)
+            assert await read_blocking(reader, buf) == 0
+            assert await read_blocking(reader, buf) == 0
+            await reader.aclose()
+        for offset, length in [(5001, None), (9999, 10)]:
+            error = re.escape(f"s3 {bucket}/r.bin: offset {offset} is beyond the end (5000 bytes)")
+            reader = await storage.open_reader("r.bin", offset, length)
+            with pytest.raises(StorageError, match=f"^{error}$"):
+                await reader.readinto(buf)
+            await reader.aclose()
+            reader = await storage.open_reader("r.bin", offset, length)
+            with pytest.raises(StorageError, match=f"^{error}$"):
+                await read_blocking(reader, buf)
+            await reader.aclose()
+        # the end is unknown until the GET answered: not taken for "at the end" before
+        assert await read_all(await storage.open_reader("r.bin", 4990, 100), chunk=7) == data[4990:]
+        assert await read_all(await storage.open_reader("r.bin", 4990), chunk=3) == data[4990:]
+        got, sizes, _ = await blocking_read_all(await storage.open_reader("r.bin", 10, None), chunk=4000)
+        assert got == data[10:] and sizes == [4000, 990]
+        reader = await storage.open_reader("r.bin", 0, 100)
+        assert await reader.readinto(memoryview(bytearray(0))) == 0  # an empty buffer: no GET either
+        assert await read_all(reader) == data[:100]
+
+
+async def test_small_object_costs_one_thread_hop(
+    s3_options: dict[str, Any], s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Open and first read share a worker-thread call; the end needs none."""
+    data = os.urandom(20_000)
+    s3_server.client().put_object(Bucket=s3_options["bucket"], Key="small.bin", Body=data)
+    async with opened(s3_options, fast_get=True) as storage:
+        assert storage._fast is not None
+        runs = count_calls(monkeypatch, storage._fast, "run")
+        for _ in range(3):
+            runs.clear()
+            reader = await storage.open_reader("small.bin")
+            assert runs == []
+            assert await read_all(reader) == data  # reads until readinto returns 0
+            assert runs == ["run"]
+        reader = await storage.open_reader("small.bin")
+        got, sizes, _ = await blocking_read_all(reader)  # the core's own hop: the reader adds none
+        assert got == data and sizes == [len(data)] and runs == ["run"]
+
+
+async def test_aclose_before_any_read_does_no_io(
+    s3_options: dict[str, Any], s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3_server.client().put_object(Bucket=s3_options["bucket"], Key="k", Body=b"x" * 1000)
+    buf = memoryview(bytearray(1000))
+    async with opened(s3_options, fast_get=True) as storage:
+        fast = storage._fast
+        assert fast is not None
+        calls = [count_calls(monkeypatch, fast, name) for name in ("run", "_exchange", "_connect", "head_blocking")]
+        before = socket_fds()
+        reader = await storage.open_reader("k")
+        await reader.aclose()
+        assert await reader.readinto(buf) == 0
+        assert await read_blocking(reader, buf) == 0
+        await reader.aclose()
+        assert calls == [[], [], [], []]
+        assert socket_fds() == before and not fast._idle
 
 
 def test_lean_path_imports_no_botocore(s3_options: dict[str, Any], s3_server: S3Server, tmp_path: Path) -> None:

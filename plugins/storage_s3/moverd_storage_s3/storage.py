@@ -26,7 +26,7 @@ from moverd import (
 
 from . import fastget
 from .client import S3Clients
-from .errors import HTTPStatusError, client_error_code, to_storage_error
+from .errors import client_error_code, to_storage_error
 from .options import S3Options
 from .reader import S3Reader, range_header
 from .writer import MultipartWriter
@@ -158,6 +158,14 @@ class S3Storage(Storage):
     async def open_reader(
         self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False
     ) -> S3Reader | fastget.FastReader:
+        """Stream ``length`` bytes from ``offset`` (to the end when None).
+
+        On the lean path this does no I/O (but for ``length == 0``, which stats the object): the
+        GET is sent by the first read, so a missing object raises
+        :class:`~moverd.NotFoundError` from there (see :class:`.fastget.FastReader`). Through
+        aiobotocore the GET is sent here, and a missing object raises here. Bad keys and
+        negative ranges raise here on both.
+        """
         # ``uncached`` needs nothing here: every GET is served by the S3 server, not a local cache.
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"offset and length must not be negative (got {offset}, {length})")
@@ -172,7 +180,9 @@ class S3Storage(Storage):
         end = None if length is None else offset + length
         fast = await self._lean()
         if fast is not None:
-            return await self._fast_reader(fast, key, full, offset, end, common)
+            # Lazy: the first read sends the GET (and maps its errors, 416 included) in the worker
+            # thread that receives the first bytes, which saves a thread hop per object.
+            return fastget.FastReader(fast, bucket=self.bucket, key=key, full_key=full, start=offset, end=end)
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
         if offset or end is not None:
             kwargs["Range"] = range_header(offset, end)
@@ -188,25 +198,14 @@ class S3Storage(Storage):
             body=resp["Body"], **common,
         )
 
-    async def _fast_reader(
-        self, fast: fastget.FastGetter, key: str, full: str, offset: int, end: int | None, common: dict[str, Any]
-    ) -> S3Reader | fastget.FastReader:
-        reader = fastget.FastReader(fast, bucket=self.bucket, key=key, full_key=full, start=offset, end=end)
-        try:
-            await reader.open()
-        except Exception as exc:
-            if isinstance(exc, HTTPStatusError) and exc.status == 416:
-                return await self._past_end(key, offset, common)
-            raise self._error(exc, key) from (None if isinstance(exc, HTTPStatusError) else exc)
-        return reader
-
     def _empty(self, key: str, common: dict[str, Any]) -> S3Reader | fastget.FastReader:
         if self._fast is not None:
             return fastget.FastReader.empty(self._fast, bucket=self.bucket, key=key, full_key=self._full(key))
         return S3Reader.empty(**common)
 
     async def _past_end(self, key: str, offset: int, common: dict[str, Any]) -> S3Reader | fastget.FastReader:
-        """S3 answers 416 for a range starting at or after the end: empty at the end, else error."""
+        """S3 answers 416 for a range starting at or after the end: empty at the end, else error.
+        (The aiobotocore path; a lean reader sorts this out in its first read.)"""
         size = (await self.stat(key)).size
         if offset >= size and offset != size:
             raise StorageError(f"s3 {self.bucket}/{key}: offset {offset} is beyond the end ({size} bytes)")
