@@ -41,15 +41,20 @@ class SlabPool:
     async def acquire(self, count: int) -> list[bytearray]:
         """Wait until ``count`` slabs are free and take them (``count`` ≤ capacity)."""
         count = min(count, self.capacity)
+        if not self._lock.locked() and self.available >= count:
+            return self._take(count)  # nobody waits before us: no lock, no checkpoint
         async with self._lock:
             while self.available < count:
                 await self._released.wait()
                 self._released = anyio.Event()
-            out = [self._free.pop() for _ in range(min(count, len(self._free)))]
-            while len(out) < count:
-                out.append(bytearray(self.chunk_size))
-                self._allocated += 1
-            return out
+            return self._take(count)
+
+    def _take(self, count: int) -> list[bytearray]:
+        out = [self._free.pop() for _ in range(min(count, len(self._free)))]
+        while len(out) < count:
+            out.append(bytearray(self.chunk_size))
+            self._allocated += 1
+        return out
 
     def release(self, slabs: list[bytearray]) -> None:
         self._free.extend(slabs)

@@ -440,6 +440,46 @@ async def test_abort_stops_the_read_back(root: Path, store: PosixStorage) -> Non
     assert not [t for t in threading.enumerate() if t.name == "moverd-read-back"]
 
 
+async def test_big_writes_go_around_the_page_cache(root: Path, store: PosixStorage) -> None:
+    import fcntl
+
+    import xxhash
+    from moverd_storage_lts.direct import DIRECT_MIN, STAGE_SIZE
+
+    # Pieces of awkward sizes, as a tar stream has them; the file ends off any block boundary.
+    pieces = [os.urandom(n) for n in (512, 1 << 20, 3, 700_001, STAGE_SIZE + 17, 4096, 12_345)] * 6
+    data = b"".join(pieces)
+    hasher = xxhash.xxh3_128()
+    w = await store.open_writer("ds/big.tar", size_hint=DIRECT_MIN)
+    assert w._fd is not None and fcntl.fcntl(w._fd, fcntl.F_GETFL) & os.O_DIRECT
+    assert w.read_back_into(hasher)
+    for piece in pieces:
+        await w.write(memoryview(piece))
+    await w.commit()
+    assert (root / "ds/big.tar").read_bytes() == data
+    assert hasher.hexdigest() == _xxh3(data)
+
+
+async def test_small_writes_use_the_page_cache(store: PosixStorage) -> None:
+    import fcntl
+
+    w = await store.open_writer("ds/small.bin", size_hint=1 << 20)
+    assert w._fd is not None and not fcntl.fcntl(w._fd, fcntl.F_GETFL) & os.O_DIRECT
+    await w.abort()
+
+
+async def test_direct_write_on_a_full_file_system_leaves_nothing(small_fs: Path) -> None:
+    from moverd_storage_lts.direct import DIRECT_MIN
+
+    storage = make(small_fs, fsync=True)
+    w = await storage.open_writer("ds/too-big.tar", size_hint=DIRECT_MIN)
+    with pytest.raises(NoSpaceError, match="no space left"):
+        for _ in range(40):  # 10 MiB into 1 MiB: fails when the staging buffer goes out
+            await w.write(os.urandom(256 * 1024))
+        await w.commit()
+    assert files_in(small_fs) == ["ds"]
+
+
 async def test_read_back_on_tmpfs(small_fs: Path) -> None:
     import xxhash
 

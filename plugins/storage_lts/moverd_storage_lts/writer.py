@@ -16,6 +16,7 @@ import anyio
 
 from moverd import Hasher, StorageError, Writer
 
+from . import direct
 from .oserrors import map_os_error
 from .paths import Confined, temp_name
 from .readback import ReadBack
@@ -52,6 +53,9 @@ class PosixWriter(Writer):
         self.bytes_written = 0
         self._written_back = 0
         self._read_back: ReadBack | None = None
+        self._stage: direct.Stage | None = None
+        self._on_disk = 0
+        """Bytes in the file (the rest of ``bytes_written`` is staged)."""
         self.size_hint = size_hint or 0
 
     @classmethod
@@ -78,6 +82,8 @@ class PosixWriter(Writer):
             writer._fd = os.open(writer._tmp, _TEMP_FLAGS, 0o666)
         except OSError as exc:
             raise map_os_error(exc, writer.path, "write", where) from exc
+        if (size_hint or 0) >= direct.DIRECT_MIN and direct.set_direct(writer._fd, True):
+            writer._stage = direct.Stage()
         writer._state = "open"
         return writer
 
@@ -142,6 +148,16 @@ class PosixWriter(Writer):
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
+        if self._stage is not None:
+            try:
+                self._on_disk += self._stage.put(fd, view)
+            except OSError as exc:
+                self._discard_sync()
+                raise map_os_error(exc, self.path, "write", self._where) from exc
+            self.bytes_written += len(view)
+            if self._read_back is not None:
+                self._read_back.advance(self._on_disk)
+            return
         total = len(view)
         done = 0
         try:
@@ -153,6 +169,7 @@ class PosixWriter(Writer):
             raise map_os_error(exc, self.path, "write", self._where) from exc
         finally:
             self.bytes_written += done
+            self._on_disk = self.bytes_written
         if self._fsync and self.bytes_written - self._written_back >= _WRITEBACK_STEP:
             # Start writing the file to the medium while the transfer goes on (DONTNEED starts
             # writeback of dirty pages without waiting for it), so that commit's fsync has
@@ -171,6 +188,9 @@ class PosixWriter(Writer):
         try:
             if fd is not None:
                 try:
+                    if self._stage is not None:
+                        self._stage.finish(fd)
+                        self._on_disk = self.bytes_written
                     if self._fsync:
                         os.fsync(fd)
                     if self._read_back is not None:
@@ -186,6 +206,9 @@ class PosixWriter(Writer):
             self._discard_sync()
             raise
         self._state = "committed"
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
         if self._fsync:
             try:
                 fsync_dir(self._directory)
@@ -197,6 +220,9 @@ class PosixWriter(Writer):
         self._state = "discarded"
         if self._read_back is not None:
             self._read_back.cancel()
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
