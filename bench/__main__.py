@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
     p.add_argument("--only", default="archive,rss,verify",
                    help="comma-separated parts: archive, rss, verify (default: all)")
+    p.add_argument("--sets", default="big,small",
+                   help="data sets of the archive and verify parts: big (1 GiB of 2 MiB files), small "
+                        "(20,000 x 8 KiB); default both")
     p.add_argument("--s5cmd-workers", type=int, default=64)
     p.add_argument("--raw-concurrency-big", type=int, default=32)
     p.add_argument("--raw-concurrency-small", type=int, default=64)
@@ -113,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                 return data.make_catalog_template(workdir / f"template-{ds.name}", ds)
 
             if "archive" in parts or "verify" in parts or "rss" in parts:
+                sets = {x.strip() for x in a.sets.split(",") if x.strip()}
                 for ds, conc in ((big, a.raw_concurrency_big), (small, a.raw_concurrency_small)):
                     if ds is small and not ({"archive", "verify"} & parts):
+                        continue
+                    if ds.name not in sets:
                         continue
                     catalog = build(ds, 16 if ds is big else 32)
                     archives[ds.name] = arch = MoverdArchive(ctx, ds, catalog)
@@ -140,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if "verify" in parts:
                 for ds in (big, small):
+                    if ds.name not in archives:
+                        continue
                     arch = archives[ds.name]
                     files = arch.tar_files()
                     log(f"verify vs md5sum: {ds.name} ({len(files)} datablock(s))")
