@@ -460,6 +460,20 @@ async def test_big_writes_go_around_the_page_cache(root: Path, store: PosixStora
     assert hasher.hexdigest() == _xxh3(data)
 
 
+async def test_direct_io_can_be_turned_off(root: Path) -> None:
+    import fcntl
+
+    from moverd_storage_lts.direct import DIRECT_MIN
+
+    storage = make(root, direct_io=False)
+    assert storage.describe()["direct_io"] is False
+    w = await storage.open_writer("ds/big.tar", size_hint=DIRECT_MIN)
+    assert w._fd is not None and not fcntl.fcntl(w._fd, fcntl.F_GETFL) & os.O_DIRECT
+    await w.write(b"x" * 1000)
+    await w.commit()
+    assert (root / "ds/big.tar").read_bytes() == b"x" * 1000
+
+
 async def test_small_writes_use_the_page_cache(store: PosixStorage) -> None:
     import fcntl
 

@@ -33,7 +33,8 @@ class _FlippingWriter(PosixWriter):
 
 class BadMediaStorage(PosixStorage):
     def _open_writer_sync(self, key: str, size_hint: int | None) -> PosixWriter:
-        return _FlippingWriter.open_sync(self._confinement(), key, fsync=self.options.fsync, size_hint=size_hint)
+        return _FlippingWriter.open_sync(self._confinement(), key, fsync=self.options.fsync, size_hint=size_hint,
+                                         direct_io=self.options.direct_io)
 
 
 class _NoReadBackWriter(PosixWriter):
@@ -59,7 +60,8 @@ class _FlippingReader:
 
 class BadReadsStorage(PosixStorage):
     def _open_writer_sync(self, key: str, size_hint: int | None) -> PosixWriter:
-        return _NoReadBackWriter.open_sync(self._confinement(), key, fsync=self.options.fsync, size_hint=size_hint)
+        return _NoReadBackWriter.open_sync(self._confinement(), key, fsync=self.options.fsync,
+                                           size_hint=size_hint, direct_io=self.options.direct_io)
 
     async def open_reader(self, key: str, offset: int = 0, length: int | None = None, *,
                           uncached: bool = False) -> Any:

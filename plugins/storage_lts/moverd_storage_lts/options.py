@@ -37,6 +37,11 @@ class PosixOptions(Options):
         default=True,
         description="fsync each file and its directory on commit (durability; only tests turn it off).",
     )
+    direct_io: bool = Field(
+        default=True,
+        description="Write datablocks of 64 MiB and more around the page cache (O_DIRECT) where the "
+        "file system takes it; turn it off if direct writes are slow on this share.",
+    )
 
     @field_validator("root")
     @classmethod

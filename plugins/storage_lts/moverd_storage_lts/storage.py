@@ -164,7 +164,8 @@ class PosixStorage(Storage):
         return writer
 
     def _open_writer_sync(self, key: str, size_hint: int | None) -> PosixWriter:
-        return PosixWriter.open_sync(self._confinement(), key, fsync=self.options.fsync, size_hint=size_hint)
+        return PosixWriter.open_sync(self._confinement(), key, fsync=self.options.fsync, size_hint=size_hint,
+                                     direct_io=self.options.direct_io)
 
     def pending_bytes(self) -> int:
         """Bytes announced by open writers (their ``size_hint``) and not written yet."""
@@ -324,6 +325,7 @@ class PosixStorage(Storage):
             "free_space_timeout": o.free_space_timeout,
             "offline_timeout": o.offline_timeout,
             "fsync": o.fsync,
+            "direct_io": o.direct_io,
         }
 
     async def aclose(self) -> None:

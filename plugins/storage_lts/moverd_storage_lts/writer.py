@@ -60,7 +60,7 @@ class PosixWriter(Writer):
 
     @classmethod
     def open_sync(
-        cls, confined: Confined, key: str, *, fsync: bool, size_hint: int | None = None
+        cls, confined: Confined, key: str, *, fsync: bool, size_hint: int | None = None, direct_io: bool = False
     ) -> PosixWriter:
         """Create the parent directories and the temp file (in a worker thread)."""
         key, directory, name = confined.resolve_entry(key)
@@ -82,7 +82,7 @@ class PosixWriter(Writer):
             writer._fd = os.open(writer._tmp, _TEMP_FLAGS, 0o666)
         except OSError as exc:
             raise map_os_error(exc, writer.path, "write", where) from exc
-        if (size_hint or 0) >= direct.DIRECT_MIN and direct.set_direct(writer._fd, True):
+        if direct_io and (size_hint or 0) >= direct.DIRECT_MIN and direct.set_direct(writer._fd, True):
             writer._stage = direct.Stage()
         writer._state = "open"
         return writer
