@@ -114,11 +114,14 @@ class Interrupt:
         return self._event.is_set()
 
     def track(self, sock: socket.socket) -> None:
-        """Register a socket the calling thread is about to block on (raises if already fired)."""
+        """Register a socket the calling thread is about to block on (raises if already fired,
+        after closing the socket: nobody else holds it)."""
         with self._lock:
-            if self._event.is_set():
-                raise AbandonedError("abandoned")
-            self._socks.append(sock)
+            if not self._event.is_set():
+                self._socks.append(sock)
+                return
+        sock.close()
+        raise AbandonedError("abandoned")
 
     def untrack(self, sock: socket.socket) -> None:
         with self._lock:
@@ -224,11 +227,7 @@ class FastGetter:
         error: OSError = ConnectionRefusedError(f"no address for {self.host}")
         for family, type_, proto, addr in addrs:
             sock = socket.socket(family, type_, proto)
-            try:
-                stop.track(sock)
-            except BaseException:
-                sock.close()
-                raise
+            stop.track(sock)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.settimeout(self.connect_timeout)
@@ -316,11 +315,7 @@ class FastGetter:
             if sock is None:
                 sock = self._connect(stop)
             else:
-                try:
-                    stop.track(sock)
-                except BaseException:
-                    sock.close()
-                    raise
+                stop.track(sock)
             try:
                 try:
                     sock.sendall(request)
