@@ -43,7 +43,7 @@ from .models import (
 )
 from .options import Options, read_secret_file
 from .registry import CatalogType, Context, StorageType
-from .retry import retry_async
+from .retry import retry_async, retry_blocking
 from .storage import BlockingReads, BlockingWrites, ObjectInfo, Reader, Storage, Writer, read_slot, write_slot
 from .units import ByteSize, Duration, format_size, parse_duration, parse_size
 
@@ -59,5 +59,5 @@ __all__ = [
     "StorageType", "SystemError_", "Transfer", "UnknownDatasetError", "UnknownJobError",
     "UnsafePathError", "UserError", "VerificationError", "Writer", "format_size", "hookimpl",
     "join_key", "parse_duration", "parse_size", "path_safe_id", "read_secret_file", "read_slot",
-    "retry_async", "safe_key", "write_slot",
+    "retry_async", "retry_blocking", "safe_key", "write_slot",
 ]

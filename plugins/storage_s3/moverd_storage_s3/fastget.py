@@ -51,10 +51,9 @@ from urllib.parse import unquote_plus, urlsplit
 
 import anyio
 
-from moverd import StorageError
+from moverd import StorageError, retry_blocking
 
 from .errors import HTTPStatusError, TransientHTTPError, to_storage_error
-from .retry import retry_blocking
 from .sigv4 import Signer, canonical_query, quote_key
 
 log = logging.getLogger(__name__)
