@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.support.s3 import free_port, moto_command, wait_ready
+from tests.support.s3 import free_port, moto_command, stop_process, wait_ready
 
 ACCESS_KEY = "bench"
 SECRET_KEY = "bench-secret"
@@ -64,12 +64,7 @@ class MotoServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         shutil.rmtree(self.spool, ignore_errors=True)
 
 

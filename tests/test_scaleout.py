@@ -29,7 +29,7 @@ from moverd.planner import dataset_folder
 from tests.support.daemon import REPO, Daemon, daemon_env, wait_for
 from tests.support.facility import Facility
 from tests.support.ltswatch import max_concurrent
-from tests.support.s3 import free_port
+from tests.support.s3 import free_port, stop_process
 
 PG = ("127.0.0.1", 5432, "postgres")
 
@@ -93,12 +93,7 @@ def prefect_on_postgres(tmp_path: Path) -> Iterator[PrefectServer]:
         wait_for(healthy, 180, 0.2, "prefect server on PostgreSQL")
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
         psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 

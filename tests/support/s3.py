@@ -86,6 +86,16 @@ class S3Server:
         return name
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, and SIGKILL if the process is still there after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def moto_command(port: int) -> list[str]:
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.exists():
@@ -139,12 +149,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             wait_ready(proc, host, port, log_path)
             yield S3Server(host=host, port=port, log_path=log_path)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 @pytest.fixture
