@@ -45,6 +45,12 @@ async def read_index(storage: Storage, archive_id: str) -> Datablock | None:
         return None
 
 
+def _ends_early(storage: Storage, key: str, offset: int, length: int, got: int) -> VerificationError:
+    return VerificationError(
+        f"{key!r} on {storage.name!r} ends early: expected {length} bytes from offset {offset}, got {got}"
+    )
+
+
 async def stream_range(
     storage: Storage, key: str, offset: int, length: int, pool: SlabPool,
     consume: Callable[[memoryview], Coroutine[Any, Any, None]], *, uncached: bool = False,
@@ -87,10 +93,7 @@ async def _stream(
                         want = min(remaining, len(slab))
                         n = await fill(reader, memoryview(slab)[:want])
                         if n < want:
-                            raise VerificationError(
-                                f"{key!r} on {storage.name!r} ends early: expected {length} bytes "
-                                f"from offset {offset}, got {length - remaining + n}"
-                            )
+                            raise _ends_early(storage, key, offset, length, length - remaining + n)
                         remaining -= n
                         nxt = (slab, n)
                 pending = nxt
@@ -184,10 +187,7 @@ async def _checksum_blocking(
             want = min(remaining, len(view))
             n = await anyio.to_thread.run_sync(fill_and_hash, reader.readinto_blocking, view[:want], h)
             if n < want:
-                raise VerificationError(
-                    f"{key!r} on {storage.name!r} ends early: expected {length} bytes "
-                    f"from offset {offset}, got {length - remaining + n}"
-                )
+                raise _ends_early(storage, key, offset, length, length - remaining + n)
             remaining -= n
             if transfer is not None:
                 transfer.bytes_done += n

@@ -36,7 +36,7 @@ from .events import Transfer
 from .keys import join_key
 from .models import Datablock, FileEntry, Member
 from .planner import DatablockPlan
-from .storage import BlockingReads, BlockingWrites, Storage, Writer
+from .storage import BlockingWrites, Storage, Writer
 from .tarframe import end_of_archive, member_header, padding
 
 COALESCE_SIZE = 256 * 1024
@@ -72,13 +72,18 @@ class _FileStream:
     returned: bool = False
     """The slabs are back in the pool (or given up after an error)."""
 
-    def chunk_written(self, slab: bytearray, pool: SlabPool, taken: set[_FileStream]) -> None:
-        self.pending -= 1
+    def give_back_slab(self, slab: bytearray) -> None:
+        """Hand a slab whose bytes are framed or written back to the file's reader (which may
+        need it for the next chunk; after the file was consumed nobody does)."""
         if not self.consumed:
             try:
-                self.give_back.send_nowait(slab)  # the reader may need it for the next chunk
+                self.give_back.send_nowait(slab)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass  # the reader is done with this file
+
+    def chunk_written(self, slab: bytearray, pool: SlabPool, taken: set[_FileStream]) -> None:
+        self.pending -= 1
+        self.give_back_slab(slab)
         self.release_if_done(pool, taken)
 
     def release_if_done(self, pool: SlabPool, taken: set[_FileStream]) -> None:
@@ -198,7 +203,9 @@ async def _read_file(
             reader = None
             try:
                 reader = await source.open_reader(key)
-                blocking = reader.readinto_blocking if isinstance(reader, BlockingReads) else None
+                # A plain attribute lookup: isinstance() on a runtime-checkable protocol costs
+                # several microseconds per file.
+                blocking: Callable[[memoryview], int] | None = getattr(reader, "readinto_blocking", None)
                 remaining = entry.size
                 while remaining > 0:
                     slabs = [await free.receive()]
@@ -341,10 +348,7 @@ async def _consume_file(
                 await out.put_chunk(view, functools.partial(fs.chunk_written, slab, ctx.pool, taken))
             else:
                 await out.put_small(view)
-                try:
-                    fs.give_back.send_nowait(slab)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass
+                fs.give_back_slab(slab)
             if transfer is not None:
                 transfer.bytes_done += n
     fs.consumed = True

@@ -39,6 +39,7 @@ def set_direct(fd: int, on: bool) -> bool:
 
 
 def write_all(fd: int, view: memoryview) -> None:
+    """Write all of ``view`` (direct or not)."""
     done = 0
     while done < len(view):
         # os.write may write less than asked (signals, 2 GiB cap): loop on the rest.

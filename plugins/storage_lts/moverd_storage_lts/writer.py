@@ -148,40 +148,28 @@ class PosixWriter(Writer):
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        if self._stage is not None:
-            try:
-                self._on_disk += self._stage.put(fd, view)
-            except OSError as exc:
-                self._discard_sync()
-                raise map_os_error(exc, self.path, "write", self._where) from exc
-            self.bytes_written += len(view)
-            if self._read_back is not None:
-                self._read_back.advance(self._on_disk)
-            return
-        total = len(view)
-        done = 0
         try:
-            while done < total:
-                # os.write may write less than asked (signals, pipes, 2 GiB cap): loop on the rest.
-                done += os.write(fd, view[done:] if done else view)
+            if self._stage is not None:
+                self._on_disk += self._stage.put(fd, view)
+            else:
+                direct.write_all(fd, view)
+                self._on_disk += len(view)
         except OSError as exc:
             self._discard_sync()
             raise map_os_error(exc, self.path, "write", self._where) from exc
-        finally:
-            self.bytes_written += done
-            self._on_disk = self.bytes_written
-        if self._fsync and self.bytes_written - self._written_back >= _WRITEBACK_STEP:
+        self.bytes_written += len(view)
+        if self._stage is None and self._fsync and self._on_disk - self._written_back >= _WRITEBACK_STEP:
             # Start writing the file to the medium while the transfer goes on (DONTNEED starts
             # writeback of dirty pages without waiting for it), so that commit's fsync has
             # little left to do; it also keeps a big datablock from filling the page cache.
             try:
-                os.posix_fadvise(fd, self._written_back, self.bytes_written - self._written_back,
+                os.posix_fadvise(fd, self._written_back, self._on_disk - self._written_back,
                                  os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass  # advice only
-            self._written_back = self.bytes_written
+            self._written_back = self._on_disk
         if self._read_back is not None:
-            self._read_back.advance(self.bytes_written)
+            self._read_back.advance(self._on_disk)
 
     def _commit_sync(self) -> None:
         fd, self._fd = self._fd, None
