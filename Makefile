@@ -4,13 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYPROJECTS := pyproject.toml plugins/storage_s3/pyproject.toml plugins/storage_lts/pyproject.toml plugins/catalog_scicat/pyproject.toml
+NATIVE     := moverd/_md5mb.c setup.py
 
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: run demo test bench lint clean
 
-$(STAMP): $(PYPROJECTS)
+$(STAMP): $(PYPROJECTS) $(NATIVE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]' -e plugins/storage_lts -e plugins/storage_s3 -e plugins/catalog_scicat

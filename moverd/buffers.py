@@ -79,9 +79,11 @@ async def fill(reader: Reader, view: memoryview) -> int:
     return got
 
 
-def fill_and_hash(readinto_blocking: Callable[[memoryview], int], view: memoryview, hasher: Hasher) -> int:
-    """:func:`fill` for a blocking reader, hashing what it read: one worker-thread call per chunk
-    does both (see :class:`~moverd.storage.BlockingReads`)."""
+def fill_and_hash(
+    readinto_blocking: Callable[[memoryview], int], view: memoryview, hasher: Hasher | None
+) -> int:
+    """:func:`fill` for a blocking reader, hashing what it read (unless ``hasher`` is None): one
+    worker-thread call per chunk does both (see :class:`~moverd.storage.BlockingReads`)."""
     got = 0
     total = len(view)
     while got < total:
@@ -89,13 +91,13 @@ def fill_and_hash(readinto_blocking: Callable[[memoryview], int], view: memoryvi
         if n == 0:
             break
         got += n
-    if got:
+    if got and hasher is not None:
         hasher.update(view[:got])
     return got
 
 
 def fill_many_and_hash(
-    readinto_blocking: Callable[[memoryview], int], views: list[memoryview], hasher: Hasher
+    readinto_blocking: Callable[[memoryview], int], views: list[memoryview], hasher: Hasher | None
 ) -> list[int]:
     """:func:`fill_and_hash` into several buffers in a row, in one worker-thread call; stops after
     the first one the stream could not fill (its count is the last in the list)."""

@@ -6,7 +6,9 @@ One datablock is written by three kinds of tasks under one task group:
   :class:`~moverd.buffers.SlabPool` and starts a *reader* per file (at most ``prefetch_files`` at
   once), so that S3 request latency does not serialise small files; each reader hashes its
   file's chunks as they arrive (in the same worker-thread call that reads them, where the reader
-  blocks anyway), so several files' checksums run at once on both cores;
+  blocks anyway), so several files' checksums run at once on both cores — unless the checksum
+  hashes many streams at once (multi-buffer md5, :func:`~moverd.checksums.hashes_together`):
+  then the drain hashes every file's chunks of a batch in one call;
 * the *consumer* (this module's :func:`write_datablock`) takes the files in plan order and frames
   them as tar members: headers and small pieces are coalesced, big chunks pass through as views
   of their slabs;
@@ -30,7 +32,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .buffers import SlabPool, fill, fill_many_and_hash
-from .checksums import DATABLOCK_CHECKSUM, THREAD_HASH_MIN, Hasher
+from .checksums import DATABLOCK_CHECKSUM, THREAD_HASH_MIN, Hasher, hashes_together, update_many
 from .errors import MissingFileError, NotFoundError
 from .events import Transfer
 from .keys import join_key
@@ -65,7 +67,9 @@ class _FileStream:
     chunks: MemoryObjectReceiveStream[tuple[bytearray, int]]
     give_back: MemoryObjectSendStream[bytearray]
     file_hash: Hasher
-    """Updated by the file's reader as chunks arrive, so that files hash in parallel."""
+    """Updated by the file's reader as chunks arrive, so that files hash in parallel; or by the
+    drain, with other files' streams, when ``drain_hashes``."""
+    drain_hashes: bool = False
     pending: int = 0
     """Chunks handed to the drain and not written yet."""
     consumed: bool = False
@@ -94,8 +98,10 @@ class _FileStream:
             taken.discard(self)
 
 
-_Piece = tuple[memoryview | bytes, Callable[[], None] | None]
-"""Bytes to write and what to do once they are written (give a slab back)."""
+_Hashing = list[tuple[Hasher, memoryview | bytes]]
+_Piece = tuple[memoryview | bytes, Callable[[], None] | None, _Hashing]
+"""Bytes to write, what to do once they are written (give a slab back), and the files' hashing
+of (parts of) them that falls to the drain."""
 
 _DRAIN_BATCH = 64
 
@@ -104,7 +110,8 @@ class TarSink:
     """The tar stream's bytes in order, written behind the consumer by :meth:`drain`.
 
     Small pieces (headers, padding, small files) are coalesced into new ``bytes``; big chunks
-    pass through as views of their slabs, which go back to their reader once written.
+    pass through as views of their slabs, which go back to their reader once written. Data given
+    with a file hasher is hashed by the drain, all of a batch's streams in one call.
     """
 
     def __init__(self, writer: Writer, block_hash: Hasher, max_pending: int) -> None:
@@ -114,30 +121,39 @@ class TarSink:
         self._buf = bytearray(COALESCE_SIZE)
         self._view = memoryview(self._buf)
         self._fill = 0
+        self._hash_ranges: list[tuple[Hasher, int, int]] = []
         self._send, self._recv = anyio.create_memory_object_stream[_Piece](max_pending)
         self._blocking = writer if isinstance(writer, BlockingWrites) else None
 
-    async def put_small(self, data: bytes | memoryview) -> None:
+    async def put_small(self, data: bytes | memoryview, file_hash: Hasher | None = None) -> None:
         n = len(data)
         if self._fill + n > COALESCE_SIZE:
             await self.flush()
         if n >= COALESCE_SIZE:
-            await self._send.send((bytes(data), None))
+            copy = bytes(data)
+            await self._send.send((copy, None, [(file_hash, copy)] if file_hash is not None else []))
         else:
             self._view[self._fill : self._fill + n] = data
+            if file_hash is not None:
+                self._hash_ranges.append((file_hash, self._fill, self._fill + n))
             self._fill += n
         self.offset += n
 
-    async def put_chunk(self, view: memoryview, written: Callable[[], None]) -> None:
+    async def put_chunk(
+        self, view: memoryview, written: Callable[[], None], file_hash: Hasher | None = None
+    ) -> None:
         """Queue one data chunk straight from its slab; ``written`` runs once it is written."""
         await self.flush()
-        await self._send.send((view, written))
+        await self._send.send((view, written, [(file_hash, view)] if file_hash is not None else []))
         self.offset += len(view)
 
     async def flush(self) -> None:
         if self._fill:
-            await self._send.send((bytes(self._view[: self._fill]), None))
+            copy = memoryview(bytes(self._view[: self._fill]))
+            hashing: _Hashing = [(h, copy[start:end]) for h, start, end in self._hash_ranges]
+            self._hash_ranges.clear()
             self._fill = 0
+            await self._send.send((copy, None, hashing))
 
     def close(self) -> None:
         """No more pieces (after a final :meth:`flush`): :meth:`drain` finishes what it has."""
@@ -161,17 +177,25 @@ class TarSink:
                 if self._blocking is not None:
                     await anyio.to_thread.run_sync(self._write_batch, self._blocking, batch)
                 else:
-                    for data, _ in batch:
+                    if hashing := _hashing(batch):
+                        await anyio.to_thread.run_sync(update_many, hashing)
+                    for data, _, _ in batch:
                         self.block_hash.update(data)
                         await self.writer.write(data)
-                for _, written in batch:
+                for _, written, _ in batch:
                     if written is not None:
                         written()
 
     def _write_batch(self, writer: BlockingWrites, batch: list[_Piece]) -> None:
-        for data, _ in batch:
+        if hashing := _hashing(batch):
+            update_many(hashing)
+        for data, _, _ in batch:
             self.block_hash.update(data)
             writer.write_blocking(data)
+
+
+def _hashing(batch: list[_Piece]) -> _Hashing:
+    return [pair for _, _, hashing in batch for pair in hashing]
 
 
 def _views(slabs: list[bytearray], free: MemoryObjectReceiveStream[bytearray], remaining: int) -> list[memoryview]:
@@ -192,12 +216,13 @@ def _views(slabs: list[bytearray], free: MemoryObjectReceiveStream[bytearray], r
 
 async def _read_file(
     source: Storage, key: str, entry: FileEntry, send: MemoryObjectSendStream[tuple[bytearray, int]],
-    free: MemoryObjectReceiveStream[bytearray], limiter: anyio.CapacityLimiter, file_hash: Hasher,
+    free: MemoryObjectReceiveStream[bytearray], limiter: anyio.CapacityLimiter, file_hash: Hasher | None,
     threads: anyio.CapacityLimiter,
 ) -> None:
-    """Read one file into its slabs and hash each chunk as it arrives, as fast as the drain
-    gives slabs back. Hashing here, not in the consumer, is what lets several files' checksums
-    run at once on both cores while the consumer only frames."""
+    """Read one file into its slabs and hash each chunk as it arrives (unless ``file_hash`` is
+    None: the drain hashes), as fast as the drain gives slabs back. Hashing here, not in the
+    consumer, is what lets several files' checksums run at once on both cores while the
+    consumer only frames."""
     try:
         async with send, free:
             reader = None
@@ -219,7 +244,9 @@ async def _read_file(
                     else:
                         views = [memoryview(slabs[0])[: min(remaining, len(slabs[0]))]]
                         counts = [await fill(reader, views[0])]
-                        if counts[0] >= THREAD_HASH_MIN:
+                        if file_hash is None:
+                            pass
+                        elif counts[0] >= THREAD_HASH_MIN:
                             await anyio.to_thread.run_sync(file_hash.update, views[0], limiter=threads)
                         else:
                             file_hash.update(views[0][: counts[0]])
@@ -256,13 +283,14 @@ async def _schedule(
             free_send, free_recv = anyio.create_memory_object_stream[bytearray](len(slabs) or 1)
             for slab in slabs:
                 free_send.send_nowait(slab)
-            fs = _FileStream(entry, slabs, chunks_recv, free_send, ctx.hasher(ctx.checksum))
+            file_hash = ctx.hasher(ctx.checksum)
+            fs = _FileStream(entry, slabs, chunks_recv, free_send, file_hash, hashes_together(file_hash))
             taken.add(fs)
             if entry.size:
                 await prefetch.acquire_on_behalf_of(chunks_send)
                 tg.start_soon(
                     _read_file, source, join_key(prefix, entry.path), entry, chunks_send, free_recv, prefetch,
-                    fs.file_hash, threads,
+                    None if fs.drain_hashes else file_hash, threads,
                 )
             else:
                 chunks_send.close()
@@ -296,7 +324,7 @@ async def write_datablock(
     block_hash = ctx.hasher(DATABLOCK_CHECKSUM)
     read_back = ctx.hasher(DATABLOCK_CHECKSUM)
     reads_back = writer.read_back_into(read_back)
-    members: list[Member] = []
+    consumed: list[_Consumed] = []
     taken: set[_FileStream] = set()  # files whose slabs are out: only those in flight
     try:
         out = TarSink(writer, block_hash, ctx.pool.capacity)
@@ -307,7 +335,7 @@ async def write_datablock(
             try:
                 async with files_recv:
                     async for fs in files_recv:
-                        members.append(await _consume_file(fs, out, ctx, taken, transfer))
+                        consumed.append(await _consume_file(fs, out, ctx, taken, transfer))
                 await out.put_small(end_of_archive(out.offset))
                 await out.flush()
             finally:
@@ -326,15 +354,33 @@ async def write_datablock(
     block = Datablock(
         archive_id=plan.archive_id, index=plan.index, size=plan.size, packed_size=out.offset,
         checksum_alg=ctx.checksum, datablock_checksum=f"{DATABLOCK_CHECKSUM}:{digest}",
-        members=members,
+        members=[c.member() for c in consumed],
     )
     return WrittenDatablock(block, read_back=(read_back.hexdigest() == digest) if reads_back else None)
 
 
+@dataclass
+class _Consumed:
+    """A framed file; its checksum is final once the drain wrote its data."""
+
+    fs: _FileStream
+    header_offset: int
+    data_offset: int
+
+    def member(self) -> Member:
+        entry = self.fs.entry
+        return Member(
+            path=entry.path, size=entry.size, offset=self.data_offset, header_offset=self.header_offset,
+            mtime=int(entry.mtime), mode=entry.mode, uid=entry.uid, gid=entry.gid,
+            checksum=self.fs.file_hash.hexdigest(),
+        )
+
+
 async def _consume_file(
     fs: _FileStream, out: TarSink, ctx: PipelineContext, taken: set[_FileStream], transfer: Transfer | None
-) -> Member:
+) -> _Consumed:
     entry = fs.entry
+    file_hash = fs.file_hash if fs.drain_hashes else None
     header_offset = out.offset
     await out.put_small(
         member_header(entry.path, entry.size, mtime=entry.mtime, mode=entry.mode, uid=entry.uid, gid=entry.gid)
@@ -345,9 +391,9 @@ async def _consume_file(
             view = memoryview(slab)[:n]
             if n >= THREAD_HASH_MIN:
                 fs.pending += 1
-                await out.put_chunk(view, functools.partial(fs.chunk_written, slab, ctx.pool, taken))
+                await out.put_chunk(view, functools.partial(fs.chunk_written, slab, ctx.pool, taken), file_hash)
             else:
-                await out.put_small(view)
+                await out.put_small(view, file_hash)
                 fs.give_back_slab(slab)
             if transfer is not None:
                 transfer.bytes_done += n
@@ -356,8 +402,4 @@ async def _consume_file(
     await out.put_small(padding(entry.size))
     if transfer is not None:
         transfer.files_done += 1
-    return Member(
-        path=entry.path, size=entry.size, offset=data_offset, header_offset=header_offset,
-        mtime=int(entry.mtime), mode=entry.mode, uid=entry.uid, gid=entry.gid,
-        checksum=fs.file_hash.hexdigest(),
-    )
+    return _Consumed(fs, header_offset, data_offset)
