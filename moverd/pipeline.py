@@ -32,7 +32,14 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .buffers import SlabPool, fill, fill_many_and_hash
-from .checksums import DATABLOCK_CHECKSUM, THREAD_HASH_MIN, Hasher, hashes_together, update_many
+from .checksums import (
+    DATABLOCK_CHECKSUM,
+    MULTI_BUFFER_MD5,
+    THREAD_HASH_MIN,
+    Hasher,
+    hashes_together,
+    update_many,
+)
 from .errors import MissingFileError, NotFoundError
 from .events import Transfer
 from .keys import join_key
@@ -52,6 +59,14 @@ class PipelineContext:
     hasher: Callable[[str], Hasher]
     checksum: str = "md5"
     prefetch_files: int = 32
+
+    def file_hasher(self) -> Hasher:
+        """A new file's checksum: md5 hashes many files at once where the CPU allows (the drain
+        does it, see :func:`~moverd.checksums.hashes_together`); every other algorithm, and md5
+        elsewhere, is the registry's."""
+        if self.checksum == "md5" and MULTI_BUFFER_MD5 is not None:
+            return MULTI_BUFFER_MD5()
+        return self.hasher(self.checksum)
 
     def slabs_for(self, size: int) -> int:
         """Slabs one file may hold: enough for the whole file, at most a quarter of the pool."""
@@ -283,7 +298,7 @@ async def _schedule(
             free_send, free_recv = anyio.create_memory_object_stream[bytearray](len(slabs) or 1)
             for slab in slabs:
                 free_send.send_nowait(slab)
-            file_hash = ctx.hasher(ctx.checksum)
+            file_hash = ctx.file_hasher()
             fs = _FileStream(entry, slabs, chunks_recv, free_send, file_hash, hashes_together(file_hash))
             taken.add(fs)
             if entry.size:
@@ -361,18 +376,20 @@ async def write_datablock(
 
 @dataclass
 class _Consumed:
-    """A framed file; its checksum is final once the drain wrote its data."""
+    """A framed file; its checksum is final once the drain wrote its data. Holds no more than
+    that: one per member lives until the datablock is committed."""
 
-    fs: _FileStream
+    entry: FileEntry
+    file_hash: Hasher
     header_offset: int
     data_offset: int
 
     def member(self) -> Member:
-        entry = self.fs.entry
+        entry = self.entry
         return Member(
             path=entry.path, size=entry.size, offset=self.data_offset, header_offset=self.header_offset,
             mtime=int(entry.mtime), mode=entry.mode, uid=entry.uid, gid=entry.gid,
-            checksum=self.fs.file_hash.hexdigest(),
+            checksum=self.file_hash.hexdigest(),
         )
 
 
@@ -402,4 +419,4 @@ async def _consume_file(
     await out.put_small(padding(entry.size))
     if transfer is not None:
         transfer.files_done += 1
-    return _Consumed(fs, header_offset, data_offset)
+    return _Consumed(entry, fs.file_hash, header_offset, data_offset)
