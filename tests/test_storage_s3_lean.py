@@ -215,6 +215,41 @@ async def test_cancelled_lean_read_lets_go_of_its_connection(s3_options: dict[st
             await reader.aclose()
 
 
+@pytest.mark.parametrize("stall", ["before the answer", "in the body"])
+async def test_lean_read_times_out_after_read_timeout(s3_options: dict[str, Any], stall: str) -> None:
+    """A server that goes silent (before its answer, or after half the body): the read fails
+    with a timeout after ``read_timeout``, not never (the resume
+    it tries finds the server gone), and the bytes counted are the object's."""
+    body = b"x" * 1000
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                if stall == "in the body":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nETag: \"e\"\r\n\r\n" + body[:400])
+                conn.recv(65536)  # until the client gives up and closes
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, serve)
+            async with opened(s3_options, endpoint_url=endpoint, read_timeout=0.5, max_attempts=1) as storage:
+                reader = await storage.open_reader("k")
+                buf = memoryview(bytearray(1000))
+                got = 0
+                with anyio.fail_after(10):
+                    with pytest.raises(StorageError, match="(?i)timed out|timeout|no byte"):
+                        while True:
+                            n = await reader.readinto(buf[got:])
+                            assert n > 0
+                            got += n
+                await reader.aclose()
+        assert bytes(buf[:got]) == body[:got]
+
+
 # -- lazy open: the GET goes with the first read ------------------------------------------------
 
 
