@@ -17,7 +17,8 @@ from moverd.planner import archive_id, dataset_folder
 from moverd.server.dispatch import EmbeddedDispatcher, JobRun
 from moverd.server.journal import Journal
 from moverd.server.metrics import Metrics
-from moverd.server.scheduler import Housekeeping
+from moverd.server.scheduler import Housekeeping, build_scheduler
+from tests.support.apps import make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -57,6 +58,52 @@ async def test_journal_keeps_open_jobs_for_the_next_start(tmp_path: Path) -> Non
     [b] = await journal.retrievals_since(time.time() - 60)
     assert b.datasets == ["p1"] and b.finished is not None
     journal.close()
+
+
+async def test_journal_prune_forgets_ended_jobs_only(app: App, tmp_path: Path) -> None:
+    d, journal = dispatcher(app, tmp_path)
+    hk = Housekeeping(app, d, journal, d.metrics)
+    for job in ("done", "failed", "running"):
+        await journal.record(job, "retrieve", "r", f"retrieve-job {job}")
+    await journal.set_state("done", "done", "finishedSuccessful: ok", datasets=["p1"])
+    await journal.set_state("failed", "error", "finishedWithDatasetErrors: x")
+    await journal.set_state("running", "running")
+    retention = app.settings.scheduler.journal_retention
+    assert retention > app.settings.retrieve.url_expiry + app.settings.scheduler.retrieval_cleanup_margin
+    assert await hk.journal_prune() == 0  # they just ended
+    # a day after the retention: the ended jobs go, the one still running stays
+    assert await hk.journal_prune(now=time.time() + retention + 86400) == 2
+    assert await journal.get("done") is None and await journal.get("failed") is None
+    assert [e.job_id for e in await journal.interrupted()] == ["running"]
+    journal.close()
+
+
+@pytest.mark.parametrize("retention", ["1s", 0])
+async def test_journal_prune_keeps_what_the_retrieval_cleanup_needs(tmp_path: Path, retention: str | int) -> None:
+    """A retention shorter than the links' lifetime still keeps the retrieve jobs whose links may
+    be valid; 0 keeps everything."""
+    async with App(make_settings(tmp_path, scheduler={"journal_retention": retention})) as app:
+        d, journal = dispatcher(app, tmp_path)
+        hk = Housekeeping(app, d, journal, d.metrics)
+        await journal.record("j", "retrieve", "r", "retrieve-job j")
+        await journal.set_state("j", "done", "finishedSuccessful: ok", datasets=["p1"])
+        assert await hk.journal_prune(now=time.time() + 3600) == 0  # links still valid: kept
+        keep = app.settings.retrieve.url_expiry + app.settings.scheduler.retrieval_cleanup_margin
+        assert await hk.journal_prune(now=time.time() + keep + 60) == (1 if retention else 0)
+        journal.close()
+
+
+@pytest.mark.parametrize(("retention", "scheduled"), [("90d", True), (0, False)])
+async def test_the_journal_is_pruned_daily_unless_turned_off(
+    tmp_path: Path, retention: str | int, scheduled: bool
+) -> None:
+    async with App(make_settings(tmp_path, scheduler={"journal_retention": retention})) as app:
+        d, journal = dispatcher(app, tmp_path)
+        job = build_scheduler(Housekeeping(app, d, journal, d.metrics), pickup=False).get_job("journal_prune")
+        assert (job is not None) == scheduled
+        if job is not None:
+            assert job.trigger.interval.total_seconds() == 86400
+        journal.close()
 
 
 async def test_retrieval_cleanup_keeps_objects_whose_links_were_renewed(app: App, tmp_path: Path) -> None:

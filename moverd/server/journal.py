@@ -7,7 +7,8 @@ interrupted and is picked up again (:meth:`interrupted`). A datablock interrupte
 trusted: the core aborts or later removes its temporary file and writes it again.
 
 Recent retrieve jobs are also what the retrieval cleanup looks at: a copy reused by a later job
-got fresh links, so its age alone does not say that its links expired.
+got fresh links, so its age alone does not say that its links expired. Ended jobs are forgotten
+after ``scheduler.journal_retention`` (:meth:`prune`), so the file does not grow for ever.
 """
 
 from __future__ import annotations
@@ -108,6 +109,13 @@ class Journal:
     async def retrievals_since(self, since: float) -> list[Entry]:
         """Retrieve jobs that ended after ``since`` (their links are still valid)."""
         return await self._query("WHERE type='retrieve' AND finished IS NOT NULL AND finished >= ?", (since,))
+
+    async def prune(self, ended_before: float) -> int:
+        """Forget the jobs that ended before ``ended_before``; open ones are always kept."""
+        return await self._run(lambda db: db.execute(
+            f"DELETE FROM jobs WHERE state NOT IN {OPEN_STATES!r} AND finished IS NOT NULL AND finished < ?",
+            (ended_before,),
+        ).rowcount)
 
     async def _query(self, where: str, args: tuple[Any, ...]) -> list[Entry]:
         cols = ("job_id, type, flow_run_id, flow_run_name, state, datasets, message, submitted, started, "

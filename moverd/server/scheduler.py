@@ -4,7 +4,8 @@
 * **catalog poll** (optional): submitted jobs nobody triggered (needs a catalog that lists jobs);
 * **retrieval cleanup**: retrieval objects whose download links expired are deleted;
 * **stale temp files**: what crashed writers left on the LTS (and any storage that has them);
-* **free space**: the ``moverd_storage_free_bytes`` metric.
+* **free space**: the ``moverd_storage_free_bytes`` metric;
+* **journal prune** (daily): jobs that ended more than ``journal_retention`` ago are forgotten.
 
 Every task is idempotent, so several daemons sharing storages may all run them. A task that fails
 logs one line and runs again at its next time; none can take the daemon down.
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 SAMPLE_SECONDS = 5.0
 """How often byte counts are sampled for the throughput gauge."""
+
+JOURNAL_PRUNE_INTERVAL = 86400.0
+"""How often ended jobs past ``scheduler.journal_retention`` are forgotten."""
 
 
 class Housekeeping:
@@ -100,6 +104,20 @@ class Housekeeping:
             self.metrics.housekeeping.labels(task="retrieval_cleanup").inc(len(expired))
         return len(expired)
 
+    async def journal_prune(self, now: float | None = None) -> int:
+        """Forget jobs that ended more than ``journal_retention`` ago (at least as long as the
+        retrieval cleanup needs them)."""
+        retention = self.settings.journal_retention
+        if retention <= 0:
+            return 0
+        now = time.time() if now is None else now
+        keep_for = max(retention, self.app.settings.retrieve.url_expiry + self.settings.retrieval_cleanup_margin)
+        removed = await self.journal.prune(now - keep_for)
+        if removed:
+            log.info("forgot %d job(s) that ended more than %.0f days ago", removed, keep_for / 86400)
+            self.metrics.housekeeping.labels(task="journal_prune").inc(removed)
+        return removed
+
     async def stale_temp_files(self) -> int:
         total = 0
         for name in sorted(self.app.settings.storages):
@@ -150,6 +168,7 @@ def build_scheduler(hk: Housekeeping, *, pickup: bool = True) -> AsyncIOSchedule
         ("poll_catalog", s.poll_catalog_interval, hk.poll_catalog, True),
         ("retrieval_cleanup", s.retrieval_cleanup_interval, hk.retrieval_cleanup, False),
         ("stale_temp_files", s.stale_temp_interval, hk.stale_temp_files, False),
+        ("journal_prune", JOURNAL_PRUNE_INTERVAL if s.journal_retention > 0 else 0, hk.journal_prune, False),
         ("free_space", s.free_space_interval, hk.free_space, True),
     ]
     for name, interval, fn, now in tasks:

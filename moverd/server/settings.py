@@ -226,6 +226,10 @@ class SchedulerSettings(BaseModel):
     """Remove temporary files that crashed writers left on the LTS, this often."""
     stale_temp_age: PositiveDuration = 6 * 3600.0
     """A temporary file untouched this long is stale (live writers touch theirs all the time)."""
+    journal_retention: Duration = 90 * 86400.0
+    """Forget ended jobs this long after they ended (checked daily; 0: keep them for ever). Never
+    less than the download links' lifetime plus ``retrieval_cleanup_margin``: the retrieval
+    cleanup reads the journal."""
     free_space_interval: Duration = 60.0
     """Publish the free space of the storages (the ``moverd_storage_free_bytes`` metric), this often."""
     pickup_interrupted: bool = True
