@@ -92,3 +92,40 @@ def test_sigkill_mid_datablock_then_rerun_completes(tmp_path: Path, env: dict[st
         assert p.stat().st_mtime_ns == mtime  # committed datablocks were reused, not rewritten
     run(["retrieve", pid, "--to", str(tmp_path / "out")], env)
     assert read_tree(tmp_path / "out") == files
+
+
+def test_progress_bars_on_a_terminal_and_rich_only_when_shown(tmp_path: Path, env: dict[str, str]) -> None:
+    """On a terminal the archive shows a bar (bytes, files) on stderr; with ``--json`` rich is
+    not even imported (it costs ~25 ms of every start)."""
+    import pty
+
+    small_files_tree(tmp_path / "src", 20, size=50_000)
+    primary, secondary = pty.openpty()
+    try:
+        p = subprocess.run([*MOVERD, "archive", str(tmp_path / "src")], env={**env, "COLUMNS": "200"},
+                           stdout=subprocess.PIPE, stderr=secondary, text=True, timeout=120)
+        os.close(secondary)
+        secondary = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    assert p.returncode == 0, shown.decode(errors="replace")
+    assert "archived" in p.stdout
+    assert b"archive " in shown and b"20/20 files" in shown
+    probe = (
+        "import sys, runpy; sys.argv = ['moverd', 'datasets', '--json']\n"
+        "try:\n    runpy.run_module('moverd', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print('RICH', any(m == 'rich.console' for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60).stdout
+    assert "RICH False" in out

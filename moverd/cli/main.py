@@ -19,8 +19,6 @@ from typing import Annotated, Any, TypeVar
 
 import anyio
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from ..app import App
 from ..errors import ConfigError, MoverdError, UserError
@@ -38,7 +36,23 @@ config_app = typer.Typer(no_args_is_help=True, help="Check or show the configura
 app.add_typer(config_app, name="config")
 job_app = typer.Typer(no_args_is_help=True, help="Carry out or inspect catalog jobs.")
 app.add_typer(job_app, name="job")
-out = Console(soft_wrap=True)
+
+
+class _Console:
+    """The terminal console, made on first use: importing rich costs ~25 ms of every start, and
+    a command run with ``--json`` (by scripts and job runners) never prints through it."""
+
+    _console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(soft_wrap=True)
+        return getattr(self._console, name)
+
+
+out = _Console()
 
 ConfigOpt = Annotated[
     Path | None,
@@ -224,6 +238,8 @@ def datasets(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json([d.model_dump() for d in items])
         return
+    from rich.table import Table
+
     table = Table("dataset", "files", "size", "archive status", "source")
     for d in items:
         table.add_row(d.pid, str(d.number_of_files), format_size(d.size or 0),
@@ -246,6 +262,8 @@ def plugins(as_json: JsonOpt = False) -> None:
             "storages": sorted(reg.storages), "catalogs": sorted(reg.catalogs), "checksums": sorted(reg.checksums),
         })
         return
+    from rich.table import Table
+
     table = Table("plugin", "version", "hooks")
     for i in infos:
         table.add_row(i.name + (" (built-in)" if i.builtin else ""), i.version or "?", ", ".join(i.hooks))

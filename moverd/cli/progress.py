@@ -11,20 +11,8 @@ import sys
 from collections.abc import AsyncIterator
 
 import anyio
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from ..events import Transfer
-
-err_console = Console(stderr=True)
 
 
 @contextlib.asynccontextmanager
@@ -34,11 +22,23 @@ async def show_progress(transfers: Transfer | list[Transfer], *, enabled: bool) 
     if not enabled or not sys.stderr.isatty():
         yield
         return
+    # Imported here: scripts and --json runs never show bars and need not pay for rich.
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
         TransferSpeedColumn(), TextColumn("{task.fields[files]}"), TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console, transient=False) as progress:
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         tasks: dict[str, TaskID] = {}
 
         def refresh() -> None:
