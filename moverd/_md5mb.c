@@ -30,6 +30,7 @@ typedef struct {
     uint8_t buf[64]; /* bytes waiting for a full block */
     uint32_t buflen;
     int stream;      /* index in the current update_many call, -1 outside one */
+    const void *owner; /* the call hashing this object without the GIL, NULL when idle */
 } Md5Object;
 
 static PyTypeObject Md5Type;
@@ -92,6 +93,7 @@ static void md5_init(Md5Object *o) {
     o->length = 0;
     o->buflen = 0;
     o->stream = -1;
+    o->owner = NULL;
 }
 
 /* Hash bytes through the object's block buffer; the caller counts them in ``length``. */
@@ -350,11 +352,17 @@ static void hash_streams(Stream *streams, Py_ssize_t nstreams, Segment *segs) {
 
 static PyObject *Md5_update(Md5Object *self, PyObject *arg) {
     Py_buffer view;
+    if (self->owner != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "md5 hasher used by two threads at once");
+        return NULL;
+    }
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
     if (view.len >= GIL_RELEASE_MIN) {
+        self->owner = self;
         Py_BEGIN_ALLOW_THREADS
         md5_update_scalar(self, view.buf, (size_t)view.len);
         Py_END_ALLOW_THREADS
+        self->owner = NULL;
     } else {
         md5_update_scalar(self, view.buf, (size_t)view.len);
     }
@@ -388,6 +396,7 @@ static PyObject *Md5_copy(Md5Object *self, PyObject *Py_UNUSED(ignored)) {
     memcpy(copy->buf, self->buf, sizeof self->buf);
     copy->buflen = self->buflen;
     copy->stream = -1;
+    copy->owner = NULL;
     return (PyObject *)copy;
 }
 
@@ -479,7 +488,15 @@ static PyObject *update_many(PyObject *module, PyObject *arg) {
         total += seg->len;
         if (seg->len == 0) continue;
         Md5Object *o = (Md5Object *)hasher;
+        if (o->owner != NULL && o->owner != streams) {
+            /* Another thread hashes it right now: two calls would both move its state (and
+             * this call's stream index would point into the other call's arrays). */
+            PyBuffer_Release(&views[--nviews]);
+            PyErr_SetString(PyExc_RuntimeError, "md5 hasher used by two threads at once");
+            goto done;
+        }
         if (o->stream < 0) {
+            o->owner = streams;
             o->stream = (int)nstreams;
             streams[nstreams].obj = o;
             streams[nstreams].head = streams[nstreams].tail = seg - segs;
@@ -503,7 +520,10 @@ static PyObject *update_many(PyObject *module, PyObject *arg) {
     result = Py_None;
     Py_INCREF(result);
 done:
-    for (Py_ssize_t i = 0; i < nstreams; i++) streams[i].obj->stream = -1;
+    for (Py_ssize_t i = 0; i < nstreams; i++) {
+        streams[i].obj->stream = -1;
+        streams[i].obj->owner = NULL;
+    }
     for (Py_ssize_t i = 0; i < nviews; i++) PyBuffer_Release(&views[i]);
     PyMem_Free(views);
     PyMem_Free(segs);

@@ -80,6 +80,26 @@ def test_update_many_rejects_bad_pairs_without_hashing() -> None:
     assert h.hexdigest() == hashlib.md5(b"abcd").hexdigest()
 
 
+def test_a_hasher_in_use_by_another_call_is_refused() -> None:
+    """Two calls on one hasher at once (threads) would both move its state: the second is refused
+    with an error, never a crash. Made deterministic here: another hasher's update(), which runs
+    while the first call holds the md5 hasher, tries to use it."""
+    h = _md5mb.md5()
+    seen: list[BaseException] = []
+
+    class Meddler:
+        def update(self, data: bytes) -> None:
+            for attempt in (lambda: _md5mb.update_many([(h, b"y")]), lambda: h.update(b"y" * 10_000)):
+                try:
+                    attempt()
+                except RuntimeError as exc:
+                    seen.append(exc)
+
+    _md5mb.update_many([(h, b"x" * 5000), (Meddler(), b"")])
+    assert [str(e) for e in seen] == ["md5 hasher used by two threads at once"] * 2
+    assert h.hexdigest() == hashlib.md5(b"x" * 5000).hexdigest()
+
+
 @pytest.mark.anyio
 async def test_archives_hash_md5_multi_buffer_where_the_cpu_allows(app: App) -> None:
     """The pipeline's md5 is multi-buffer on AVX-512 (the drain hashes it); the registry's md5,
