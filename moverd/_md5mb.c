@@ -162,31 +162,29 @@ typedef struct {
 
 /* The lane's next 64-byte block, or NULL when its stream has no full block left (the rest is in
  * the object's buffer then). Blocks are read in place when they do not straddle segments. */
+/* The lane's bytes left in its current segment, moving on past used-up segments (0: none left). */
+static size_t lane_left(Lane *lane) {
+    Segment *segs = lane->segs;
+    while (lane->seg >= 0 && lane->off == segs[lane->seg].len) {
+        lane->seg = segs[lane->seg].next;
+        lane->off = 0;
+    }
+    return lane->seg < 0 ? 0 : segs[lane->seg].len - lane->off;
+}
+
 static const uint8_t *next_block(Lane *lane) {
     Md5Object *o = lane->stream->obj;
-    Segment *segs = lane->segs;
-    if (o->buflen == 0) {
-        while (lane->seg >= 0 && lane->off == segs[lane->seg].len) {
-            lane->seg = segs[lane->seg].next;
-            lane->off = 0;
-        }
-        if (lane->seg < 0) return NULL;
-        if (segs[lane->seg].len - lane->off >= 64) {
-            const uint8_t *p = segs[lane->seg].data + lane->off;
-            lane->off += 64;
-            return p;
-        }
+    size_t left;
+    if (o->buflen == 0 && lane_left(lane) >= 64) {
+        const uint8_t *p = lane->segs[lane->seg].data + lane->off;
+        lane->off += 64;
+        return p;
     }
     while (o->buflen < 64) {
-        while (lane->seg >= 0 && lane->off == segs[lane->seg].len) {
-            lane->seg = segs[lane->seg].next;
-            lane->off = 0;
-        }
-        if (lane->seg < 0) return NULL;
+        if ((left = lane_left(lane)) == 0) return NULL;
         size_t take = 64 - o->buflen;
-        size_t left = segs[lane->seg].len - lane->off;
         if (take > left) take = left;
-        memcpy(o->buf + o->buflen, segs[lane->seg].data + lane->off, take);
+        memcpy(o->buf + o->buflen, lane->segs[lane->seg].data + lane->off, take);
         o->buflen += (uint32_t)take;
         lane->off += take;
     }

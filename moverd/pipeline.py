@@ -259,11 +259,9 @@ async def _read_file(
                     else:
                         views = [memoryview(slabs[0])[: min(remaining, len(slabs[0]))]]
                         counts = [await fill(reader, views[0])]
-                        if file_hash is None:
-                            pass
-                        elif counts[0] >= THREAD_HASH_MIN:
+                        if file_hash is not None and counts[0] >= THREAD_HASH_MIN:
                             await anyio.to_thread.run_sync(file_hash.update, views[0], limiter=threads)
-                        else:
+                        elif file_hash is not None:
                             file_hash.update(views[0][: counts[0]])
                     for slab, view, n in zip(slabs, views, counts, strict=False):
                         if n < len(view):

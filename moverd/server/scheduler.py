@@ -70,6 +70,10 @@ class Housekeeping:
                 log.info("picked up submitted %s job %s from the catalog", job.type.value, job.id)
         return count
 
+    def _links_keep_for(self) -> float:
+        """How long after its last use a retrieval copy is kept: its links' lifetime + the margin."""
+        return self.app.settings.retrieve.url_expiry + self.settings.retrieval_cleanup_margin
+
     async def retrieval_cleanup(self, now: float | None = None) -> int:
         """Delete retrieval objects whose links expired (``retrieve.url_expiry`` + the margin).
 
@@ -78,7 +82,7 @@ class Housekeeping:
         that this daemon knows (the journal) counts.
         """
         now = time.time() if now is None else now
-        keep_for = self.app.settings.retrieve.url_expiry + self.settings.retrieval_cleanup_margin
+        keep_for = self._links_keep_for()
         linked: dict[str, float] = {}
         template = self.app.settings.retrieve.retrieval_prefix
         for entry in await self.journal.retrievals_since(now - keep_for):
@@ -111,7 +115,7 @@ class Housekeeping:
         if retention <= 0:
             return 0
         now = time.time() if now is None else now
-        keep_for = max(retention, self.app.settings.retrieve.url_expiry + self.settings.retrieval_cleanup_margin)
+        keep_for = max(retention, self._links_keep_for())
         removed = await self.journal.prune(now - keep_for)
         if removed:
             log.info("forgot %d job(s) that ended more than %.0f days ago", removed, keep_for / 86400)
