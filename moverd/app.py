@@ -44,7 +44,8 @@ class App:
         self.registry.hasher(p.checksum)  # fail early on an unknown algorithm
         self.pool = SlabPool(p.chunk_size, p.buffer_budget)
         self.pipeline = PipelineContext(
-            pool=self.pool, hasher=self.registry.hasher, checksum=p.checksum, prefetch_files=p.prefetch_files
+            pool=self.pool, hasher=self.registry.hasher, checksum=p.checksum, prefetch_files=p.prefetch_files,
+            prefetch_bytes=p.prefetch_bytes,
         )
         self._storages: dict[str, Storage] = {}
         self._adhoc: list[Storage] = []

@@ -3,8 +3,9 @@
 One datablock is written by three kinds of tasks under one task group:
 
 * a *scheduler* walks the plan in order, reserves slabs for each file from the shared
-  :class:`~moverd.buffers.SlabPool` and starts a *reader* per file (at most ``prefetch_files`` at
-  once), so that S3 request latency does not serialise small files; each reader hashes its
+  :class:`~moverd.buffers.SlabPool` and starts a *reader* per file (at most ``prefetch_files``
+  files and ``prefetch_bytes`` of them at once, see :class:`ReadAhead`), so that S3 request
+  latency does not serialise small files; each reader hashes its
   file's chunks as they arrive (in the same worker-thread call that reads them, where the reader
   blocks anyway), so several files' checksums run at once on both cores — unless the checksum
   hashes many streams at once (multi-buffer md5, :func:`~moverd.checksums.hashes_together`):
@@ -59,6 +60,7 @@ class PipelineContext:
     hasher: Callable[[str], Hasher]
     checksum: str = "md5"
     prefetch_files: int = 32
+    prefetch_bytes: int = 16 * 1024**2
 
     def file_hasher(self) -> Hasher:
         """A new file's checksum: md5 hashes many files at once where the CPU allows (the drain
@@ -73,6 +75,39 @@ class PipelineContext:
         if size == 0:
             return 0
         return max(1, min(math.ceil(size / self.pool.chunk_size), self.pool.capacity // 4))
+
+
+class ReadAhead:
+    """How many files, and how many of their bytes, one datablock reads at once.
+
+    The file count hides request latency for small files. The bytes keep bigger files from
+    flooding the source with requests that only compete there: requests in flight beyond what
+    covers the bandwidth-delay product add no throughput, and a server that shares its CPU among
+    them (a thread per request) spends more on each. A file counts at most a quarter of the bytes,
+    so that at least four files are always read at once. Only the scheduler waits (in plan order);
+    readers give back when they have read their file.
+    """
+
+    def __init__(self, files: int, nbytes: int) -> None:
+        self.files = files
+        self.bytes = nbytes
+        self._max_cost = max(1, nbytes // 4)
+        self._freed = anyio.Event()
+
+    def cost(self, size: int) -> int:
+        return min(size, self._max_cost)
+
+    async def acquire(self, cost: int) -> None:
+        while self.files < 1 or self.bytes < cost:
+            self._freed = anyio.Event()
+            await self._freed.wait()
+        self.files -= 1
+        self.bytes -= cost
+
+    def release(self, cost: int) -> None:
+        self.files += 1
+        self.bytes += cost
+        self._freed.set()
 
 
 @dataclass(eq=False)
@@ -231,7 +266,7 @@ def _views(slabs: list[bytearray], free: MemoryObjectReceiveStream[bytearray], r
 
 async def _read_file(
     source: Storage, key: str, entry: FileEntry, send: MemoryObjectSendStream[tuple[bytearray, int]],
-    free: MemoryObjectReceiveStream[bytearray], limiter: anyio.CapacityLimiter, file_hash: Hasher | None,
+    free: MemoryObjectReceiveStream[bytearray], read_ahead: ReadAhead, cost: int, file_hash: Hasher | None,
     threads: anyio.CapacityLimiter,
 ) -> None:
     """Read one file into its slabs and hash each chunk as it arrives (unless ``file_hash`` is
@@ -278,14 +313,14 @@ async def _read_file(
                 if reader is not None:
                     await reader.aclose()
     finally:
-        limiter.release_on_behalf_of(send)
+        read_ahead.release(cost)
 
 
 async def _schedule(
     plan: DatablockPlan, source: Storage, prefix: str, ctx: PipelineContext,
     files: MemoryObjectSendStream[_FileStream], tg: anyio.abc.TaskGroup, taken: set[_FileStream],
 ) -> None:
-    prefetch = anyio.CapacityLimiter(ctx.prefetch_files)
+    read_ahead = ReadAhead(ctx.prefetch_files, ctx.prefetch_bytes)
     # The readers' worker-thread calls have their own tokens: readers blocked on the network
     # never take those of anyio's default limiter, which the writes need.
     threads = anyio.CapacityLimiter(ctx.prefetch_files)
@@ -300,10 +335,11 @@ async def _schedule(
             fs = _FileStream(entry, slabs, chunks_recv, free_send, file_hash, hashes_together(file_hash))
             taken.add(fs)
             if entry.size:
-                await prefetch.acquire_on_behalf_of(chunks_send)
+                cost = read_ahead.cost(entry.size)
+                await read_ahead.acquire(cost)
                 tg.start_soon(
-                    _read_file, source, join_key(prefix, entry.path), entry, chunks_send, free_recv, prefetch,
-                    None if fs.drain_hashes else file_hash, threads,
+                    _read_file, source, join_key(prefix, entry.path), entry, chunks_send, free_recv, read_ahead,
+                    cost, None if fs.drain_hashes else file_hash, threads,
                 )
             else:
                 chunks_send.close()

@@ -6,7 +6,9 @@ import os
 import shutil
 import subprocess
 import tarfile
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -208,6 +210,60 @@ async def test_file_vanishing_during_the_archive_is_a_clear_user_error(tmp_path:
         with pytest.raises(MissingFileError, match=f"{victim}.*vanished"):
             await archive_dataset(app, ds.pid, source=src)
         assert not [p for p in (tmp_path / "state/lts").rglob("*") if ".moverd-tmp-" in p.name]
+
+
+class _CountingReads:
+    """The folder's storage, counting the files read at once (each read is slowed down a little,
+    so that every file the pipeline lets through overlaps with the others)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.open = 0
+        self.peak = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def open_reader(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        reader = await self._inner.open_reader(key, *args, **kwargs)
+        counter = self
+        counter.open += 1
+        counter.peak = max(counter.peak, counter.open)
+
+        class Slow:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(reader, name)
+
+            def readinto_blocking(self, buf: memoryview) -> int:
+                time.sleep(0.01)
+                return int(reader.readinto_blocking(buf))
+
+            async def aclose(self) -> None:
+                counter.open -= 1
+                await reader.aclose()
+
+        return Slow()
+
+
+@pytest.mark.parametrize(("size", "pipeline", "peak"), [
+    # 300 kB files against 1 MiB of read-ahead: a file counts at most a quarter of it
+    (300_000, {"prefetch_files": 32, "prefetch_bytes": "1MiB"}, 4),
+    # 100 kB files: the bytes would let 10 through, the file count stops at 6
+    (100_000, {"prefetch_files": 6, "prefetch_bytes": "1MiB"}, 6),
+    # 300 kB files, 2 MiB: 6 files (1.8 MB) fit, a seventh does not
+    (300_000, {"prefetch_files": 32, "prefetch_bytes": "2MiB"}, 6),
+])
+async def test_read_ahead_is_bounded_by_files_and_by_bytes(
+    tmp_path: Path, size: int, pipeline: dict[str, Any], peak: int
+) -> None:
+    files = small_files_tree(tmp_path / "src", 24, size=size)
+    async with App(make_settings(tmp_path, pipeline={"target_size": "1GiB", **pipeline})) as app:
+        ds, src = await register_folder(app, tmp_path / "src")
+        counting = _CountingReads(src)
+        await archive_dataset(app, ds.pid, source=counting)  # type: ignore[arg-type]
+        assert counting.peak == peak and counting.open == 0
+        await retrieve_dataset(app, ds.pid, app.local_folder(tmp_path / "out", "out", create=True))
+    assert read_tree(tmp_path / "out") == files
 
 
 @pytest.mark.slow
