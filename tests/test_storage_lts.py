@@ -458,6 +458,7 @@ async def test_big_writes_go_around_the_page_cache(root: Path, store: PosixStora
     await w.commit()
     assert (root / "ds/big.tar").read_bytes() == data
     assert hasher.hexdigest() == _xxh3(data)
+    assert not [t for t in threading.enumerate() if t.name == "moverd-direct-write"]
 
 
 async def test_direct_io_can_be_turned_off(root: Path) -> None:
@@ -488,10 +489,11 @@ async def test_direct_write_on_a_full_file_system_leaves_nothing(small_fs: Path)
     storage = make(small_fs, fsync=True)
     w = await storage.open_writer("ds/too-big.tar", size_hint=DIRECT_MIN)
     with pytest.raises(NoSpaceError, match="no space left"):
-        for _ in range(40):  # 10 MiB into 1 MiB: fails when the staging buffer goes out
+        for _ in range(40):  # 10 MiB into 1 MiB: fails when a staging buffer goes out
             await w.write(os.urandom(256 * 1024))
         await w.commit()
     assert files_in(small_fs) == ["ds"]
+    assert not [t for t in threading.enumerate() if t.name == "moverd-direct-write"]
 
 
 async def test_read_back_on_tmpfs(small_fs: Path) -> None:

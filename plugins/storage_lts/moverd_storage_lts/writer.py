@@ -55,7 +55,7 @@ class PosixWriter(Writer):
         self._read_back: ReadBack | None = None
         self._stage: direct.Stage | None = None
         self._on_disk = 0
-        """Bytes in the file (the rest of ``bytes_written`` is staged)."""
+        """Bytes written to the file without a stage (a stage counts its own)."""
         self.size_hint = size_hint or 0
 
     @classmethod
@@ -83,7 +83,7 @@ class PosixWriter(Writer):
         except OSError as exc:
             raise map_os_error(exc, writer.path, "write", where) from exc
         if direct_io and (size_hint or 0) >= direct.DIRECT_MIN and direct.set_direct(writer._fd, True):
-            writer._stage = direct.Stage()
+            writer._stage = direct.Stage(on_written=writer._advance_read_back)
         writer._state = "open"
         return writer
 
@@ -150,7 +150,7 @@ class PosixWriter(Writer):
             view = view.cast("B")
         try:
             if self._stage is not None:
-                self._on_disk += self._stage.put(fd, view)
+                self._stage.put(fd, view)
             else:
                 direct.write_all(fd, view)
                 self._on_disk += len(view)
@@ -168,8 +168,13 @@ class PosixWriter(Writer):
             except OSError:
                 pass  # advice only
             self._written_back = self._on_disk
+        if self._stage is None:
+            self._advance_read_back(self._on_disk)
+
+    def _advance_read_back(self, on_disk: int) -> None:
+        """Bytes up to ``on_disk`` are in the file (called by the stage's thread, if any)."""
         if self._read_back is not None:
-            self._read_back.advance(self._on_disk)
+            self._read_back.advance(on_disk)
 
     def _commit_sync(self) -> None:
         fd, self._fd = self._fd, None
