@@ -71,6 +71,9 @@ def test_every_problem_is_reported_with_its_key(tmp_path: Path) -> None:
         ("state_dir = 3\n", "state_dir: Input is not a valid path"),
         ("[catalog]\nurl = 'x'\n", "catalog: needs a 'type'"),
         ("[catalog]\ntype = 'scicat'\nurl = 'http://x'\n", "catalog.username"),
+        ("[scheduler]\njournal_retention = '-5d'\n", "scheduler.journal_retention: not a duration: '-5d'"),
+        ("[pipeline]\nprefetch_bytes = '16 lots'\n", "pipeline.prefetch_bytes"),
+        ("[pipeline]\nprefetch_bytes = '1KiB'\n", "pipeline.prefetch_bytes"),
     ],
 )
 def test_broken_config_files(tmp_path: Path, content: str, message: str) -> None:
