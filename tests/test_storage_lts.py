@@ -496,6 +496,28 @@ async def test_direct_write_on_a_full_file_system_leaves_nothing(small_fs: Path)
     assert not [t for t in threading.enumerate() if t.name == "moverd-direct-write"]
 
 
+async def test_a_file_system_refusing_direct_io_gets_the_page_cache(no_direct_io_fs: Path) -> None:
+    import fcntl
+
+    import xxhash
+    from moverd_storage_lts.direct import DIRECT_MIN, STAGE_SIZE
+
+    with pytest.raises(OSError):  # the fault is real: this file system refuses O_DIRECT
+        os.close(os.open(no_direct_io_fs / "probe", os.O_CREAT | os.O_WRONLY | os.O_DIRECT))
+    storage = make(no_direct_io_fs, fsync=True)
+    pieces = [os.urandom(n) for n in (512, STAGE_SIZE + 17, 3, 700_001)]
+    data = b"".join(pieces)
+    hasher = xxhash.xxh3_128()
+    w = await storage.open_writer("ds/big.tar", size_hint=DIRECT_MIN)
+    assert w._fd is not None and not fcntl.fcntl(w._fd, fcntl.F_GETFL) & os.O_DIRECT
+    assert w.read_back_into(hasher)  # reads back through the page cache
+    for piece in pieces:
+        await w.write(memoryview(piece))
+    await w.commit()
+    assert (no_direct_io_fs / "ds/big.tar").read_bytes() == data
+    assert hasher.hexdigest() == _xxh3(data)
+
+
 async def test_read_back_on_tmpfs(small_fs: Path) -> None:
     import xxhash
 

@@ -17,14 +17,15 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def tmpfs(mnt: Path, size: str = "1m") -> Iterator[Path]:
-    """Mount a tmpfs of ``size`` on ``mnt`` (created), unmount it afterwards."""
+def tmpfs(mnt: Path, size: str = "1m", fstype: str = "tmpfs") -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` (or another memory file system) on ``mnt`` (created), unmount
+    it afterwards."""
     mnt.mkdir(parents=True, exist_ok=True)
     if shutil.which("mount") is None:
-        pytest.skip("no mount command: cannot make a small file system for ENOSPC/EROFS faults")
-    res = _run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)])
+        pytest.skip(f"no mount command: cannot make a {fstype} for file system faults")
+    res = _run(["mount", "-t", fstype, "-o", f"size={size},mode=0755", fstype, str(mnt)])
     if res.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {res.stderr.strip()}")
+        pytest.skip(f"mounting a {fstype} is not permitted here: {res.stderr.strip()}")
     try:
         yield mnt
     finally:
@@ -41,4 +42,12 @@ def remount_read_only(mnt: Path) -> None:
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 1 MiB tmpfs, unmounted afterwards."""
     with tmpfs(tmp_path / "small", "1m") as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def no_direct_io_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real ramfs: a file system that refuses ``O_DIRECT`` (``EINVAL`` on open and on
+    ``F_SETFL``), as some network and FUSE file systems do."""
+    with tmpfs(tmp_path / "ramfs", "64m", fstype="ramfs") as mnt:
         yield mnt
