@@ -461,6 +461,58 @@ async def test_big_writes_go_around_the_page_cache(root: Path, store: PosixStora
     assert not [t for t in threading.enumerate() if t.name == "moverd-direct-write"]
 
 
+async def test_abort_while_the_stage_writes_leaves_no_read_back_thread(root: Path, store: PosixStorage) -> None:
+    import xxhash
+    from moverd_storage_lts.direct import DIRECT_MIN, STAGE_SIZE
+    from moverd_storage_lts.readback import SEGMENT
+
+    w = await store.open_writer("ds/big.tar", size_hint=DIRECT_MIN)
+    assert w.read_back_into(xxhash.xxh3_128()) and w._stage is not None
+    stage = w._stage
+    advance = stage._on_written
+    assert advance is not None
+
+    def late(on_disk: int) -> None:  # the stage's thread is still busy when the abort comes
+        time.sleep(0.3)
+        advance(on_disk)
+
+    stage._on_written = late
+    chunk = os.urandom(STAGE_SIZE)
+    for _ in range(SEGMENT // STAGE_SIZE):  # the last buffer, still being written, ends a segment
+        await w.write(chunk)
+    await w.abort()
+    time.sleep(0.1)
+    assert not [t for t in threading.enumerate() if t.name in ("moverd-read-back", "moverd-direct-write")]
+    assert files_in(root) == ["ds"]
+
+
+def test_a_failure_in_the_stage_thread_reaches_the_writer(tmp_path: Path) -> None:
+    from moverd_storage_lts.direct import STAGE_SIZE, Stage
+
+    def boom(on_disk: int) -> None:
+        raise RuntimeError("cannot start the read-back")
+
+    stage = Stage(on_written=boom)
+    fd = os.open(tmp_path / "f", os.O_CREAT | os.O_WRONLY)
+    raised: list[BaseException] = []
+
+    def fill() -> None:
+        try:
+            for _ in range(4):
+                stage.put(fd, memoryview(bytes(STAGE_SIZE)))
+            stage.finish(fd)
+        except BaseException as exc:
+            raised.append(exc)
+
+    filler = threading.Thread(target=fill)
+    filler.start()
+    filler.join(timeout=30)
+    assert not filler.is_alive(), "the writer's thread waits for a buffer the stage thread never gave back"
+    assert raised and "cannot start the read-back" in str(raised[0])
+    stage.close()  # every buffer is back: no BufferError
+    os.close(fd)
+
+
 async def test_direct_io_can_be_turned_off(root: Path) -> None:
     import fcntl
 

@@ -60,8 +60,8 @@ class Stage:
     (6-8 ms per 8 MiB here, about as long as hashing it), and the datablock writer's thread
     also hashes, so writing in line made that thread the bottleneck of the whole pipeline.
     ``on_written(total)`` runs in the stage's thread after each write, with the bytes in the
-    file so far. A failed write is raised (as its ``OSError``) by the next :meth:`put` or
-    by :meth:`finish`. Not thread-safe: one writer thread at a time.
+    file so far. A failed write (its ``OSError``, or whatever ``on_written`` raised) is raised by
+    the next :meth:`put` or by :meth:`finish`. Not thread-safe: one writer thread at a time.
     """
 
     def __init__(self, on_written: Callable[[int], None] | None = None, buffers: int = STAGE_BUFFERS) -> None:
@@ -72,7 +72,7 @@ class Stage:
         self._view = memoryview(self._maps[0])
         self._todo: queue.SimpleQueue[tuple[int, memoryview] | None] = queue.SimpleQueue()
         self._on_written = on_written
-        self._error: OSError | None = None
+        self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.fill = 0
         self.on_disk = 0
@@ -138,12 +138,13 @@ class Stage:
     def _run(self) -> None:
         while (job := self._todo.get()) is not None:
             fd, view = job
-            if self._error is None:
-                try:
+            try:
+                if self._error is None:
                     write_all(fd, view)
                     self.on_disk += len(view)
                     if self._on_written is not None:
                         self._on_written(self.on_disk)
-                except OSError as exc:
-                    self._error = exc
-            self._free.put(view)
+            except BaseException as exc:  # whatever it is, the writer's thread must learn of it
+                self._error = exc
+            finally:
+                self._free.put(view)  # never strand the writer's thread waiting for a buffer

@@ -211,11 +211,13 @@ class PosixWriter(Writer):
     def _discard_sync(self) -> None:
         """Close and unlink the temp file; best effort, never raises."""
         self._state = "discarded"
-        if self._read_back is not None:
-            self._read_back.cancel()
+        # The stage first: its thread's last write may still advance the read-back, which would
+        # start a new read-back thread after a cancel.
         if self._stage is not None:
             self._stage.close()
             self._stage = None
+        if self._read_back is not None:
+            self._read_back.cancel()
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
