@@ -326,6 +326,11 @@ async def _schedule(
     threads = anyio.CapacityLimiter(ctx.prefetch_files)
     async with files:
         for entry in plan.files:
+            # Read-ahead room before slabs: a file waiting for room holds no slabs another
+            # datablock could use.
+            cost = read_ahead.cost(entry.size)
+            if entry.size:
+                await read_ahead.acquire(cost)
             slabs = await ctx.pool.acquire(ctx.slabs_for(entry.size))
             chunks_send, chunks_recv = anyio.create_memory_object_stream[tuple[bytearray, int]](len(slabs) or 1)
             free_send, free_recv = anyio.create_memory_object_stream[bytearray](len(slabs) or 1)
@@ -335,8 +340,6 @@ async def _schedule(
             fs = _FileStream(entry, slabs, chunks_recv, free_send, file_hash, hashes_together(file_hash))
             taken.add(fs)
             if entry.size:
-                cost = read_ahead.cost(entry.size)
-                await read_ahead.acquire(cost)
                 tg.start_soon(
                     _read_file, source, join_key(prefix, entry.path), entry, chunks_send, free_recv, read_ahead,
                     cost, None if fs.drain_hashes else file_hash, threads,
