@@ -87,18 +87,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra environment for moverd (e.g. MOVERD_PIPELINE__PREFETCH_FILES=64)")
     a = p.parse_args(argv)
     parts = {x.strip() for x in a.only.split(",") if x.strip()}
+    warmup = not a.quick
+    scale = (64, 1000, 256) if a.quick else (512, 20000, 2048)
+    big, small, huge = DataSet("big", scale[0], 2 * MIB), DataSet("small", scale[1], 8 * KIB), \
+        DataSet("huge", scale[2], 2 * MIB)
+    extra_env = dict(kv.split("=", 1) for kv in a.moverd_env)
+
     def runs_for(ds: DataSet) -> int:
         """More rounds where they are cheap: a median of 7 shrugs off two slow runs of a tool (the
         machine is shared: single runs of the same tool vary by up to ±30 %)."""
         if a.runs:
             return a.runs
         return 1 if a.quick else 7 if ds is big else 3
-
-    warmup = not a.quick
-    scale = (64, 1000, 256) if a.quick else (512, 20000, 2048)
-    big, small, huge = DataSet("big", scale[0], 2 * MIB), DataSet("small", scale[1], 8 * KIB), \
-        DataSet("huge", scale[2], 2 * MIB)
-    extra_env = dict(kv.split("=", 1) for kv in a.moverd_env)
 
     t_start = time.perf_counter()
     workdir = a.workdir

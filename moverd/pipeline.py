@@ -94,15 +94,15 @@ class ReadAhead:
         self._max_cost = max(1, nbytes // 4)
         self._freed = anyio.Event()
 
-    def cost(self, size: int) -> int:
-        return min(size, self._max_cost)
-
-    async def acquire(self, cost: int) -> None:
+    async def acquire(self, size: int) -> int:
+        """Wait for room to read a file of ``size`` bytes; return what it took (for :meth:`release`)."""
+        cost = min(size, self._max_cost)
         while self.files < 1 or self.bytes < cost:
             self._freed = anyio.Event()
             await self._freed.wait()
         self.files -= 1
         self.bytes -= cost
+        return cost
 
     def release(self, cost: int) -> None:
         self.files += 1
@@ -328,9 +328,7 @@ async def _schedule(
         for entry in plan.files:
             # Read-ahead room before slabs: a file waiting for room holds no slabs another
             # datablock could use.
-            cost = read_ahead.cost(entry.size)
-            if entry.size:
-                await read_ahead.acquire(cost)
+            cost = await read_ahead.acquire(entry.size) if entry.size else 0
             slabs = await ctx.pool.acquire(ctx.slabs_for(entry.size))
             chunks_send, chunks_recv = anyio.create_memory_object_stream[tuple[bytearray, int]](len(slabs) or 1)
             free_send, free_recv = anyio.create_memory_object_stream[bytearray](len(slabs) or 1)

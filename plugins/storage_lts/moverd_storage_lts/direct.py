@@ -75,7 +75,7 @@ class Stage:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.fill = 0
-        self.on_disk = 0
+        self._written = 0
         """Bytes the stage's thread has written to the file."""
 
     def put(self, fd: int, data: memoryview) -> None:
@@ -101,7 +101,6 @@ class Stage:
         if self.fill > aligned:
             set_direct(fd, False)
             write_all(fd, self._view[aligned : self.fill])
-        self.on_disk += self.fill
         self.fill = 0
 
     def close(self) -> None:
@@ -141,9 +140,9 @@ class Stage:
             try:
                 if self._error is None:
                     write_all(fd, view)
-                    self.on_disk += len(view)
+                    self._written += len(view)
                     if self._on_written is not None:
-                        self._on_written(self.on_disk)
+                        self._on_written(self._written)
             except BaseException as exc:  # whatever it is, the writer's thread must learn of it
                 self._error = exc
             finally:

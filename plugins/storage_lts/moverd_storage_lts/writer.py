@@ -54,8 +54,6 @@ class PosixWriter(Writer):
         self._written_back = 0
         self._read_back: ReadBack | None = None
         self._stage: direct.Stage | None = None
-        self._on_disk = 0
-        """Bytes written to the file without a stage (a stage counts its own)."""
         self.size_hint = size_hint or 0
 
     @classmethod
@@ -153,23 +151,23 @@ class PosixWriter(Writer):
                 self._stage.put(fd, view)
             else:
                 direct.write_all(fd, view)
-                self._on_disk += len(view)
         except OSError as exc:
             self._discard_sync()
             raise map_os_error(exc, self.path, "write", self._where) from exc
         self.bytes_written += len(view)
-        if self._stage is None and self._fsync and self._on_disk - self._written_back >= _WRITEBACK_STEP:
+        if self._stage is not None:
+            return  # the stage's thread advances the read-back as its writes land
+        if self._fsync and self.bytes_written - self._written_back >= _WRITEBACK_STEP:
             # Start writing the file to the medium while the transfer goes on (DONTNEED starts
             # writeback of dirty pages without waiting for it), so that commit's fsync has
             # little left to do; it also keeps a big datablock from filling the page cache.
             try:
-                os.posix_fadvise(fd, self._written_back, self._on_disk - self._written_back,
+                os.posix_fadvise(fd, self._written_back, self.bytes_written - self._written_back,
                                  os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass  # advice only
-            self._written_back = self._on_disk
-        if self._stage is None:
-            self._advance_read_back(self._on_disk)
+            self._written_back = self.bytes_written
+        self._advance_read_back(self.bytes_written)
 
     def _advance_read_back(self, on_disk: int) -> None:
         """Bytes up to ``on_disk`` are in the file (called by the stage's thread, if any)."""
@@ -183,7 +181,6 @@ class PosixWriter(Writer):
                 try:
                     if self._stage is not None:
                         self._stage.finish(fd)
-                        self._on_disk = self.bytes_written
                     if self._fsync:
                         os.fsync(fd)
                     if self._read_back is not None:
