@@ -25,6 +25,14 @@ class MissingFileError(UserError):
     """A file the plan needs is absent from the source, or has another size than listed."""
 
 
+class SourceChangedError(UserError):
+    """A source file changed (grew, shrank, was rewritten or replaced) while it was being read.
+
+    Nothing read from it is committed or registered: a microscope still writing a file must never
+    have a truncated copy called archived. Archive again once the file is complete.
+    """
+
+
 class UnknownDatasetError(UserError):
     """The catalog has no dataset with this id."""
 

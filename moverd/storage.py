@@ -24,7 +24,11 @@ from .limits import Slots
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
-    """One object (file) of a storage. ``mode``/``uid``/``gid`` are None where unknown (S3)."""
+    """One object (file) of a storage. ``mode``/``uid``/``gid`` are None where unknown (S3).
+
+    ``etag`` (S3) and ``inode`` (POSIX) identify the version listed: a reader opened with
+    ``expect=`` this info refuses to read another version (see :meth:`Storage.open_reader`).
+    """
 
     key: str
     size: int
@@ -33,6 +37,7 @@ class ObjectInfo:
     uid: int | None = None
     gid: int | None = None
     etag: str | None = None
+    inode: int | None = None
 
 
 class Reader(Protocol):
@@ -122,12 +127,21 @@ class Storage(ABC):
 
     @abstractmethod
     async def open_reader(
-        self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False
+        self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False,
+        expect: ObjectInfo | None = None,
     ) -> Reader:
         """Stream ``length`` bytes from ``offset`` (to the end when None).
 
         ``uncached=True`` asks for the bytes as they are on the medium, not from a cache: the
         read-back verification uses it. Storages without a local cache ignore it.
+
+        ``expect`` is the object as a listing described it; the archive pipeline passes it for
+        every source file. The reader must then deliver that version's bytes or fail with
+        :class:`~moverd.SourceChangedError` (naming the key): when the object it opens is another
+        (other size, mtime or inode for a file; other ETag for S3, pinned with ``If-Match``), and,
+        by the time it returned the last byte of the range, when the object changed while it was
+        read (a file that grew, shrank or was rewritten). Storages that cannot tell check what
+        they can (at least the size) and say so in their docs.
         """
 
     @abstractmethod
