@@ -19,6 +19,7 @@ import pluggy
 from .buffers import SlabPool
 from .catalog import Catalog
 from .config import Settings, load_settings
+from .configcheck import settings_problems
 from .errors import ConfigError, SystemError_
 from .limits import Slots
 from .pipeline import PipelineContext
@@ -40,8 +41,9 @@ class App:
         self.load_report = report or LoadReport()
         self.registry = Registry.from_plugins(pm)
         self.context = Context(state_dir=settings.state_dir)
+        if problems := settings_problems(settings, self.registry):
+            raise ConfigError("\n".join(problems))
         p = settings.pipeline
-        self.registry.hasher(p.checksum)  # fail early on an unknown algorithm
         self.pool = SlabPool(p.chunk_size, p.buffer_budget)
         self.pipeline = PipelineContext(
             pool=self.pool, hasher=self.registry.hasher, checksum=p.checksum, prefetch_files=p.prefetch_files,

@@ -11,12 +11,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+from .errors import UserError
 from .models import Datablock, Dataset, FileEntry, Job, LifecycleUpdate
 
 
 class Catalog(ABC):
+    """Required methods are abstract. One optional capability, for catalogs that live beside the
+    data (the embedded local catalog): datasets made from a folder of this machine
+    (``moverd archive ./folder``), announced by ``local_folders = True`` with
+    :meth:`create_dataset` and :meth:`find_datasets`."""
+
     type_name: str = ""
     name: str = "catalog"
+    local_folders: bool = False
+    """A dataset's ``source_folder`` names a folder on this machine, which the archive reads in
+    place. False for a catalog like SciCat, whose ``sourceFolder`` is a path on the instrument's
+    machine and must never be mistaken for one here."""
 
     @abstractmethod
     async def get_job(self, job_id: str) -> Job: ...
@@ -47,6 +57,17 @@ class Catalog(ABC):
 
     @abstractmethod
     async def delete_datablock(self, pid: str, catalog_id: str) -> None: ...
+
+    async def create_dataset(self, files: list[FileEntry], *, source_folder: str) -> Dataset:
+        """Register a new dataset of ``files``, found in the local folder ``source_folder``."""
+        raise UserError(
+            f"the {self.type_name or self.name!r} catalog cannot make datasets from a folder; "
+            "give the id of a dataset it has"
+        )
+
+    async def find_datasets(self, *, source_folder: str) -> list[Dataset]:
+        """The datasets made from ``source_folder``, oldest first (to resume an interrupted one)."""
+        return []
 
     async def aclose(self) -> None:
         return None

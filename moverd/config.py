@@ -137,9 +137,14 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         for role in ROLES:
-            self.storages.setdefault(
-                role, {"type": "posix", "root": str(self.state_dir / role), "create": True}
-            )
+            default = {"type": "posix", "root": str(self.state_dir / role), "create": True}
+            section = self.storages.get(role)
+            if section is None:
+                self.storages[role] = default
+            elif isinstance(section, dict) and "type" not in section:
+                # A partial section (``MOVERD_STORAGES__LTS__ROOT=/x``) overrides keys of the
+                # embedded default; it does not replace it.
+                self.storages[role] = {**default, **section}
         for name, section in self.storages.items():
             if not isinstance(section, dict) or not isinstance(section.get("type"), str):
                 raise ValueError(f"storages.{name}: needs a 'type' (e.g. \"posix\" or \"s3\")")

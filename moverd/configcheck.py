@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import config_path, load_settings
+from .config import Settings, config_path, load_settings
 from .errors import ConfigError
 from .plugins import load_plugins
 from .registry import Registry
@@ -21,8 +21,17 @@ def check_config(path: str | Path | None) -> tuple[list[str], str]:
     except ConfigError as exc:
         return str(exc).splitlines(), where
     pm, report = load_plugins()
-    reg = Registry.from_plugins(pm)
     problems = [f"plugin {name!r} is broken: {why}" for name, why in report.broken.items()]
+    return problems + settings_problems(settings, Registry.from_plugins(pm)), where
+
+
+def settings_problems(settings: Settings, reg: Registry) -> list[str]:
+    """What the plugins find wrong in the sections they own (storages, catalog, checksum).
+
+    :class:`~moverd.app.App` refuses to start on any of them, so that a typo in a storage is
+    reported before anything is registered or written, not when that storage is first used.
+    """
+    problems: list[str] = []
     for name in sorted(settings.storages):
         type_name, options = settings.storage_options(name)
         try:
@@ -38,7 +47,7 @@ def check_config(path: str | Path | None) -> tuple[list[str], str]:
             f"pipeline.checksum: unknown algorithm {settings.pipeline.checksum!r}; "
             f"known: {', '.join(sorted(reg.checksums))}"
         )
-    return problems, where
+    return problems
 
 
 def effective_config(path: str | Path | None) -> str:

@@ -12,20 +12,30 @@ import re
 from .errors import UnsafePathError
 
 _MAX_KEY_BYTES = 4096
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# Control characters, and the lone surrogates that stand for the bytes of a file name that is not
+# valid UTF-8 (``os.fsdecode``'s surrogateescape): no catalog can store such a name as text.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 def safe_key(key: str, *, allow_empty: bool = False) -> str:
     """Return ``key`` normalised (no leading ``./``, no doubled or trailing slashes) or raise.
 
     Refused: absolute paths, ``..`` components, NUL and other control characters that no
-    storage handles the same way, and empty keys unless ``allow_empty`` (a prefix may be empty).
+    storage handles the same way, names that are not valid UTF-8 (shown with their bytes
+    escaped), and empty keys unless ``allow_empty`` (a prefix may be empty).
     """
     if not isinstance(key, str):
         raise UnsafePathError(f"key must be a string, not {type(key).__name__}")
     if _CONTROL.search(key):  # every key of every file passes here: one regex scan, not a loop
         if "\x00" in key:
             raise UnsafePathError(f"unsafe key {key!r}: contains NUL")
+        if _SURROGATE.search(key):
+            shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UnsafePathError(
+                f"unsafe key '{shown}': the name is not valid UTF-8 (its undecodable bytes are shown as "
+                "\\xNN); rename the file"
+            )
         raise UnsafePathError(f"unsafe key {key!r}: contains a control character")
     if key.startswith("/") or key.startswith("\\"):
         raise UnsafePathError(f"unsafe key {key!r}: absolute paths are not allowed")

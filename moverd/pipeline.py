@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import anyio
@@ -41,12 +41,12 @@ from .checksums import (
     hashes_together,
     update_many,
 )
-from .errors import MissingFileError, NotFoundError
+from .errors import MissingFileError, NotFoundError, SourceChangedError
 from .events import Transfer
 from .keys import join_key
 from .models import Datablock, FileEntry, Member
 from .planner import DatablockPlan
-from .storage import BlockingWrites, Storage, Writer
+from .storage import BlockingWrites, ObjectInfo, Storage, Writer
 from .tarframe import end_of_archive, member_header, padding
 
 COALESCE_SIZE = 256 * 1024
@@ -267,7 +267,7 @@ def _views(slabs: list[bytearray], free: MemoryObjectReceiveStream[bytearray], r
 async def _read_file(
     source: Storage, key: str, entry: FileEntry, send: MemoryObjectSendStream[tuple[bytearray, int]],
     free: MemoryObjectReceiveStream[bytearray], read_ahead: ReadAhead, cost: int, file_hash: Hasher | None,
-    threads: anyio.CapacityLimiter,
+    threads: anyio.CapacityLimiter, expect: ObjectInfo | None,
 ) -> None:
     """Read one file into its slabs and hash each chunk as it arrives (unless ``file_hash`` is
     None: the drain hashes), as fast as the drain gives slabs back. Hashing here, not in the
@@ -277,7 +277,7 @@ async def _read_file(
         async with send, free:
             reader = None
             try:
-                reader = await source.open_reader(key)
+                reader = await source.open_reader(key, expect=expect)
                 # A plain attribute lookup: isinstance() on a runtime-checkable protocol costs
                 # several microseconds per file.
                 blocking: Callable[[memoryview], int] | None = getattr(reader, "readinto_blocking", None)
@@ -300,9 +300,10 @@ async def _read_file(
                             file_hash.update(views[0][: counts[0]])
                     for slab, view, n in zip(slabs, views, counts, strict=False):
                         if n < len(view):
-                            raise MissingFileError(
-                                f"{key!r} in {source.name!r} has {entry.size - remaining + n} bytes, "
-                                f"expected {entry.size} (it changed while being archived)"
+                            raise SourceChangedError(
+                                f"{key!r} in {source.name!r} changed while it was being read: it ended after "
+                                f"{entry.size - remaining + n} of its {entry.size} bytes. Nothing read from it "
+                                "was committed; archive again once the file is complete"
                             )
                         remaining -= n
                         await send.send((slab, n))
@@ -319,6 +320,7 @@ async def _read_file(
 async def _schedule(
     plan: DatablockPlan, source: Storage, prefix: str, ctx: PipelineContext,
     files: MemoryObjectSendStream[_FileStream], tg: anyio.abc.TaskGroup, taken: set[_FileStream],
+    listed: Mapping[str, ObjectInfo],
 ) -> None:
     read_ahead = ReadAhead(ctx.prefetch_files, ctx.prefetch_bytes)
     # The readers' worker-thread calls have their own tokens: readers blocked on the network
@@ -340,7 +342,7 @@ async def _schedule(
             if entry.size:
                 tg.start_soon(
                     _read_file, source, join_key(prefix, entry.path), entry, chunks_send, free_recv, read_ahead,
-                    cost, None if fs.drain_hashes else file_hash, threads,
+                    cost, None if fs.drain_hashes else file_hash, threads, listed.get(entry.path),
                 )
             else:
                 chunks_send.close()
@@ -360,9 +362,13 @@ class WrittenDatablock:
 
 async def write_datablock(
     plan: DatablockPlan, source: Storage, prefix: str, sink: Storage, ctx: PipelineContext,
-    transfer: Transfer | None = None,
+    transfer: Transfer | None = None, listed: Mapping[str, ObjectInfo] | None = None,
 ) -> WrittenDatablock:
     """Stream the plan's files from ``source`` into one tar on ``sink`` and commit it.
+
+    ``listed`` maps a file's path to the source's listing of it: each file is then read with
+    ``expect=`` that listing, so that one that changes while it is read fails the datablock
+    (:class:`~moverd.SourceChangedError`) instead of being committed truncated or mixed.
 
     Returns the datablock with its member index. When the sink's writer reads its bytes back
     while writing (:meth:`~moverd.Writer.read_back_into`), the result says whether they matched;
@@ -381,7 +387,7 @@ async def write_datablock(
         async with anyio.create_task_group() as tg:
             tg.start_soon(out.drain)
             files_send, files_recv = anyio.create_memory_object_stream[_FileStream](ctx.prefetch_files)
-            tg.start_soon(_schedule, plan, source, prefix, ctx, files_send, tg, taken)
+            tg.start_soon(_schedule, plan, source, prefix, ctx, files_send, tg, taken, listed or {})
             try:
                 async with files_recv:
                     async for fs in files_recv:

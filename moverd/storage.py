@@ -116,6 +116,11 @@ class Storage(ABC):
     name: str = ""
     read_slots: Slots | None = None
     write_slots: Slots | None = None
+    files_change_in_place: bool = True
+    """Whether an object can change under its key after it was listed without becoming a new
+    version a reader pinned to the listing would refuse, as a file that is still being written
+    can. The archive then lists the source once more at the end and fails if anything changed.
+    Object stores whose objects appear only complete and are replaced whole (S3) set False."""
 
     @abstractmethod
     def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:

@@ -56,6 +56,7 @@ class LocalCatalogOptions(Options):
 
 class LocalCatalog(Catalog):
     type_name = "local"
+    local_folders = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -118,6 +119,15 @@ class LocalCatalog(Catalog):
 
         await self._run(tx)
         return await self.get_dataset(pid)
+
+    async def find_datasets(self, *, source_folder: str) -> list[Dataset]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT pid, source_folder, size, number_of_files, lifecycle FROM datasets"
+                " WHERE source_folder=? ORDER BY created", (source_folder,)
+            ).fetchall()
+        )
+        return [self._dataset(r) for r in rows]
 
     async def list_datasets(self) -> list[Dataset]:
         rows = await self._run(

@@ -11,6 +11,7 @@ import gc
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -114,35 +115,43 @@ def archive(
     source: Annotated[
         str, typer.Argument(help="A folder to archive as a new dataset, or the id of a catalogued dataset.")
     ],
+    new: Annotated[bool, typer.Option(
+        "--new", help="Archive the folder as a new dataset even if it was archived before, as it is now."
+    )] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Archive a folder (as a new dataset in the local catalog) or a catalogued dataset to the LTS."""
-    from ..models import ArchiveStatus, LifecycleUpdate
-    from ..services import archive_dataset
-    from ..services.folders import dataset_source, register_folder
+    """Archive a folder (as a dataset of the local catalog) or a catalogued dataset to the LTS.
+
+    The same folder again resumes its interrupted dataset, reusing the datablocks already
+    committed; a folder archived already, with the same files, is reported and not archived twice.
+    """
+    from ..services.folders import dataset_for_folder
+    from ..services.lifecycle import archive_with_lifecycle
 
     folder = Path(source)
     is_folder = folder.is_dir()
     looks_like_path = source.startswith((".", "/", "~")) or (os.sep in source and folder.parent.is_dir())
+    started: list[str] = []  # the dataset being archived, for the resume hint
 
     async def go(a: App) -> dict[str, Any]:
+        state = "catalogued"
         if is_folder:
-            ds, src = await register_folder(a, folder)
-            prefix = ""
+            found = await dataset_for_folder(a, folder, new=new)
+            pid, state = found.dataset.pid, found.state
+            if state == "archived":
+                return {"dataset": pid, "already_archived": True, "folder": found.dataset.source_folder}
         elif looks_like_path:
             raise UserError(f"folder {source!r} does not exist")
         else:
-            ds = await a.catalog.get_dataset(source)
-            src, prefix, _ = dataset_source(a, ds)
-        pid = ds.pid
+            pid = (await a.catalog.get_dataset(source)).pid
+        started.append(pid)
+        if state == "resumed" and not as_json:
+            out.print(f"resuming dataset [bold]{pid}[/] of this folder (an earlier archive did not finish)")
         transfer = Transfer(kind="archive", dataset=pid)
         t0 = time.monotonic()
         async with show_progress(transfer, enabled=not as_json):
-            await a.catalog.update_lifecycle(pid, LifecycleUpdate(archive_status=ArchiveStatus.started))
-            result = await archive_dataset(a, pid, source=src, prefix=prefix, transfer=transfer)
-            await a.catalog.update_lifecycle(pid, LifecycleUpdate(
-                archive_status=ArchiveStatus.on_archive_disk, archivable=False, retrievable=True))
+            result = await archive_with_lifecycle(a, pid, transfer=transfer)
         seconds = time.monotonic() - t0
         return {
             "dataset": pid, "bytes": result.size, "files": transfer.files_total, "seconds": round(seconds, 3),
@@ -150,12 +159,25 @@ def archive(
                 {"archive_id": d.archive_id, "size": d.size, "packed_size": d.packed_size, "files": len(d.members)}
                 for d in result.datablocks
             ],
-            "written": result.written, "reused": result.reused,
+            "written": result.written, "reused": result.reused, "resumed": state == "resumed",
+            "already_archived": False,
         }
 
-    res = run(go, config)
+    try:
+        res = run(go, config)
+    except typer.Exit as exc:
+        if started and exc.exit_code in (1, 130):
+            # Interrupted, or a storage or catalog failed: what is committed is kept for a resume.
+            typer.echo(f"moverd: resume with: moverd archive {shlex.quote(source)}", err=True)
+        raise
     if as_json:
         emit_json(res)
+        return
+    if res["already_archived"]:
+        out.print(
+            f"already archived: {res['folder']} is dataset [bold]{res['dataset']}[/], with the same files; "
+            "use --new to archive it again"
+        )
         return
     rate = res["bytes"] / res["seconds"] if res["seconds"] else 0
     out.print(

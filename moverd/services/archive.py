@@ -15,7 +15,7 @@ import anyio
 
 from ..app import App
 from ..datablocks import read_index, verify_datablock, write_index
-from ..errors import MissingFileError, SystemError_, VerificationError
+from ..errors import MissingFileError, SourceChangedError, SystemError_, VerificationError
 from ..events import Transfer
 from ..models import Datablock, FileEntry
 from ..pipeline import write_datablock
@@ -42,17 +42,23 @@ class ArchiveResult:
     reused: int = 0
     registered: list[str] = field(default_factory=list)
     """Catalog ids this call registered (a failed job deletes them again)."""
+    written_ids: list[str] = field(default_factory=list)
+    """Archive ids of the datablocks this call wrote (not reused) on the LTS."""
 
     @property
     def size(self) -> int:
         return sum(d.size for d in self.datablocks)
 
 
-async def check_source(source: Storage, prefix: str, files: Sequence[FileEntry]) -> list[FileEntry]:
+async def check_source(
+    source: Storage, prefix: str, files: Sequence[FileEntry]
+) -> tuple[list[FileEntry], dict[str, ObjectInfo]]:
     """Check every listed file is in the source with the listed size, before anything is written.
 
     Returns the files completed with what the source knows and the list did not say (mode,
-    owner, mtime). Missing or resized files are a user error that names them.
+    owner, mtime), and the source's listing of each by path: the pipeline reads every file
+    pinned to that listing, so a file that changes from here on is caught. Missing or resized
+    files are a user error that names them.
     """
     found: dict[str, ObjectInfo] = {}
     strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
@@ -60,6 +66,7 @@ async def check_source(source: Storage, prefix: str, files: Sequence[FileEntry])
         found[info.key[strip:]] = info
     problems: list[str] = []
     out: list[FileEntry] = []
+    listed: dict[str, ObjectInfo] = {}
     for f in check_file_list(files):
         if f.path not in found:
             problems.append(f"{f.path!r} is missing")
@@ -68,6 +75,7 @@ async def check_source(source: Storage, prefix: str, files: Sequence[FileEntry])
         if info.size != f.size:
             problems.append(f"{f.path!r} has {info.size} bytes, the catalog lists {f.size}")
             continue
+        listed[f.path] = info
         out.append(f.model_copy(update={
             "mtime": f.mtime or info.mtime,
             "mode": f.mode if f.mode is not None else info.mode,
@@ -78,7 +86,7 @@ async def check_source(source: Storage, prefix: str, files: Sequence[FileEntry])
         shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
         where = f"{source.name!r}" + (f" under {prefix!r}" if prefix else "")
         raise MissingFileError(f"{len(problems)} file(s) of the dataset not found as listed in {where}: {shown}")
-    return out
+    return out, listed
 
 
 def _same_content(block: Datablock, plan: DatablockPlan) -> bool:
@@ -109,7 +117,7 @@ async def _archive(
     catalog = app.catalog
     lts = app.storage("lts")
     listed = list(files) if files is not None else await catalog.list_files(pid)
-    checked = await check_source(source, prefix, listed)
+    checked, on_source = await check_source(source, prefix, listed)
     plans = plan_datablocks(pid, checked, app.settings.pipeline.target_size)
     transfer.bytes_total = sum(p.size for p in plans)
     transfer.files_total = len(checked)
@@ -125,7 +133,9 @@ async def _archive(
 
     async def one(plan: DatablockPlan) -> None:
         async def work() -> Datablock:
-            return await _archive_block(app, pid, plan, source, prefix, lts, registered, transfer, result)
+            return await _archive_block(
+                app, pid, plan, source, prefix, lts, registered, transfer, result, on_source
+            )
 
         async with limiter:
             block = await block_runner(plan, work)
@@ -136,11 +146,39 @@ async def _archive(
         for plan in plans:
             tg.start_soon(one, plan)
     result.datablocks = [b for b in blocks if b is not None]
+    if source.files_change_in_place:
+        await check_unchanged(source, prefix, on_source)
+
+
+async def check_unchanged(source: Storage, prefix: str, listed: dict[str, ObjectInfo]) -> None:
+    """List the source again: every file must still be as it was listed before the archive.
+
+    Each read is pinned to the first listing, so no datablock holds a torn file; this catches a
+    file that changed after it was read (a detector still writing the end of its files), whose
+    archived copy is consistent but incomplete. It runs before the dataset is called archived
+    and before its source is deleted.
+    """
+    strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
+    now = {info.key[strip:]: info async for info in source.list(prefix)}
+    changed = [path for path, info in listed.items() if not _same_version(info, now.get(path))]
+    if changed:
+        shown = ", ".join(repr(p) for p in sorted(changed)[:10]) + (
+            f" and {len(changed) - 10} more" if len(changed) > 10 else ""
+        )
+        raise SourceChangedError(
+            f"{len(changed)} file(s) of {source.name!r} changed while the dataset was being archived: {shown}. "
+            "The dataset is not archived; archive it again once its files are complete"
+        )
+
+
+def _same_version(a: ObjectInfo, b: ObjectInfo | None) -> bool:
+    return b is not None and (a.size, a.mtime, a.inode, a.etag) == (b.size, b.mtime, b.inode, b.etag)
 
 
 async def _archive_block(
     app: App, pid: str, plan: DatablockPlan, source: Storage, prefix: str, lts: Storage,
     registered: dict[str, Datablock], transfer: Transfer, result: ArchiveResult,
+    on_source: dict[str, ObjectInfo],
 ) -> Datablock:
     known = registered.get(plan.archive_id)
     if known is not None:
@@ -170,7 +208,7 @@ async def _archive_block(
     if block is None:
         async with app.slot(lts, "write"):
             await lts.wait_for_space(plan.packed_size_estimate)
-            written = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer)
+            written = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer, on_source)
             block = written.datablock
             # A tar without its index would be written again on resume: never stop in between.
             with anyio.CancelScope(shield=True):
@@ -187,6 +225,7 @@ async def _archive_block(
                     "a second read matched: the LTS returns inconsistent data"
                 )
         result.written += 1
+        result.written_ids.append(plan.archive_id)
     app.notify("datablock_verified", transfer=transfer, datablock=block)
     block.catalog_id = await app.catalog.register_datablock(pid, block)
     result.registered.append(block.catalog_id)

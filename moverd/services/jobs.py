@@ -22,11 +22,10 @@ from typing import Any, Literal
 import anyio
 
 from ..app import App
-from ..errors import MoverdError, NotFoundError, StorageError, UserError
+from ..errors import NotFoundError, StorageError, UserError
 from ..events import Transfer
 from ..keys import join_key, safe_key
 from ..models import (
-    ArchiveStatus,
     Job,
     JobDataset,
     JobStatus,
@@ -36,9 +35,9 @@ from ..models import (
     RetrieveStatus,
 )
 from ..storage import Storage
-from .archive import ArchiveResult, BlockRunner, archive_dataset
+from .archive import BlockRunner
 from .archive import _direct as _direct_block
-from .folders import dataset_source
+from .lifecycle import archive_with_lifecycle, best_effort
 from .observed import observed
 from .retrieve import load_indexes, retrieve_members, select_members
 from .transfer import copy_datablock
@@ -142,46 +141,11 @@ async def archive_job_dataset(
     app: App, entry: JobDataset, transfer: Transfer, block_runner: BlockRunner = _direct_block
 ) -> DatasetOutcome:
     """One dataset of an archive job, from ``started`` to ``datasetOnArchiveDisk`` (or an error)."""
-    catalog = app.catalog
-    pid = entry.pid
-    result = ArchiveResult(pid=pid)
     try:
-        source, prefix, is_landing = dataset_source(app, await catalog.get_dataset(pid))
-        await catalog.update_lifecycle(pid, LifecycleUpdate(archive_status=ArchiveStatus.started, archivable=False))
-        files = await catalog.list_files(pid)
-        await archive_dataset(
-            app, pid, source=source, prefix=prefix, files=files, transfer=transfer, result=result,
-            block_runner=block_runner,
-        )
-        if is_landing and app.settings.archive.delete_landing:
-            # Only now: every datablock is committed, verified and registered.
-            deleted = await source.delete_prefix(prefix)
-            log.info("deleted %d landing-zone object(s) of %s", deleted, pid)
-        await catalog.update_lifecycle(pid, LifecycleUpdate(
-            archive_status=ArchiveStatus.on_archive_disk, archivable=False, retrievable=True))
-        return DatasetOutcome(pid, "ok")
+        await archive_with_lifecycle(app, entry.pid, transfer=transfer, block_runner=block_runner)
     except Exception as exc:
-        outcome = classify(exc)
-        log.warning("archiving %s failed (%s): %s", pid, outcome, exc)
-        with anyio.CancelScope(shield=True):
-            await _rollback_registrations(app, pid, result)
-            status = ArchiveStatus.missing_files if outcome == "user_error" else ArchiveStatus.failed
-            await _best_effort(catalog.update_lifecycle(pid, LifecycleUpdate(
-                archive_status=status, archivable=False, retrievable=False)), f"lifecycle of {pid}")
-        return DatasetOutcome(pid, outcome, str(exc))
-
-
-async def _rollback_registrations(app: App, pid: str, result: ArchiveResult) -> None:
-    """Delete the catalog datablocks this attempt registered; the LTS copies stay for a resume."""
-    for catalog_id in result.registered:
-        await _best_effort(app.catalog.delete_datablock(pid, catalog_id), f"datablock {catalog_id} of {pid}")
-
-
-async def _best_effort(op: Awaitable[None], what: str) -> None:
-    try:
-        await op
-    except MoverdError as exc:
-        log.error("could not update %s: %s", what, exc)
+        return DatasetOutcome(entry.pid, classify(exc), str(exc))
+    return DatasetOutcome(entry.pid, "ok")
 
 
 async def retrieve_job_dataset(
@@ -202,7 +166,7 @@ async def retrieve_job_dataset(
         outcome = classify(exc)
         log.warning("retrieving %s failed (%s): %s", pid, outcome, exc)
         with anyio.CancelScope(shield=True):
-            await _best_effort(catalog.update_lifecycle(pid, LifecycleUpdate(
+            await best_effort(catalog.update_lifecycle(pid, LifecycleUpdate(
                 retrieve_status=RetrieveStatus.failed)), f"lifecycle of {pid}")
         return DatasetOutcome(pid, outcome, str(exc))
 

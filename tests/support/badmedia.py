@@ -64,8 +64,8 @@ class BadReadsStorage(PosixStorage):
                                            size_hint=size_hint, direct_io=self.options.direct_io)
 
     async def open_reader(self, key: str, offset: int = 0, length: int | None = None, *,
-                          uncached: bool = False) -> Any:
-        reader = await super().open_reader(key, offset, length, uncached=uncached)
+                          uncached: bool = False, expect: Any = None) -> Any:
+        reader = await super().open_reader(key, offset, length, uncached=uncached, expect=expect)
         return _FlippingReader(reader) if uncached and key.endswith(".tar") else reader
 
 

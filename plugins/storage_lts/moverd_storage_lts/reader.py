@@ -11,6 +11,14 @@ pages are clean and ``POSIX_FADV_DONTNEED`` evicts them; the bytes then come fro
 range read is dropped again shortly after (every 8 MiB, behind the read position, so that the
 kernel's sequential read-ahead keeps working), so a verify of a large datablock does not fill the
 page cache either.
+
+``expect`` (the listing's :class:`~moverd.ObjectInfo`, passed by the archive pipeline) pins the
+version: the file opened must have the listed size, mtime and inode, and when the last byte of
+the range has been read its descriptor must still show that size and mtime and its path the same
+inode. A file that grows, shrinks, is rewritten in place or replaced while it is read (a detector
+still writing) raises :class:`~moverd.SourceChangedError` instead of ending up truncated in a
+datablock. The checks cost one ``fstat`` at open and an ``fstat`` and a ``stat`` at the end, in
+thread calls the reader makes anyway.
 """
 
 from __future__ import annotations
@@ -18,10 +26,11 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import anyio
 
-from moverd import NotFoundError, StorageError
+from moverd import NotFoundError, ObjectInfo, SourceChangedError, StorageError
 
 from .oserrors import map_os_error
 
@@ -32,6 +41,21 @@ _SEQUENTIAL_FROM = 1 << 20
 # An uncached read drops what it read from the cache in steps this big, behind the read position:
 # dropping after every read would also throw away the kernel's read-ahead and make it read twice.
 _DROP_STEP = 8 << 20
+
+
+def _when(mtime: float) -> str:
+    return datetime.fromtimestamp(mtime, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _version_differs(expect: ObjectInfo, st: os.stat_result) -> str | None:
+    """How the opened file differs from the listed one, or None."""
+    if expect.inode is not None and st.st_ino != expect.inode:
+        return "it was replaced by another file after it was listed"
+    if st.st_size != expect.size:
+        return f"it was listed with {expect.size} bytes and has {st.st_size} now"
+    if st.st_mtime != expect.mtime:
+        return f"it was modified at {_when(st.st_mtime)}, after it was listed"
+    return None
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:
@@ -54,6 +78,7 @@ class PosixReader:
         *,
         uncached: bool,
         where: str,
+        expect: ObjectInfo | None = None,
     ) -> None:
         self._resolve = resolve
         self._key = key
@@ -68,6 +93,8 @@ class PosixReader:
         self._done = False
         self._closed = False
         self._dropped_to = offset
+        self._expect = expect
+        self._opened_as: os.stat_result | None = None
 
     async def readinto(self, buf: memoryview) -> int:
         if self._closed:
@@ -96,6 +123,10 @@ class PosixReader:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise NotFoundError(f"{self._where}: {self._key!r} is not a regular file")
+            if self._expect is not None:
+                if (why := _version_differs(self._expect, st)) is not None:
+                    raise self._changed(why)
+                self._opened_as = st
             end = st.st_size if self._length is None else min(st.st_size, self._pos + self._length)
             self._remaining = max(0, end - self._pos)
             if self._uncached:
@@ -135,6 +166,8 @@ class PosixReader:
         except OSError as exc:
             raise map_os_error(exc, self._path, "read", self._where) from exc
         self._pos += n
+        if self._opened_as is not None and (n == 0 or self._remaining == n):
+            self._check_unchanged(fd, n)
         if self._uncached and self._pos - self._dropped_to >= _DROP_STEP:
             aligned = self._dropped_to - self._dropped_to % _PAGE
             _drop_cache(fd, aligned, self._pos - aligned)
@@ -144,6 +177,41 @@ class PosixReader:
             # The file shrank, or the range is done: close now and spare aclose a thread hop.
             self._close_sync()
         return n
+
+    def _changed(self, why: str) -> SourceChangedError:
+        return SourceChangedError(
+            f"{self._where}: {self._key!r} changed while it was being read: {why}. Nothing read from it "
+            "was committed; archive again once the file is complete"
+        )
+
+    def _check_unchanged(self, fd: int, n: int) -> None:
+        """At the end of the range: the file must still be the one opened, as it was opened."""
+        opened = self._opened_as
+        assert opened is not None
+        try:
+            now = os.fstat(fd)
+            try:
+                at_path = os.stat(self._path)
+            except FileNotFoundError:
+                at_path = None
+        except OSError as exc:
+            self._close_sync()
+            raise map_os_error(exc, self._path, "stat", self._where) from exc
+        why = None
+        if n == 0:
+            why = f"it ended at byte {self._pos}, {self._remaining} bytes short of its listed size"
+        elif now.st_size != opened.st_size:
+            grew = "grew" if now.st_size > opened.st_size else "shrank"
+            why = f"it {grew} from {opened.st_size} to {now.st_size} bytes"
+        elif now.st_mtime_ns != opened.st_mtime_ns:
+            why = f"it was modified at {_when(now.st_mtime)}"
+        elif at_path is None:
+            why = "it was removed"
+        elif (at_path.st_dev, at_path.st_ino) != (now.st_dev, now.st_ino):
+            why = "it was replaced by another file"
+        if why is not None:
+            self._close_sync()
+            raise self._changed(why)
 
     def _close_sync(self) -> None:
         fd, self._fd = self._fd, None

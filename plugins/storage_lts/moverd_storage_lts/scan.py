@@ -26,7 +26,7 @@ def object_info(key: str, st: os.stat_result) -> ObjectInfo:
     """The contract's view of a stat result: permission bits only, as a tar header keeps them."""
     return ObjectInfo(
         key=key, size=st.st_size, mtime=st.st_mtime, mode=st.st_mode & 0o7777,
-        uid=st.st_uid, gid=st.st_gid,
+        uid=st.st_uid, gid=st.st_gid, inode=st.st_ino,
     )
 
 

@@ -131,17 +131,19 @@ class PosixStorage(Storage):
         return scan.object_info(key, st)
 
     async def open_reader(
-        self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False
+        self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False,
+        expect: ObjectInfo | None = None,
     ) -> PosixReader:
         """A lazy reader: the file is opened by the first ``readinto`` (one thread hop per small file).
 
         A missing file therefore raises :class:`~moverd.NotFoundError` from that first
-        ``readinto``; an unsafe key raises here, before any I/O.
+        ``readinto``, and a file that is not the ``expect``-ed version (or changes while it is
+        read) :class:`~moverd.SourceChangedError`; an unsafe key raises here, before any I/O.
         """
         key = safe_key(key)
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"bad range for {key!r}: offset={offset}, length={length}")
-        return PosixReader(self._real_path, key, offset, length, uncached=uncached, where=self._where)
+        return PosixReader(self._real_path, key, offset, length, uncached=uncached, where=self._where, expect=expect)
 
     async def open_writer(self, key: str, size_hint: int | None = None) -> PosixWriter:
         """Start a temp file next to ``key``.
