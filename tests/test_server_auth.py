@@ -13,6 +13,7 @@ import pytest
 from moverd.server.auth import Authenticator, AuthError, token_roles
 from moverd.server.settings import AuthSettings
 from tests.support.daemon import JWKSServer
+from tests.support.silent import SilentServer
 
 pytestmark = pytest.mark.anyio
 
@@ -65,7 +66,7 @@ async def test_identity_provider_down_and_key_cache(jwks: JWKSServer) -> None:
                                       jwks_timeout=2), anonymous=False)
     try:
         err = await refused(down, f"Bearer {jwks.mint()}")
-        assert err.status == 401 and "unavailable" in err.message
+        assert err.status == 503 and "unavailable" in err.message and "127.0.0.1:1" in err.message
         token = jwks.mint()
         for _ in range(5):
             await auth.authenticate(f"Bearer {token}")
@@ -103,3 +104,43 @@ def test_settings_refuse_half_configurations() -> None:
         AuthSettings(idp_url="https://kc.example", idp_realm="r")
     with pytest.raises(ValueError, match="idp_realm"):
         AuthSettings(idp_url="https://kc.example", idp_audience="a")
+
+
+async def test_a_silent_identity_provider_is_waited_for_within_the_bound(jwks: JWKSServer) -> None:
+    """The keys' URL accepts connections and never answers: a token is refused within
+    ``jwks_timeout``, saying whom it waited for, and the requests behind it do not queue up."""
+    with SilentServer() as silent:
+        auth = Authenticator(AuthSettings(jwks_url=f"{silent.url}/certs", issuer=jwks.issuer, idp_audience="a",
+                                          jwks_timeout=1.5), anonymous=False)
+        try:
+            token = f"Bearer {jwks.mint()}"
+            t0 = time.monotonic()
+            err = await refused(auth, token)
+            took = time.monotonic() - t0
+            assert err.status == 503, err.message
+            assert silent.url in err.message and "no complete answer within 1.5 s" in err.message, err.message
+            assert 1.0 < took < 3.0, took
+            assert silent.accepted >= 1  # it did connect: the wait was for the answer
+            t0 = time.monotonic()
+            async with anyio.create_task_group() as tg:  # ten at once: not ten waits in a row
+                for _ in range(10):
+                    tg.start_soon(refused, auth, token)
+            assert time.monotonic() - t0 < 3.0
+        finally:
+            await auth.aclose()
+
+
+async def test_a_slow_drip_identity_provider_is_cut_off_as_a_whole(jwks: JWKSServer) -> None:
+    """An answer that trickles in, a byte at a time within every read timeout, still gets only
+    ``jwks_timeout`` in all."""
+    with SilentServer(drip=b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                      + b" " * 1000) as drip:
+        auth = Authenticator(AuthSettings(jwks_url=f"{drip.url}/certs", issuer=jwks.issuer, idp_audience="a",
+                                          jwks_timeout=2), anonymous=False)
+        try:
+            t0 = time.monotonic()
+            err = await refused(auth, f"Bearer {jwks.mint()}")
+            assert time.monotonic() - t0 < 4.0
+            assert err.status == 503 and "no complete answer within 2 s" in err.message, err.message
+        finally:
+            await auth.aclose()

@@ -3,21 +3,33 @@
 Everything lives under ``server.root_path`` (the seed's ``/archiver/api/v1``). The job routes and
 the docs need credentials (:mod:`.auth`); health is open, and so are the metrics unless
 ``server.metrics_auth`` is set. Error bodies are ``{"detail": "<one clear sentence>"}``.
+
+What a client sends is bounded before anything else looks at it, because the API is reachable by
+anyone who can reach the port: headers by h11 itself (:class:`LimitedH11Protocol`, 431), bodies
+by :class:`RequestLimits` (413), and ``POST /jobs`` checks credentials before it reads its body,
+so that a caller without them gets 401 and never has a byte of its body read or parsed.
 """
 
 
+import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import anyio
+import h11
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import Config
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
 
 from .. import __version__
 from ..app import App
@@ -88,7 +100,7 @@ def _describe_validation(exc: RequestValidationError) -> str:
             msg = "is not a job id (letters, digits and ._:@+- only)"
         elif err.get("type") == "json_invalid":
             loc, msg = "body", "is not valid JSON"
-        elif err.get("type") == "model_attributes_type":
+        elif err.get("type") in ("model_attributes_type", "model_type"):
             loc, msg = "body", 'must be a JSON object like {"id": "<job id>", "type": "archive"}'
         parts.append(f"{loc} {msg}" if loc != "body" or not msg.startswith("body") else msg)
     return "; ".join(parts) or "invalid request"
@@ -108,6 +120,8 @@ def create_api(ctx: ApiContext) -> FastAPI:
             return await ctx.auth.authenticate(authorization)
         except AuthError as exc:
             headers = {"WWW-Authenticate": exc.challenge} if exc.challenge and exc.status == 401 else None
+            if exc.status == 503:  # the identity provider is away: try again, not with other credentials
+                headers = {"Retry-After": "30"}
             raise ApiError(exc.status, exc.message, headers) from None
 
     async def open_access() -> None:
@@ -131,17 +145,23 @@ def create_api(ctx: ApiContext) -> FastAPI:
         403: {"model": Problem, "description": "Valid credentials without the required role or group."},
     }
 
-    @router.post("/jobs", status_code=201, response_model=JobAccepted, tags=["jobs"], responses={
+    job_body = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": JobRequest.model_json_schema()}}}}
+
+    @router.post("/jobs", status_code=201, response_model=JobAccepted, tags=["jobs"], openapi_extra=job_body,
+                 responses={
         **errors, 200: {"model": JobAccepted, "description": "The job already has a run that is not over: that one."},
         404: {"model": Problem, "description": "The catalog has no such job."},
         409: {"model": Problem, "description": "The catalog has the job with another type, or this daemon "
                                                "does not run jobs of the type (embedded, server.job_types)."},
+        413: {"model": Problem, "description": "The body is larger than server.max_body_size."},
         422: {"model": Problem, "description": "The body is not a job."},
         503: {"model": Problem, "description": "Shutting down, or the catalog or Prefect is unreachable."},
     })
-    async def submit_job(body: JobRequest, who: Authed, response: Response) -> JobAccepted:
+    async def submit_job(request: Request, who: Authed, response: Response) -> JobAccepted:
         """Run catalog job ``id`` asynchronously (SciCat's URL action). A job that already has a run
         not yet over is not started twice: the answer is that run (status 200)."""
+        body = await _job_request(request)
         d = ctx.dispatcher
         if not d.accepting:
             raise ApiError(503, "moverd is shutting down and takes no new jobs", {"Retry-After": "30"})
@@ -228,7 +248,193 @@ def create_api(ctx: ApiContext) -> FastAPI:
             return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="moverd API")
 
     api.include_router(router)
+    api.add_middleware(RequestLimits, max_body=settings.max_body_size, max_head=settings.max_header_size)
     return api
+
+
+async def _job_request(request: Request) -> JobRequest:
+    """The body of ``POST /jobs``, read here rather than by FastAPI: FastAPI reads and parses a
+    declared body before any dependency runs, that is before the credentials are checked."""
+    raw = await request.body()
+    try:
+        return JobRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors, body=raw) from None
+
+
+class BodyTooLargeError(Exception):
+    """Raised from ``receive`` when a body outgrows the limit; :class:`RequestLimits` answers it."""
+
+
+class RequestLimits:
+    """Refuses a body over ``max_body`` bytes with 413, headers over ``max_head`` with 431, and
+    closes a connection whose request body was not read.
+
+    h11 bounds the head only while it is incomplete (a whole head that came in one read is
+    parsed, whatever its size), so the headers are measured here again.
+
+    A declared ``Content-Length`` over the limit is refused before the application runs; a
+    chunked body is counted as the application reads it. A response sent before the body was read
+    to its end (401, 413, 404...) carries ``Connection: close``: the server then drops the rest
+    instead of reading it off the wire only to throw it away.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body: int, max_head: int) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.max_head = max_head
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 16
+        head += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        if head > self.max_head:
+            await _refuse(send, 431, f"request line and headers exceed {self.max_head} bytes (server.max_header_size)")
+            return
+        length: int | None = None
+        chunked = False
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = int(value) if value.isdigit() else -1
+            elif name == b"transfer-encoding":
+                chunked = True
+        if length is not None and (length < 0 or length > self.max_body):
+            await _refuse(send, 413, f"the request body is larger than {self.max_body} bytes "
+                                     "(server.max_body_size)" if length >= 0 else "bad Content-Length")
+            return
+        complete = not chunked and not length
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, complete
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLargeError
+                complete = not message.get("more_body", False)
+            return message
+
+        async def closing_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if not complete:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, closing_send)
+        except BodyTooLargeError:
+            if started:
+                raise
+            await _refuse(send, 413, f"the request body is larger than {self.max_body} bytes (server.max_body_size)")
+
+
+async def _refuse(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+H11_DEFAULT_MAX_HEAD = 16 * 1024
+"""h11's own bound of a request's head, when none is configured."""
+
+
+class _Connection(h11.Connection):
+    """h11's connection, remembering why it refused a request: its hint (431 for a request line
+    and headers over ``max_incomplete_event_size``) is the status to answer."""
+
+    refusal: h11.RemoteProtocolError | None = None
+
+    def next_event(self) -> Any:
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.refusal = exc
+            raise
+
+
+LINGER = 1.0
+"""How long a refused request's connection is drained after the answer (see :class:`_LingeringClose`)."""
+
+
+class _LingeringClose:
+    """The connection's transport, closing the way HTTP servers must when a request body is left
+    unread: send the answer and a FIN, throw away what still arrives for at most ``LINGER``
+    seconds, then close. Closing a socket with unread data sends a TCP reset at once, and a reset
+    makes the kernel drop the answer still on its way: the client saw its 413 or 401 cut off."""
+
+    def __init__(self, transport: asyncio.Transport, linger: float) -> None:
+        self._transport = transport
+        self._linger = linger
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        self.lingering = True
+        if self._transport.can_write_eof():
+            self._transport.write_eof()  # after everything buffered: the answer goes out whole
+        self._transport.resume_reading()
+        asyncio.get_running_loop().call_later(self._linger, self._transport.close)
+
+
+class LimitedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, answering an oversized head with 431 instead of a bare 400, and
+    closing connections with a lingering close.
+
+    h11 stops buffering a request's head at ``h11_max_incomplete_event_size`` bytes (the daemon
+    sets ``server.max_header_size``); uvicorn answers every refusal of h11 with 400, which tells a
+    client nothing about what to change.
+    """
+
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.max_head = config.h11_max_incomplete_event_size or H11_DEFAULT_MAX_HEAD
+        self.conn = _Connection(h11.SERVER, self.max_head)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.transport = cast(asyncio.Transport, _LingeringClose(self.transport, LINGER))
+
+    def data_received(self, data: bytes) -> None:
+        if isinstance(self.transport, _LingeringClose) and self.transport.lingering:
+            return  # the rest of a refused request: dropped unparsed
+        super().data_received(data)
+
+    def eof_received(self) -> None:
+        if isinstance(self.transport, _LingeringClose) and self.transport.lingering:
+            self.transport._transport.close()
+            return
+        super().eof_received()
+
+    def send_400_response(self, msg: str) -> None:
+        refusal = getattr(self.conn, "refusal", None)
+        if refusal is None or refusal.error_status_hint != 431:
+            super().send_400_response(msg)
+            return
+        self.logger.warning("refused a request whose line and headers exceed %d bytes (server.max_header_size)",
+                            self.max_head)
+        body = f"request line and headers exceed {self.max_head} bytes (server.max_header_size)".encode()
+        event = h11.Response(status_code=431, reason=b"Request Header Fields Too Large", headers=[
+            (b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")])
+        for ev in (event, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(ev) or b"")
+        self.transport.close()
 
 
 async def _read_job(app: App, job_id: str) -> Job:

@@ -7,7 +7,13 @@ token signed with an unknown ``kid`` triggers one refetch (the IdP rotated its k
 so that a stream of forged tokens cannot turn moverd into a load generator against the IdP.
 
 Failures are :class:`AuthError` with the status (401: no or bad credentials, 403: valid but not
-allowed) and the ``WWW-Authenticate`` challenge the API sends back.
+allowed, 503: the identity provider's keys cannot be had, so a token can be neither accepted nor
+refused) and the ``WWW-Authenticate`` challenge the API sends back.
+
+Waiting for the identity provider is bounded: a fetch of the keys gets ``jwks_timeout`` as a whole
+(the connection at most :data:`CONNECT_TIMEOUT` of it), and a failed fetch is not tried again
+for ``jwks_refresh_min_interval``, so that requests behind a silent identity provider are refused
+at once instead of each waiting out its own timeout in turn.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from .settings import AuthSettings
 log = logging.getLogger(__name__)
 
 REALM = "moverd"
+CONNECT_TIMEOUT = 5.0
+"""Longest wait for the identity provider's TCP (and TLS) connection, within ``jwks_timeout``."""
 
 
 class AuthError(Exception):
@@ -58,8 +66,12 @@ class JWKSCache:
         self.url = url
         self.ttl = ttl
         self.min_refresh_interval = min_refresh_interval
-        self._client = client or httpx.AsyncClient(timeout=timeout)
+        self.timeout = timeout
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout)))
         self._own_client = client is None
+        self._failure: str | None = None
+        """Why the last fetch failed (``None`` after a success): the answer until the next try."""
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched = 0.0
         """monotonic time of the last fetch attempt (successful or not)."""
@@ -75,15 +87,17 @@ class JWKSCache:
         self._fetched = time.monotonic()
         self.fetches += 1
         try:
-            resp = await self._client.get(self.url)
-            resp.raise_for_status()
-            data = resp.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            log.warning("cannot fetch the signing keys from %s: %s", self.url, exc)
+            with anyio.fail_after(self.timeout):
+                resp = await self._client.get(self.url)
+                resp.raise_for_status()
+                data = resp.json()
+        except (httpx.HTTPError, ValueError, TimeoutError) as exc:
+            self._failure = self._describe(exc)
+            log.warning("cannot fetch the signing keys: %s", self._failure)
             if not self._keys:
-                raise AuthError(401, f"the identity provider's keys are unavailable ({exc})",
-                                bearer_challenge("invalid_token", "signing keys unavailable")) from None
+                raise self._unavailable() from None
             return
+        self._failure = None
         keys: dict[str, jwt.PyJWK] = {}
         for entry in data.get("keys", []) if isinstance(data, dict) else []:
             if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
@@ -98,14 +112,33 @@ class JWKSCache:
         self._loaded = self._fetched
         log.info("loaded %d signing key(s) from %s", len(keys), self.url)
 
+    def _describe(self, exc: BaseException) -> str:
+        """What was awaited from whom: httpx's timeouts often carry no message at all."""
+        t = f"{self.timeout:g} s"
+        if isinstance(exc, httpx.ConnectTimeout):
+            return f"{self.url}: no connection within {min(CONNECT_TIMEOUT, self.timeout):g} s"
+        if isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout, TimeoutError)):
+            return f"{self.url}: no complete answer within {t} (jwks_timeout)"
+        if isinstance(exc, httpx.HTTPStatusError):
+            return f"{self.url}: answered {exc.response.status_code}"
+        if isinstance(exc, ValueError):
+            return f"{self.url}: the answer is not JSON"
+        return f"{self.url}: {type(exc).__name__}: {exc}".rstrip(": ")
+
+    def _unavailable(self) -> AuthError:
+        return AuthError(503, f"the identity provider's signing keys are unavailable ({self._failure})",
+                         bearer_challenge("temporarily_unavailable", "signing keys unavailable"))
+
     async def key(self, kid: str) -> jwt.PyJWK | None:
         async with self._lock:
             now = time.monotonic()
             stale = not self._loaded or now - self._loaded > self.ttl
             unknown = kid not in self._keys
             may_refetch = now - self._fetched >= self.min_refresh_interval or not self._fetched
-            if stale or (unknown and may_refetch):
+            if (stale or unknown) and (may_refetch or (stale and self._failure is None)):
                 await self._fetch()
+            elif not self._keys and self._failure is not None:
+                raise self._unavailable()  # failed moments ago: not waited for again yet
             return self._keys.get(kid)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -248,7 +249,7 @@ class Daemon:
 
         from flows.limits import install_global_limits
 
-        from .api import ApiContext, create_api
+        from .api import ApiContext, LimitedH11Protocol, create_api
         from .auth import Authenticator
         from .dispatch import make_dispatcher
         from .health import Readiness, limit_names
@@ -257,7 +258,14 @@ class Daemon:
         s = self.settings
         t0 = time.monotonic()
         client = await stack.enter_async_context(get_client())  # the ephemeral server starts here
-        error = await client.api_healthcheck()
+        bound = s.server.prefect_request_timeout
+        try:
+            # Prefect's client retries a request that timed out: bound the whole check, so that a
+            # silent Prefect server fails the start after this long, not after all the retries.
+            with anyio.fail_after(bound):
+                error = await client.api_healthcheck()
+        except TimeoutError:
+            error = TimeoutError(f"no answer within {bound:g} s (server.prefect_request_timeout)")
         if error is not None:
             raise ConfigError(f"Prefect at {client.api_url} does not answer: {error}")
         log.info("Prefect ready at %s after %.1f s", client.api_url, time.monotonic() - t0)
@@ -293,7 +301,7 @@ class Daemon:
                                     readiness=readiness, state=lambda: self.state))
         server = uvicorn.Server(uvicorn.Config(
             api, log_config=None, access_log=s.server.access_log, lifespan="off", timeout_graceful_shutdown=5,
-            server_header=False,
+            server_header=False, http=LimitedH11Protocol, h11_max_incomplete_event_size=s.server.max_header_size,
         ))
         housekeeping = Housekeeping(app, dispatcher, journal, metrics)
         return dispatcher, housekeeping, server
@@ -353,6 +361,9 @@ def run_daemon(settings: Settings, config: Path | None) -> int:
     except ConfigError as exc:
         _error(exc)
         return 3
+    # Before anything imports prefect, which reads its settings once: every request of the
+    # daemon's Prefect clients waits at most this long to connect, and for each read.
+    os.environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", f"{settings.server.prefect_request_timeout:g}")
     api_url = configured_api_url()
     mode = "scale-out" if api_url else "embedded"
     local = None

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from ..options import Options
-from ..units import Duration
+from ..units import ByteSize, Duration
 
 PositiveDuration = Annotated[Duration, Field(gt=0)]
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -61,7 +61,9 @@ class AuthSettings(Options):
     """A token with an unknown ``kid`` refetches the keys (key rotation), at most this often, so
     that forged tokens cannot make moverd hammer the identity provider."""
     jwks_timeout: PositiveDuration = 10.0
-    """Timeout of one JWKS request."""
+    """Bound of one JWKS request as a whole (connecting, sending, the answer's last byte); the
+    connection alone gets at most 5 s of it. A request with a token never waits longer for the
+    keys: a silent identity provider answers 503, it does not hang the API."""
     anonymous: bool | None = None
     """Accept requests without credentials. Default (unset): only when nothing else is configured
     and the API listens on loopback; a daemon reachable from the network refuses to start without
@@ -159,6 +161,17 @@ class ServerSettings(BaseModel):
     """Serve the OpenAPI document and its browsable docs (behind authentication)."""
     access_log: bool = False
     """Log every HTTP request."""
+    max_body_size: ByteSize = Field(64 * 1024, ge=1024)
+    """Largest request body (the job API takes small JSON documents); a bigger one is answered
+    413 without being read, and a body declared bigger by ``Content-Length`` before any of it."""
+    max_header_size: ByteSize = Field(32 * 1024, ge=4096)
+    """Largest request line plus headers (a Keycloak token with many groups takes a few KiB); more
+    is answered 431 without being buffered."""
+    prefect_request_timeout: PositiveDuration = 30.0
+    """Connect, read, write and pool timeout of each request of the daemon's Prefect client (it is
+    ``PREFECT_API_REQUEST_TIMEOUT`` when that is not set in the environment; Prefect's default is
+    60 s). Prefect retries a timed-out request up to ``PREFECT_CLIENT_MAX_RETRIES`` times; the
+    daemon's own check of Prefect at start and readiness are bounded as a whole."""
     readiness_timeout: PositiveDuration = 5.0
     """Per-check timeout of ``/health/readyz`` (catalog, each storage, Prefect)."""
     prefect_ui: bool = True
