@@ -429,7 +429,7 @@ class _Consumed:
         entry = self.entry
         return Member(
             path=entry.path, size=entry.size, offset=self.data_offset, header_offset=self.header_offset,
-            mtime=int(entry.mtime), mode=entry.mode, uid=entry.uid, gid=entry.gid,
+            mtime=entry.mtime, mode=entry.mode, uid=entry.uid, gid=entry.gid,
             checksum=self.file_hash.hexdigest(),
         )
 

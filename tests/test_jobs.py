@@ -107,6 +107,15 @@ def no_temp_files(facility: Facility) -> bool:
     return not [p for p in (facility.tmp / "lts").rglob("*") if ".moverd-tmp-" in p.name]
 
 
+async def test_datablock_file_times_keep_their_milliseconds(facility: Facility) -> None:
+    files = dataset_files(5, n=2)
+    pid = facility.add_dataset(files, file_time="2024-05-01T12:00:26.074Z")
+    res = await run(facility, facility.scicat.add_job("archive", [pid]))
+    assert res["status"] == "finishedSuccessful", res
+    times = {f["time"] for b in facility.scicat.datablocks(pid) for f in b["dataFileList"]}
+    assert times == {"2024-05-01T12:00:26.074Z"}
+
+
 async def test_one_bad_dataset_does_not_stop_the_others(facility: Facility) -> None:
     good1, good2 = dataset_files(2, n=3), dataset_files(3, n=3)
     bad = dataset_files(4, n=3)
