@@ -776,19 +776,26 @@ async def test_delete_prefix(root: Path, store: PosixStorage, outside: Path) -> 
 
 
 async def test_remove_stale_temp_files(root: Path, store: PosixStorage) -> None:
-    crashed = await store.open_writer("ds/block.tar")
-    await crashed.write(b"half a datablock")  # and then the process died: no commit, no abort
-    [tmp] = [p for p in (root / "ds").iterdir() if is_temp_name(p.name)]
+    # A writer of a process that died left its temp file unlocked (the kernel dropped the lock).
+    (root / "ds").mkdir()
+    crashed = root / "ds" / f".block.tar{TEMP_MARK}0123456789ab"
+    crashed.write_bytes(b"half a datablock")
+    recent = root / "ds" / f".recent.tar{TEMP_MARK}0123456789ab"
+    recent.write_bytes(b"died a minute ago")
     old = time.time() - 7200
-    os.utime(tmp, (old, old))
-    fresh = await store.open_writer("ds/other.tar")
-    await fresh.write(b"still being written")
+    os.utime(crashed, (old, old))
+    # A live writer that paused for two hours keeps its file: it holds the lock.
+    paused = await store.open_writer("ds/paused.tar")
+    await paused.write(b"still being written")
+    [paused_tmp] = [p for p in (root / "ds").iterdir() if p.name.startswith(".paused.tar")]
+    os.utime(paused_tmp, (old, old))
     (root / "ds" / "innocent.moverd-tmp-notours").write_bytes(b"")
     assert await store.remove_stale_temp_files(3600) == 1
-    assert not tmp.exists()
-    await fresh.commit()
-    assert sorted(p.name for p in (root / "ds").iterdir()) == ["innocent.moverd-tmp-notours", "other.tar"]
-    await crashed.abort()  # its temp is gone already: abort still must not raise
+    assert not crashed.exists() and recent.exists() and paused_tmp.exists()
+    assert await store.remove_stale_temp_files(0) == 1  # the recent dead one; the paused one stays
+    assert paused_tmp.exists()
+    await paused.commit()
+    assert sorted(p.name for p in (root / "ds").iterdir()) == ["innocent.moverd-tmp-notours", "paused.tar"]
 
 
 async def test_remove_all_temp_files_of_a_prefix(root: Path, store: PosixStorage) -> None:

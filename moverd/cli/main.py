@@ -193,20 +193,42 @@ def retrieve(
     dataset: Annotated[str, typer.Argument(help="Dataset id.")],
     to: Annotated[Path, typer.Option("--to", help="Folder to write the files into (created if missing).")],
     files: Annotated[list[str] | None, typer.Option("--file", "-f", help="Only this file (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace files already in the folder that differ from the dataset's.")] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Retrieve a dataset, or only some of its files, from the LTS into a folder, verified."""
+    """Retrieve a dataset, or only some of its files, from the LTS into a folder, verified.
+
+    Files already there with the archived checksum are skipped; any other file already there
+    refuses the retrieval before anything is written, unless --overwrite.
+    """
     from ..services import retrieve_dataset
 
     async def go(a: App) -> dict[str, Any]:
-        target = a.local_folder(to.resolve(), "target", create=True, fsync=False)
+        dest = to.resolve()
+        # The nearest existing ancestor decides: a file there cannot hold the folder.
+        here = dest
+        while not here.exists() and here != here.parent:
+            here = here.parent
+        if not here.is_dir():
+            which = "is a file" if here == dest else f"cannot be created: {here} is a file"
+            raise UserError(f"--to {to}: {which}, not a folder")
+        empty = not dest.exists()
+        if not empty:
+            with os.scandir(dest) as entries:
+                empty = next(entries, None) is None
+        # overwrite=False makes the folder's writers publish without replacing: a file created
+        # after the check below is still not overwritten.
+        target = a.local_folder(dest, "target", create=True, fsync=False, overwrite=overwrite)
         transfer = Transfer(kind="retrieve", dataset=dataset)
         t0 = time.monotonic()
         async with show_progress(transfer, enabled=not as_json):
-            result = await retrieve_dataset(a, dataset, target, files=files, transfer=transfer)
+            result = await retrieve_dataset(a, dataset, target, files=files, transfer=transfer, overwrite=overwrite,
+                                            check_existing=not empty)
         return {
-            "dataset": dataset, "to": str(to.resolve()), "files": len(result.files), "bytes": result.size,
+            "dataset": dataset, "to": str(dest), "files": len(result.files), "bytes": result.size,
+            "skipped": len(result.skipped), "removed_temp_files": result.removed_temp_files,
             "seconds": round(time.monotonic() - t0, 3),
         }
 
@@ -214,9 +236,12 @@ def retrieve(
     if as_json:
         emit_json(res)
     else:
+        skipped = f", {res['skipped']} already there and identical (skipped)" if res["skipped"] else ""
+        swept = (f", {res['removed_temp_files']} temp file(s) of an interrupted retrieve removed"
+                 if res["removed_temp_files"] else "")
         out.print(
             f"retrieved [bold]{res['dataset']}[/]: {res['files']} files, {format_size(res['bytes'])} "
-            f"into {res['to']} in {res['seconds']:.1f} s, every file verified"
+            f"into {res['to']} in {res['seconds']:.1f} s, every file verified{skipped}{swept}"
         )
 
 

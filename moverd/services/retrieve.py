@@ -3,6 +3,13 @@
 Every member is read through its byte range in the tar (the member index says where), so a
 partial retrieval reads only the requested files, and every byte is checked against the member's
 recorded checksum while it streams: a file is published only once it matched.
+
+:func:`retrieve_dataset` never replaces what is already in the target unless asked: before the
+first byte is written it looks at every file it is going to write. A file there with the member's
+checksum is skipped (as rsync would), one that differs is a conflict, and any conflict refuses the
+whole retrieval. Then it removes the temp files an earlier, killed retrieval left in the folders it
+is going to write (never those of a writer still running; the storage tells them apart), so a
+re-run after a crash both completes the work and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -14,8 +21,8 @@ import anyio
 
 from ..app import App
 from ..buffers import fill
-from ..datablocks import copy_range_verified, read_index
-from ..errors import SystemError_, UserError, VerificationError
+from ..datablocks import checksum_range, copy_range_verified, read_index
+from ..errors import NotFoundError, StorageError, SystemError_, UserError, VerificationError
 from ..events import Transfer
 from ..keys import safe_key
 from ..models import Datablock, Member
@@ -23,16 +30,39 @@ from ..storage import Storage
 from .observed import observed
 
 MEMBER_CONCURRENCY = 4
+CHECK_CONCURRENCY = 8
+"""Existing files looked at (stat, and hashed when the size matches) at a time."""
+SHOWN_CONFLICTS = 5
 
 
 @dataclass
 class RetrieveResult:
     pid: str
     files: list[Member] = field(default_factory=list)
+    """Members written."""
+    skipped: list[Member] = field(default_factory=list)
+    """Members already in the target with their recorded checksum: not written again."""
+    removed_temp_files: int = 0
+    """Temp files of earlier, dead writers removed from the folders written to."""
 
     @property
     def size(self) -> int:
         return sum(m.size for m in self.files)
+
+
+class ExistingFilesError(UserError):
+    """Files to retrieve are already in the target with other contents."""
+
+    def __init__(self, where: str, conflicts: Sequence[str]) -> None:
+        self.conflicts = sorted(conflicts)
+        shown = ", ".join(repr(c) for c in self.conflicts[:SHOWN_CONFLICTS])
+        more = len(self.conflicts) - SHOWN_CONFLICTS
+        super().__init__(
+            f"{len(self.conflicts)} file(s) to retrieve already exist in {where} and differ from the "
+            f"dataset's (or cannot be read to compare): "
+            f"{shown}{f' and {more} more' if more > 0 else ''}; nothing was written "
+            f"(retrieve with --overwrite to replace them)"
+        )
 
 
 async def load_indexes(app: App, pid: str) -> list[Datablock]:
@@ -169,16 +199,86 @@ async def retrieve_members(
             tg.start_soon(one, run)
 
 
+async def find_existing(
+    app: App, target: Storage, chosen: Sequence[tuple[Datablock, Sequence[Member]]],
+) -> tuple[set[str], list[str]]:
+    """``(identical, conflicts)``: member paths already in ``target`` with the member's checksum,
+    and those there with other contents. Only a file of the member's size is read and hashed."""
+    identical: set[str] = set()
+    conflicts: list[str] = []
+    limiter = anyio.CapacityLimiter(CHECK_CONCURRENCY)
+
+    async def one(block: Datablock, m: Member) -> None:
+        async with limiter:
+            try:
+                info = await target.stat(m.path)
+                if info.size != m.size:
+                    conflicts.append(m.path)
+                    return
+                got = await checksum_range(target, m.path, 0, m.size, block.checksum_alg, app.registry.hasher,
+                                           app.pool)
+            except NotFoundError:
+                return
+            except (VerificationError, StorageError):  # shrank while read, unreadable: not proven equal
+                conflicts.append(m.path)
+                return
+            (identical.add if got == m.checksum else conflicts.append)(m.path)
+
+    async with anyio.create_task_group() as tg:
+        for block, members in chosen:
+            for m in members:
+                tg.start_soon(one, block, m)
+    return identical, conflicts
+
+
+def folders_written(members: Sequence[Member]) -> list[str]:
+    """The topmost folders (keys, '' for the root) that hold the members: each one's subtree
+    covers every folder the retrieval writes into, and no folder is swept twice."""
+    dirs = {m.path.rpartition("/")[0] for m in members}
+    if "" in dirs:
+        return [""]
+    out: set[str] = set()
+    for d in sorted(dirs, key=lambda d: d.count("/")):  # ancestors first
+        parts = d.split("/")
+        if not any("/".join(parts[:i]) in out for i in range(1, len(parts) + 1)):
+            out.add(d)
+    return sorted(out)
+
+
 async def retrieve_dataset(
     app: App, pid: str, target: Storage, *, files: Sequence[str] | None = None,
-    transfer: Transfer | None = None,
+    transfer: Transfer | None = None, overwrite: bool = False, check_existing: bool = True,
 ) -> RetrieveResult:
-    """Copy the dataset's files (or only ``files``) from the LTS into ``target``, verified."""
+    """Copy the dataset's files (or only ``files``) from the LTS into ``target``, verified.
+
+    Files already in ``target`` with the member's checksum are skipped (their mtime and mode are
+    set, which a killed retrieval may not have done yet); any other existing file raises
+    :class:`ExistingFilesError` before anything is written, unless ``overwrite``. A file that
+    appears after that check is protected only by the target itself (a ``posix`` storage with
+    ``overwrite = false`` refuses to publish over it). ``check_existing=False`` is for a caller
+    who knows the target was empty: it saves a stat per file.
+    """
     lts = app.storage("lts")
     transfer = transfer or Transfer(kind="retrieve", dataset=pid)
     result = RetrieveResult(pid=pid)
     with observed(app, transfer):
         chosen = select_members(await load_indexes(app, pid), files)
+        # Every folder of the selection, skipped files' too: an earlier run may have left a temp
+        # file next to a file that a later run then completed.
+        folders = folders_written([m for _, ms in chosen for m in ms])
+        if check_existing:
+            identical, conflicts = await find_existing(app, target, chosen)
+            if conflicts and not overwrite:
+                where = target.describe().get("root") or f"storage {target.name!r}"
+                raise ExistingFilesError(str(where), conflicts)
+            skipped = [(b, m) for b, ms in chosen for m in ms if m.path in identical]
+            chosen = [(b, [m for m in ms if m.path not in identical]) for b, ms in chosen]
+            chosen = [(b, ms) for b, ms in chosen if ms]
+            for _, m in skipped:
+                await target.set_metadata(m.path, mtime=m.mtime, mode=m.mode)
+            result.skipped = [m for _, m in skipped]
+        for prefix in folders:
+            result.removed_temp_files += await target.remove_stale_temp_files(0, prefix=prefix)
         transfer.bytes_total = sum(m.size for _, ms in chosen for m in ms)
         transfer.files_total = sum(len(ms) for _, ms in chosen)
         transfer.datablocks_total = len(chosen)

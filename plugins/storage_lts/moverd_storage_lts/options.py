@@ -37,6 +37,12 @@ class PosixOptions(Options):
         default=True,
         description="fsync each file and its directory on commit (durability; only tests turn it off).",
     )
+    overwrite: bool = Field(
+        default=True,
+        description="A commit replaces a file already at its key. When false, it fails instead "
+        "(TargetExistsError, a user error) and leaves that file as it is, even one created while the "
+        "writer ran: what ``moverd retrieve`` uses unless given --overwrite.",
+    )
     direct_io: bool = Field(
         default=True,
         description="Write datablocks of 64 MiB and more around the page cache (O_DIRECT) where the "

@@ -39,7 +39,7 @@ from .paths import Confined
 from .reader import PosixReader
 from .space import free_bytes
 from .waiting import poll_until
-from .writer import PosixWriter
+from .writer import PosixWriter, remove_dead_temps
 
 #: Files handed from the listing thread to the event loop per hop: big enough that 20,000 files
 #: cost a few dozen hops, small enough that the first objects arrive at once.
@@ -167,7 +167,7 @@ class PosixStorage(Storage):
 
     def _open_writer_sync(self, key: str, size_hint: int | None) -> PosixWriter:
         return PosixWriter.open_sync(self._confinement(), key, fsync=self.options.fsync, size_hint=size_hint,
-                                     direct_io=self.options.direct_io)
+                                     direct_io=self.options.direct_io, overwrite=self.options.overwrite)
 
     def pending_bytes(self) -> int:
         """Bytes announced by open writers (their ``size_hint``) and not written yet."""
@@ -197,15 +197,19 @@ class PosixStorage(Storage):
         return scan.delete_tree(self._confinement(), prefix)
 
     async def remove_stale_temp_files(self, older_than: float, prefix: str = "") -> int:
-        """Remove temp files of writers that died (crash, kill -9) and were not touched for
-        ``older_than`` seconds; return how many. Choose ``older_than`` well above the longest
-        pause a live writer may make between two writes (hours, not seconds).
+        """Remove temp files under the folder ``prefix`` of writers that died (crash, kill -9) and
+        were not touched for ``older_than`` seconds (0: however recent); return how many.
+
+        A temp file whose writer still runs, in this process or any other, is never removed,
+        whatever its age: the writer holds a lock on it (see :mod:`.writer`). So a retrieve or an
+        archive may sweep the folders it writes into with ``older_than=0`` while another one
+        writes there too.
         """
         safe_key(prefix, allow_empty=True)
         return await anyio.to_thread.run_sync(self._remove_stale_sync, prefix, older_than)
 
     def _remove_stale_sync(self, prefix: str, older_than: float) -> int:
-        return scan.remove_stale_temps(self._confinement(), prefix, older_than)
+        return remove_dead_temps(self._confinement(), prefix, older_than)
 
     async def put(
         self, key: str, data: memoryview | bytes, *, mtime: float | None = None, mode: int | None = None
@@ -216,7 +220,8 @@ class PosixStorage(Storage):
         await anyio.to_thread.run_sync(self._put_sync, key, data, mtime, mode)
 
     def _put_sync(self, key: str, data: memoryview | bytes, mtime: float | None, mode: int | None) -> None:
-        PosixWriter.put_sync(self._confinement(), key, data, fsync=self.options.fsync)
+        PosixWriter.put_sync(self._confinement(), key, data, fsync=self.options.fsync,
+                             overwrite=self.options.overwrite)
         if mtime is not None or mode is not None:
             self._set_metadata_sync(key, mtime, mode)
 
