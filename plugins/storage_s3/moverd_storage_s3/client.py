@@ -25,7 +25,7 @@ import anyio
 
 from moverd import StorageError
 
-from .errors import error_code, to_storage_error
+from .errors import NOT_S3_KEY, NotS3Error, error_code, not_s3_answer, to_storage_error
 from .options import S3Options
 
 if TYPE_CHECKING:
@@ -58,6 +58,35 @@ def make_config(opts: S3Options) -> AioConfig:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
+
+
+def _flag_non_s3_answer(
+    operation_model: Any, response_dict: dict[str, Any], customized_response_dict: dict[str, Any], **_: Any
+) -> None:
+    """Mark an error answer that is not S3's before botocore parses it: botocore would turn an
+    HTML 404 page into the error code ``404``, which reads as a missing object. The mark (what
+    the answer looked like) reaches the ``ClientError``'s response, where
+    :func:`.errors.to_storage_error` finds it."""
+    status = int(response_dict.get("status_code") or 0)
+    if status < 300:
+        return
+    headers = response_dict.get("headers") or {}
+    ctype = str(next((v for k, v in headers.items() if str(k).lower() == "content-type"), ""))
+    body = response_dict.get("body")
+    raw = body if isinstance(body, bytes) else None
+    if operation_model.http.get("method") == "HEAD":
+        raw = None  # no document: only the content type can tell
+    if not_s3_answer(status, ctype, raw) and status not in (429, 500, 502, 503, 504):
+        customized_response_dict[NOT_S3_KEY] = str(NotS3Error(status, _reason(status), ctype, raw or b""))
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 class S3Clients:
@@ -96,7 +125,9 @@ class S3Clients:
         cm = self._session.client(
             "s3", endpoint_url=endpoint_url, config=make_config(self._opts), verify=self._verify()
         )
-        return await self._stack.enter_async_context(cm)
+        client = await self._stack.enter_async_context(cm)
+        client.meta.events.register("before-parse.s3", _flag_non_s3_answer)
+        return client
 
     def _check_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -14,14 +14,98 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from moverd import NotFoundError, StorageError
+from moverd import NotFoundError, ObjectInfo, SourceChangedError, StorageError
 
 if TYPE_CHECKING:
     from botocore.exceptions import ClientError
 
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchBucket"})
+T = TypeVar("T")
+
+NOT_S3_KEY = "MoverdNotS3"
+"""Where the aiobotocore client's ``before-parse`` handler leaves what an error answer that was
+not S3's looked like (see :func:`not_s3_answer`), in the ``ClientError``'s response."""
+
+
+class NoAnswerError(Exception):
+    """A request that got no answer (or no more bytes of one) within its timeout, retries
+    included. ``request`` is what was asked (``GET bucket/key``), ``seconds`` how long the last
+    wait was allowed to take."""
+
+    def __init__(
+        self, request: str, seconds: float, attempts: int = 1, *, connect: bool = False,
+        request_timeout: bool = False,
+    ) -> None:
+        notes = [f"{attempts} attempts"] if attempts > 1 else []
+        if request_timeout:
+            notes.append("request_timeout")
+        waited = "no connection for" if connect else "no answer to"
+        tail = f" ({', '.join(notes)})" if notes else ""
+        super().__init__(f"{waited} {request} within {seconds:g} s{tail}")
+        self.request, self.seconds, self.attempts = request, seconds, attempts
+
+
+class NotS3Error(Exception):
+    """An error answer without S3's XML error document: the endpoint is not (only) S3, such as
+    a web server or another service's path. Reported as such, never as a missing object."""
+
+    def __init__(self, status: int, reason: str, content_type: str, start: bytes) -> None:
+        shown = start[:120].decode("utf-8", "replace")
+        shown = " ".join(shown.split())
+        super().__init__(
+            f"the endpoint did not answer like S3: HTTP {status} {reason}".rstrip()
+            + f", Content-Type {content_type or 'none'}"
+            + (f", body starts {shown!r}" if shown else ", no body")
+        )
+        self.status = status
+
+
+def not_s3_answer(status: int, content_type: str, body: bytes | None) -> bool:
+    """An error answer S3 would not give: S3 sends an XML ``<Error>`` document with every error
+    but a HEAD's. A HEAD's answer (``body`` None) cannot be told apart (some S3 servers label
+    even that one ``text/html``), so it counts as S3's. A 5xx page of a proxy in front of S3 is
+    still worth a retry, so callers keep retrying those whatever they look like."""
+    if body is None:
+        return False
+    text = body.lstrip()
+    if not text:
+        return "xml" not in content_type.lower()
+    return not (text.startswith(b"<?xml") or text.startswith(b"<Error"))
+
+
+def quoted_etag(etag: str) -> str:
+    """``If-Match`` takes the ETag as S3 sends it, in quotes (listings give it without)."""
+    return etag if etag.startswith('"') or etag.startswith('W/"') else f'"{etag}"'
+
+
+def changed_error(bucket: str, key: str, expect: ObjectInfo, found: str = "") -> SourceChangedError:
+    listed = f"listed with ETag {expect.etag}, " if expect.etag else "listed with "
+    listed += f"{expect.size} bytes"
+    return SourceChangedError(
+        f"{where(bucket, key)}: the object changed while it was read ({listed}"
+        f"{'; ' + found if found else ''}): not archived, archive again once it is complete"
+    )
+
+
+def check_version(bucket: str, key: str, expect: ObjectInfo, *, etag: str | None, size: int | None) -> None:
+    """Raise :class:`~moverd.SourceChangedError` unless the answer is the listed version."""
+    if expect.etag and etag and etag.strip('"') != expect.etag.strip('"'):
+        raise changed_error(bucket, key, expect, f"now ETag {etag.strip(chr(34))}")
+    if size is not None and size != expect.size:
+        raise changed_error(bucket, key, expect, f"now {size} bytes")
+
+
+def total_size(content_range: str | None, length: int, start: int) -> int | None:
+    """The object's size from a GET answer: ``Content-Range: bytes a-b/total`` of a ranged one,
+    Content-Length of a whole one; None when a ranged answer does not say."""
+    if content_range:
+        total = content_range.rpartition("/")[2].strip()
+        return int(total) if total.isdigit() else None
+    return length if start == 0 else None
 
 
 class PrematureEndError(Exception):
@@ -66,18 +150,52 @@ def where(bucket: str, key: str | None) -> str:
     return f"s3 {bucket}/{key}" if key else f"s3 {bucket}"
 
 
+@dataclass(frozen=True)
+class Waits:
+    """The storage's timeouts, for naming what a timed-out request waited for."""
+
+    connect: float
+    read: float
+    attempts: int
+
+
+def timeout_kind(exc: BaseException) -> str | None:
+    """``"connect"`` or ``"read"`` for a timeout botocore/aiohttp gave up on, else None."""
+    if isinstance(exc, _loaded("botocore.exceptions", "ConnectTimeoutError")):
+        return "connect"
+    if isinstance(exc, (*_loaded("botocore.exceptions", "ReadTimeoutError"),
+                        *_loaded("aiohttp", "ServerTimeoutError"), TimeoutError, asyncio.TimeoutError)):
+        return "read"
+    return None
+
+
 def to_storage_error(
-    exc: BaseException, *, bucket: str, key: str | None, endpoint: str, action: str = ""
+    exc: BaseException, *, bucket: str, key: str | None, endpoint: str, action: str = "",
+    request: str = "", waits: Waits | None = None,
 ) -> StorageError:
-    """The moverd error for ``exc``; ``action`` (``"upload"``) prefixes the reason when given."""
+    """The moverd error for ``exc``; ``action`` (``"upload"``) prefixes the reason when given.
+    A timeout names ``request`` (``"GET bucket/key"``) and the wait of ``waits`` it exceeded."""
     if isinstance(exc, StorageError):
         return exc
     place = where(bucket, key)
     doing = f"{action} failed: " if action else ""
+    if isinstance(exc, NoAnswerError):
+        return StorageError(f"s3 {endpoint}: {exc}")
+    kind = timeout_kind(exc)
+    if kind is not None and waits is not None:
+        asked = request or (f"{action} of {bucket}/{key or ''}" if action else f"{bucket}/{key or ''}")
+        seconds = waits.connect if kind == "connect" else waits.read
+        waited = NoAnswerError(asked, seconds, waits.attempts, connect=kind == "connect")
+        return StorageError(f"s3 {endpoint}: {waited}")
+    if isinstance(exc, NotS3Error):
+        return StorageError(f"{place}: {doing}{endpoint}: {exc}")
     code = client_error_code(exc)
     status = 0
     message = ""
     if code is not None:
+        seen = exc.response.get(NOT_S3_KEY)  # type: ignore[attr-defined]
+        if seen:
+            return StorageError(f"{place}: {doing}{endpoint}: {seen}")
         message = str(exc.response.get("Error", {}).get("Message", "") or "").strip()  # type: ignore[attr-defined]
         status = http_status(exc)
     elif isinstance(exc, HTTPStatusError):
@@ -133,3 +251,18 @@ def is_transient(exc: BaseException) -> bool:
             ConnectionError,
         ),
     )
+
+
+async def within(call: Awaitable[T], seconds: float, *, endpoint: str, request: str) -> T:
+    """``call`` (one aiobotocore request, botocore's retries included) within ``request_timeout``:
+    ``max_attempts`` waits of ``read_timeout`` on a silent endpoint would add up to many minutes.
+    A timeout the call raises itself stays the call's error; only this bound's becomes the
+    ``no answer ... (request_timeout)`` error."""
+    bound = asyncio.timeout(seconds)
+    try:
+        async with bound:
+            return await call
+    except TimeoutError:
+        if not bound.expired():
+            raise
+    raise StorageError(f"s3 {endpoint}: {NoAnswerError(request, seconds, request_timeout=True)}")

@@ -41,6 +41,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Callable
@@ -51,9 +52,20 @@ from urllib.parse import unquote_plus, urlsplit
 
 import anyio
 
-from moverd import StorageError, retry_blocking
+from moverd import ObjectInfo, StorageError, retry_blocking
 
-from .errors import HTTPStatusError, TransientHTTPError, to_storage_error
+from .errors import (
+    HTTPStatusError,
+    NoAnswerError,
+    NotS3Error,
+    TransientHTTPError,
+    changed_error,
+    check_version,
+    not_s3_answer,
+    quoted_etag,
+    to_storage_error,
+    total_size,
+)
 from .sigv4 import Signer, canonical_query, quote_key
 
 log = logging.getLogger(__name__)
@@ -86,6 +98,14 @@ class AbandonedError(Exception):
 
 class _NoAnswerError(ConnectionResetError):
     """The connection failed before any byte of the answer: a reused one may just be stale."""
+
+
+class _ConnectTimeoutError(TimeoutError):
+    """No connection within ``connect_timeout`` (a timeout of the answer is a plain one)."""
+
+
+class _DeadlineError(TimeoutError):
+    """The request's ``request_timeout`` ran out before another wait could start."""
 
 
 def transient(exc: BaseException) -> bool:
@@ -173,7 +193,7 @@ class FastGetter:
     def __init__(
         self, *, endpoint_url: str, region: str, bucket: str, access_key: str, secret_key: str,
         addressing_style: str, connect_timeout: float, read_timeout: float, attempts: int,
-        max_connections: int,
+        max_connections: int, request_timeout: float = 120.0,
     ) -> None:
         url = urlsplit(endpoint_url)
         self.endpoint = endpoint_url
@@ -185,6 +205,9 @@ class FastGetter:
         self.host_header = f"{bucket}.{url.netloc}" if self.virtual else url.netloc
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.request_timeout = request_timeout
+        self._deadlines = threading.local()
+        """The ``time.monotonic()`` by which the request this thread makes must be answered."""
         self.attempts = attempts
         self.max_connections = max_connections
         self._signer = Signer(access_key, secret_key, region)
@@ -229,8 +252,11 @@ class FastGetter:
             stop.track(sock)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.settimeout(self.connect_timeout)
-                sock.connect(addr)
+                sock.settimeout(self._wait(self.connect_timeout))
+                try:
+                    sock.connect(addr)
+                except TimeoutError:
+                    raise _ConnectTimeoutError(f"no connection within {self.connect_timeout:g} s") from None
                 sock.settimeout(self.read_timeout)
             except OSError as exc:
                 self._discard(sock, stop)
@@ -244,6 +270,17 @@ class FastGetter:
             return sock
         self._addrs = None  # resolve again next time: the server may have moved
         raise error
+
+    def _wait(self, longest: float) -> float:
+        """How long the next socket wait of this thread's request may take: ``longest``, or what
+        is left of its ``request_timeout`` if that is less."""
+        deadline: float | None = getattr(self._deadlines, "at", None)
+        if deadline is None:
+            return longest
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlineError("request_timeout reached")
+        return min(longest, left)
 
     def _quiet(self, sock: socket.socket) -> bool:
         """Open and with nothing to read: reusable. A server that closed the connection after its
@@ -316,11 +353,14 @@ class FastGetter:
             else:
                 stop.track(sock)
             try:
+                sock.settimeout(self._wait(self.read_timeout))
                 try:
                     sock.sendall(request)
                 except ConnectionError as exc:
                     raise _NoAnswerError(str(exc)) from exc
-                return sock, self._read_head(sock)
+                head = self._read_head(sock)
+                sock.settimeout(self.read_timeout)  # the body's waits: each up to read_timeout
+                return sock, head
             except _NoAnswerError:
                 self._discard(sock, stop)
                 if not reused:
@@ -411,15 +451,39 @@ class FastGetter:
         return head, body
 
     def _retrying(self, op: Callable[[], T], what: str, stop: Interrupt) -> T:
+        """``op`` with retries, all of them within ``request_timeout`` (each socket wait is cut
+        to what is left of it); ``what`` (``GET bucket/key``) names the request in errors."""
+        deadline = time.monotonic() + self.request_timeout
+        tries = 0
+
+        def attempt() -> T:
+            nonlocal tries
+            tries += 1
+            return op()
+
+        def retryable(exc: BaseException) -> bool:
+            return transient(exc) and not stop.fired and time.monotonic() < deadline
+
+        previous, self._deadlines.at = getattr(self._deadlines, "at", None), deadline
         try:
             return retry_blocking(
-                op, retryable=lambda exc: transient(exc) and not stop.fired, attempts=self.attempts,
-                what=what, sleep=stop.sleep,
+                attempt, retryable=retryable, attempts=self.attempts, what=f"s3 {what}",
+                sleep=lambda seconds: stop.sleep(min(seconds, max(0.0, deadline - time.monotonic()))),
             )
+        except TimeoutError as exc:
+            if stop.fired:
+                raise AbandonedError("abandoned") from None
+            if isinstance(exc, _DeadlineError) or time.monotonic() >= deadline - 0.01:
+                raise NoAnswerError(f"{what}", self.request_timeout, tries, request_timeout=True) from None
+            connect = isinstance(exc, _ConnectTimeoutError)
+            seconds = self.connect_timeout if connect else self.read_timeout
+            raise NoAnswerError(what, seconds, tries, connect=connect) from None
         except OSError:
             if stop.fired:
                 raise AbandonedError("abandoned") from None
             raise
+        finally:
+            self._deadlines.at = previous
 
     # -- GET object ----------------------------------------------------------------------------
 
@@ -448,7 +512,8 @@ class FastGetter:
                     raise ProtocolError("S3 ignored the Range header")
                 if end is not None and end < length:
                     length, keep = end, False
-            return FastBody(self, sock, length, head.extra, keep, head.headers.get("etag"), stop)
+            return FastBody(self, sock, length, head.extra, keep, head.headers.get("etag"), stop,
+                            head.headers.get("content-range"))
         raise _status_error(head, self._finish(sock, head, stop, bodiless=False))
 
     # -- HEAD ------------------------------------------------------------------------------------
@@ -465,7 +530,7 @@ class FastGetter:
             return Listed(full_key, int(head.headers.get("content-length", 0)), mtime,
                           etag.strip('"') if etag else None)
 
-        return self._retrying(attempt, f"HEAD s3 {self.bucket}/{full_key}", stop)
+        return self._retrying(attempt, f"HEAD {self.bucket}/{full_key}", stop)
 
     async def head(self, full_key: str) -> Listed:
         stop = Interrupt()
@@ -490,7 +555,7 @@ class FastGetter:
             _, body = self._fetch("GET", self._bucket_path(), query, stop)
             return parse_list(body)
 
-        return self._retrying(attempt, f"list s3 {self.bucket}/{prefix}", stop)
+        return self._retrying(attempt, f"list {self.bucket}/{prefix}", stop)
 
     async def list_page(self, prefix: str, token: str | None) -> tuple[list[Listed], str | None]:
         stop = Interrupt()
@@ -568,12 +633,19 @@ def _parse_error(body: bytes) -> tuple[str, str]:
     return found.get("Code", ""), found.get("Message", "")
 
 
-def _status_error(head: _Head, body: bytes, *, bodiless: bool = False) -> HTTPStatusError:
+def _status_error(head: _Head, body: bytes, *, bodiless: bool = False) -> Exception:
+    """The error of an answer of status 300 or more. One that S3 would not give (HTML, no XML
+    error document) is a :class:`NotS3Error`, so that a web server's 404 page is never taken for
+    a missing object; 5xx and 429 answers stay worth retrying whatever they look like."""
+    ctype = head.headers.get("content-type", "")
+    transient_status = head.status in _RETRY_STATUS
+    if not transient_status and not_s3_answer(head.status, ctype, None if bodiless else body):
+        return NotS3Error(head.status, head.reason, ctype, body)
     if bodiless:  # HEAD: no document; botocore names the error by its status
         code, message = str(head.status), head.reason
     else:
         code, message = _parse_error(body)
-    cls = TransientHTTPError if head.status in _RETRY_STATUS or code in _RETRY_CODES else HTTPStatusError
+    cls = TransientHTTPError if transient_status or code in _RETRY_CODES else HTTPStatusError
     return cls(head.status, code, message)
 
 
@@ -609,8 +681,9 @@ class FastBody:
     """
 
     def __init__(self, getter: FastGetter, sock: socket.socket, length: int, extra: bytes, keep: bool,
-                 etag: str | None, stop: Interrupt) -> None:
+                 etag: str | None, stop: Interrupt, content_range: str | None = None) -> None:
         self._getter = getter
+        self.content_range = content_range
         self._sock: socket.socket | None = sock
         self._stop = stop
         self.length = length
@@ -687,15 +760,17 @@ class FastReader:
     """
 
     def __init__(self, getter: FastGetter, *, bucket: str, key: str, full_key: str, start: int,
-                 end: int | None) -> None:
+                 end: int | None, expect: ObjectInfo | None = None) -> None:
         self._getter = getter
+        self._expect = expect
+        """The listed version: its ETag pins every GET (``If-Match``), its size is checked."""
         self._bucket, self._key, self._full_key = bucket, key, full_key
         self._pos = start
         self._want_end = end
         self._end: int | None = start if end == start else None
         """Where the stream ends: unknown (None) until the first GET answered, since a range is cut
         at the object's end and ``end`` None means the object's end."""
-        self._etag: str | None = None
+        self._etag: str | None = quoted_etag(expect.etag) if expect is not None and expect.etag else None
         self._body: FastBody | None = None
         self._stop = Interrupt()
         self._lock = threading.Lock()
@@ -743,11 +818,11 @@ class FastReader:
         """The first GET, in the reading thread; its Content-Length fixes the end, which is
         returned. Errors are mapped as ``stat`` maps them (404 → NotFoundError...); a 416 (the
         range starts at or after the end) is sorted out with a HEAD in this same thread."""
-        start, end = self._pos, self._want_end
+        start, end, pinned = self._pos, self._want_end, self._etag
         try:
             body = self._getter._retrying(
-                lambda: self._getter.open_blocking(self._full_key, start, end, None, self._stop),
-                f"GET s3 {self._bucket}/{self._full_key}", self._stop,
+                lambda: self._getter.open_blocking(self._full_key, start, end, pinned, self._stop),
+                f"GET {self._bucket}/{self._full_key}", self._stop,
             )
         except AbandonedError:
             raise
@@ -755,11 +830,20 @@ class FastReader:
             if self._stop.fired:
                 raise AbandonedError("abandoned") from None
             if isinstance(exc, HTTPStatusError):
+                if exc.status == 412 and self._expect is not None:
+                    raise changed_error(self._bucket, self._key, self._expect) from None
                 if exc.status == 416:
                     return self._past_end()
                 raise self._error(exc, "") from None
             raise self._error(exc, "") from exc
-        self._body, self._etag = body, body.etag
+        self._body, self._etag = body, pinned or body.etag
+        if self._expect is not None:
+            try:
+                check_version(self._bucket, self._key, self._expect, etag=body.etag,
+                              size=total_size(body.content_range, body.length, start))
+            except BaseException:
+                self._drop_body()
+                raise
         self._end = start + body.length
         return self._end
 
@@ -767,13 +851,16 @@ class FastReader:
         """S3 answers 416 to a range starting at or after the object's end: at the end when the
         offset is the size, an error beyond it."""
         try:
-            size = self._getter.head_blocking(self._full_key, self._stop).size
+            head = self._getter.head_blocking(self._full_key, self._stop)
         except AbandonedError:
             raise
         except Exception as exc:
             if self._stop.fired:
                 raise AbandonedError("abandoned") from None
             raise self._error(exc, "") from (None if isinstance(exc, HTTPStatusError) else exc)
+        size = head.size
+        if self._expect is not None:
+            check_version(self._bucket, self._key, self._expect, etag=head.etag, size=size)
         if self._pos > size:
             raise StorageError(f"s3 {self._bucket}/{self._key}: offset {self._pos} is beyond the end ({size} bytes)")
         self._end = self._pos
@@ -831,12 +918,14 @@ class FastReader:
         action = f"read at byte {self._pos} (resumed)"
         try:
             return self._getter._retrying(
-                attempt, f"resumed read of s3 {self._bucket}/{self._key} at byte {self._pos}", self._stop
+                attempt, f"GET {self._bucket}/{self._full_key} (resumed at byte {self._pos})", self._stop
             )
         except AbandonedError:
             raise
         except HTTPStatusError as exc:
             if exc.status == 412:
+                if self._expect is not None:
+                    raise changed_error(self._bucket, self._key, self._expect) from None
                 raise StorageError(
                     f"s3 {self._bucket}/{self._key}: the object was replaced while being read (at byte {self._pos})"
                 ) from None

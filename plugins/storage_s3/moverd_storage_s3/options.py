@@ -40,7 +40,13 @@ class S3Options(Options):
     upload_concurrency: int = Field(default=4, ge=1, le=64)
     max_attempts: int = Field(default=8, ge=1, le=50)
     connect_timeout: Duration = 10.0
-    read_timeout: Duration = 120.0
+    """Longest wait for a TCP connection to the endpoint."""
+    read_timeout: Duration = 30.0
+    """Longest wait for the next bytes of an answer (its head, or more of its body)."""
+    request_timeout: Duration = 120.0
+    """Longest one request may take, its retries included (for an upload: sending the part too);
+    a body that breaks is resumed within this much time. It is what bounds a silent endpoint:
+    ``max_attempts`` waits of ``read_timeout`` would otherwise add up to many minutes."""
     max_pool_connections: int = Field(default=64, ge=1)
     create_bucket: bool = False
     """Create the bucket on first use when it is missing: for tests and development setups."""
@@ -76,7 +82,7 @@ class S3Options(Options):
             raise ValueError(f"must be at most 5 GiB ({MAX_PART_SIZE} bytes): S3 refuses bigger parts")
         return value
 
-    @field_validator("connect_timeout", "read_timeout")
+    @field_validator("connect_timeout", "read_timeout", "request_timeout")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:

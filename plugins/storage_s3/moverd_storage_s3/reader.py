@@ -13,9 +13,17 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from moverd import StorageError, retry_async
+from moverd import ObjectInfo, SourceChangedError, StorageError, retry_async
 
-from .errors import PrematureEndError, client_error_code, is_transient, to_storage_error
+from .errors import (
+    PrematureEndError,
+    Waits,
+    changed_error,
+    client_error_code,
+    is_transient,
+    to_storage_error,
+    within,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,7 @@ class S3Reader:
     def __init__(
         self, *, client: ClientGetter, bucket: str, key: str, full_key: str, endpoint: str,
         start: int, end: int, etag: str | None, body: Any, attempts: int,
+        expect: ObjectInfo | None = None, deadline: float = 120.0, waits: Waits | None = None,
     ) -> None:
         self._client = client
         self._bucket = bucket
@@ -44,6 +53,9 @@ class S3Reader:
         self._etag = etag
         self._body = body
         self._attempts = attempts
+        self._expect = expect
+        self._deadline = deadline
+        self._waits = waits
         self.resumes = 0
         """How many times the stream was re-opened after a break (for tests and metrics)."""
 
@@ -59,7 +71,7 @@ class S3Reader:
         want = min(len(buf), self._end - self._pos)
         try:
             data = await self._read(want)
-        except StorageError:
+        except (StorageError, SourceChangedError):
             raise
         except Exception as exc:
             if not is_transient(exc):
@@ -97,11 +109,16 @@ class S3Reader:
                 raise
 
         try:
-            return await retry_async(
-                attempt, retryable=is_transient, attempts=self._attempts,
-                what=f"resumed read of s3 {self._bucket}/{self._key} at byte {self._pos}",
+            # The resumes together get ``request_timeout``, as one request would.
+            return await within(
+                retry_async(
+                    attempt, retryable=is_transient, attempts=self._attempts,
+                    what=f"resumed read of s3 {self._bucket}/{self._key} at byte {self._pos}",
+                ),
+                self._deadline, endpoint=self._endpoint,
+                request=f"GET {self._bucket}/{self._full_key} (resumed at byte {self._pos})",
             )
-        except StorageError:
+        except (StorageError, SourceChangedError):
             raise
         except Exception as exc:
             raise self._error(exc, f"read at byte {self._pos} (resumed)") from exc
@@ -118,6 +135,8 @@ class S3Reader:
             resp = await client.get_object(**kwargs)
         except Exception as exc:
             if client_error_code(exc) == "PreconditionFailed":
+                if self._expect is not None:
+                    raise changed_error(self._bucket, self._key, self._expect) from None
                 raise StorageError(
                     f"s3 {self._bucket}/{self._key}: the object was replaced while being read "
                     f"(at byte {self._pos})"
@@ -129,7 +148,8 @@ class S3Reader:
         if isinstance(exc, StorageError):
             return exc
         return to_storage_error(
-            exc, bucket=self._bucket, key=self._key, endpoint=self._endpoint, action=action
+            exc, bucket=self._bucket, key=self._key, endpoint=self._endpoint, action=action,
+            request=f"GET {self._bucket}/{self._full_key} (at byte {self._pos})", waits=self._waits,
         )
 
     def _close_body(self) -> None:

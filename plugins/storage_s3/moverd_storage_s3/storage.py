@@ -10,9 +10,9 @@ from __future__ import annotations
 import builtins
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from moverd import (
     Context,
@@ -26,12 +26,23 @@ from moverd import (
 
 from . import fastget
 from .client import S3Clients
-from .errors import client_error_code, to_storage_error
+from .errors import (
+    Waits,
+    changed_error,
+    check_version,
+    client_error_code,
+    quoted_etag,
+    to_storage_error,
+    total_size,
+    within,
+)
 from .options import S3Options
 from .reader import S3Reader, range_header
 from .writer import MultipartWriter
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_PRESIGN = timedelta(days=7)
 """SigV4 refuses presigned URLs valid for longer than a week."""
@@ -61,7 +72,9 @@ class S3Storage(Storage):
                 access_key=access, secret_key=secret, addressing_style=options.addressing_style,
                 connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
                 attempts=options.max_attempts, max_connections=options.max_pool_connections,
+                request_timeout=options.request_timeout,
             )
+        self.waits = Waits(options.connect_timeout, options.read_timeout, options.max_attempts)
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -77,14 +90,19 @@ class S3Storage(Storage):
     def _relative(self, full_key: str) -> str:
         return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
 
-    def _error(self, exc: BaseException, key: str | None, action: str = "") -> StorageError:
+    def _error(self, exc: BaseException, key: str | None, action: str = "", request: str = "") -> StorageError:
         return to_storage_error(
-            exc, bucket=self.bucket, key=key, endpoint=self.clients.endpoint, action=action
+            exc, bucket=self.bucket, key=key, endpoint=self.clients.endpoint, action=action,
+            request=request, waits=self.waits,
         )
+
+    async def _bounded(self, call: Awaitable[T], method: str, key: str | None) -> T:
+        asked = f"{method} {self.bucket}/{key}" if key else f"{method} {self.bucket}"
+        return await within(call, self.options.request_timeout, endpoint=self.clients.endpoint, request=asked)
 
     async def _client(self) -> Any:
         try:
-            return await self.clients.get()
+            return await self._bounded(self.clients.get(), "HeadBucket/CreateBucket", None)
         except StorageError:
             raise
         except Exception as exc:
@@ -110,7 +128,7 @@ class S3Storage(Storage):
                 try:
                     page, token = await fast.list_page(folder, token)
                 except Exception as exc:
-                    raise self._error(exc, folder or None, "list") from exc
+                    raise self._error(exc, folder or None, "list", f"list {self.bucket}/{folder}") from exc
                 yield page
                 if token is None:
                     return
@@ -118,11 +136,11 @@ class S3Storage(Storage):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder).__aiter__()
         while True:
             try:
-                resp = await pages.__anext__()
+                resp = await self._bounded(pages.__anext__(), "list", folder)
             except StopAsyncIteration:
                 return
             except Exception as exc:
-                raise self._error(exc, folder or None, "list") from exc
+                raise self._error(exc, folder or None, "list", f"list {self.bucket}/{folder}") from exc
             yield [
                 fastget.Listed(str(obj["Key"]), int(obj["Size"]), obj["LastModified"].timestamp(),
                                _etag(obj.get("ETag")))
@@ -143,22 +161,28 @@ class S3Storage(Storage):
             try:
                 head = await fast.head(full)
             except Exception as exc:
-                raise self._error(exc, key) from exc
+                raise self._error(exc, key, request=f"HEAD {self.bucket}/{full}") from exc
             return ObjectInfo(key=key, size=head.size, mtime=head.mtime, etag=head.etag)
         client = await self._client()
         try:
-            resp = await client.head_object(Bucket=self.bucket, Key=full)
+            resp = await self._bounded(client.head_object(Bucket=self.bucket, Key=full), "HEAD", full)
         except Exception as exc:
-            raise self._error(exc, key) from exc
+            raise self._error(exc, key, request=f"HEAD {self.bucket}/{full}") from exc
         return ObjectInfo(
             key=key, size=int(resp["ContentLength"]), mtime=resp["LastModified"].timestamp(),
             etag=_etag(resp.get("ETag")),
         )
 
     async def open_reader(
-        self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False
+        self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False,
+        expect: ObjectInfo | None = None,
     ) -> S3Reader | fastget.FastReader:
         """Stream ``length`` bytes from ``offset`` (to the end when None).
+
+        With ``expect`` (the listing's entry) every GET, resumed ones included, carries
+        ``If-Match`` on the listed ETag and the object's size is checked against the listed one:
+        S3 replaces objects whole, so a matching ETag is the listed version's bytes, and any other
+        version fails with :class:`~moverd.SourceChangedError` rather than being archived.
 
         On the lean path this does no I/O (but for ``length == 0``, which stats the object): the
         GET is sent by the first read, so a missing object raises
@@ -170,31 +194,47 @@ class S3Storage(Storage):
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"offset and length must not be negative (got {offset}, {length})")
         full = self._full(key)
+        pinned = quoted_etag(expect.etag) if expect is not None and expect.etag else None
         common: dict[str, Any] = dict(
             client=self._client, bucket=self.bucket, key=key, full_key=full,
             endpoint=self.clients.endpoint, attempts=self.options.max_attempts,
+            expect=expect, deadline=self.options.request_timeout, waits=self.waits,
         )
         if length == 0:
-            await self.stat(key)  # a missing key is still an error
+            info = await self.stat(key)  # a missing key is still an error
+            if expect is not None:
+                check_version(self.bucket, key, expect, etag=info.etag, size=info.size)
             return self._empty(key, common)
         end = None if length is None else offset + length
         fast = await self._lean()
         if fast is not None:
             # Lazy: the first read sends the GET (and maps its errors, 416 included) in the worker
             # thread that receives the first bytes, which saves a thread hop per object.
-            return fastget.FastReader(fast, bucket=self.bucket, key=key, full_key=full, start=offset, end=end)
+            return fastget.FastReader(
+                fast, bucket=self.bucket, key=key, full_key=full, start=offset, end=end, expect=expect
+            )
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
         if offset or end is not None:
             kwargs["Range"] = range_header(offset, end)
+        if pinned:
+            kwargs["IfMatch"] = pinned
         client = await self._client()
         try:
-            resp = await client.get_object(**kwargs)
+            resp = await self._bounded(client.get_object(**kwargs), "GET", full)
         except Exception as exc:
-            if client_error_code(exc) == "InvalidRange":
+            code = client_error_code(exc)
+            if code == "PreconditionFailed" and expect is not None:
+                raise changed_error(self.bucket, key, expect) from None
+            if code == "InvalidRange":
                 return await self._past_end(key, offset, common)
-            raise self._error(exc, key) from exc
+            raise self._error(exc, key, request=f"GET {self.bucket}/{full}") from exc
+        if expect is not None:
+            check_version(
+                self.bucket, key, expect, etag=_etag(resp.get("ETag")),
+                size=total_size(resp.get("ContentRange"), int(resp["ContentLength"]), offset),
+            )
         return S3Reader(
-            start=offset, end=offset + int(resp["ContentLength"]), etag=resp.get("ETag"),
+            start=offset, end=offset + int(resp["ContentLength"]), etag=pinned or resp.get("ETag"),
             body=resp["Body"], **common,
         )
 
@@ -219,14 +259,16 @@ class S3Storage(Storage):
             client=self._client, bucket=self.bucket, key=key, full_key=self._full(key),
             endpoint=self.clients.endpoint, part_size=self.options.part_size,
             concurrency=self.options.upload_concurrency, size_hint=size_hint,
+            deadline=self.options.request_timeout, waits=self.waits,
         )
 
     async def delete(self, key: str) -> None:
         client = await self._client()
+        full = self._full(key)
         try:
-            await client.delete_object(Bucket=self.bucket, Key=self._full(key))
+            await self._bounded(client.delete_object(Bucket=self.bucket, Key=full), "DELETE", full)
         except Exception as exc:
-            err = self._error(exc, key, "delete")
+            err = self._error(exc, key, "delete", f"DELETE {self.bucket}/{full}")
             if isinstance(err, NotFoundError) and not _is_bucket_error(exc):
                 return
             raise err from exc
@@ -248,8 +290,9 @@ class S3Storage(Storage):
 
     async def _delete_batch(self, client: Any, batch: builtins.list[dict[str, str]], prefix: str) -> int:
         try:
-            resp = await client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+            resp = await self._bounded(
+                client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}),
+                "DeleteObjects", None,
             )
         except Exception as exc:
             raise self._error(exc, prefix or None, "delete") from exc

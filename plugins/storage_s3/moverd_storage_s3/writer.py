@@ -17,14 +17,17 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from moverd import StorageError, Writer
 
-from .errors import to_storage_error
+from .errors import Waits, to_storage_error, within
 from .reader import ClientGetter
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MIN_FIRST_BUFFER = 64 * 1024
 
@@ -106,6 +109,7 @@ class MultipartWriter(Writer):
     def __init__(
         self, *, client: ClientGetter, bucket: str, key: str, full_key: str, endpoint: str,
         part_size: int, concurrency: int, size_hint: int | None,
+        deadline: float = 120.0, waits: Waits | None = None,
     ) -> None:
         self._client = client
         self._bucket = bucket
@@ -113,6 +117,9 @@ class MultipartWriter(Writer):
         self._full_key = full_key
         self._endpoint = endpoint
         self._part_size = part_size
+        self._deadline = deadline
+        self._waits = waits
+        self._request = f"PUT {bucket}/{full_key}"
         self._pool = BufferPool(part_size, concurrency + 1)
         self._slots = asyncio.Semaphore(concurrency)
         # A small object does not need a whole part's buffer; it grows if the hint was low.
@@ -185,10 +192,10 @@ class MultipartWriter(Writer):
                         "part(s) did not finish (upload aborted)"
                     )
                 parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
-                await client.complete_multipart_upload(
+                await self._bounded(client.complete_multipart_upload(
                     Bucket=self._bucket, Key=self._full_key, UploadId=self._upload_id,
                     MultipartUpload={"Parts": parts},
-                )
+                ), "CompleteMultipartUpload")
         except StorageError as exc:
             await self._abort_quietly()
             raise exc
@@ -204,11 +211,11 @@ class MultipartWriter(Writer):
     async def _put_single(self, client: Any, buf: bytearray | None) -> None:
         """The whole object fits in one part: one PutObject, no multipart upload."""
         if buf is None or self._fill == 0:
-            await client.put_object(Bucket=self._bucket, Key=self._full_key, Body=b"")
+            await self._bounded(client.put_object(Bucket=self._bucket, Key=self._full_key, Body=b""), "PUT")
             return
         body = PartBody(memoryview(buf)[: self._fill])
         try:
-            await client.put_object(Bucket=self._bucket, Key=self._full_key, Body=body)
+            await self._bounded(client.put_object(Bucket=self._bucket, Key=self._full_key, Body=body), "PUT")
         finally:
             body.release()
 
@@ -217,7 +224,9 @@ class MultipartWriter(Writer):
         self._check_failure()
         client = await self._client()
         if self._upload_id is None:
-            resp = await client.create_multipart_upload(Bucket=self._bucket, Key=self._full_key)
+            resp = await self._bounded(
+                client.create_multipart_upload(Bucket=self._bucket, Key=self._full_key), "CreateMultipartUpload"
+            )
             self._upload_id = str(resp["UploadId"])
         await self._slots.acquire()
         number = self._next_part
@@ -231,10 +240,10 @@ class MultipartWriter(Writer):
     async def _upload_part(self, client: Any, number: int, buf: bytearray, size: int) -> None:
         body = PartBody(memoryview(buf)[:size])
         try:
-            resp = await client.upload_part(
+            resp = await self._bounded(client.upload_part(
                 Bucket=self._bucket, Key=self._full_key, UploadId=self._upload_id,
                 PartNumber=number, Body=body,
-            )
+            ), f"UploadPart {number} of")
             self._etags[number] = str(resp["ETag"])
         except asyncio.CancelledError:
             raise
@@ -250,6 +259,12 @@ class MultipartWriter(Writer):
             # sees the failure; the buffer is not touched again by this (finished) request.
             self._pool.put(buf)
 
+    async def _bounded(self, call: Awaitable[T], method: str) -> T:
+        """One request, botocore's retries included, within ``request_timeout`` (a part's
+        upload included: raise it for big parts over slow links)."""
+        return await within(call, self._deadline, endpoint=self._endpoint,
+                            request=f"{method} {self._bucket}/{self._full_key}")
+
     def _check_open(self) -> None:
         if self._state != "open":
             raise StorageError(f"s3 {self._bucket}/{self._key}: writer already {self._state}")
@@ -263,7 +278,8 @@ class MultipartWriter(Writer):
         cause = self._failure or exc
         await self._abort_quietly()
         err = to_storage_error(
-            cause, bucket=self._bucket, key=self._key, endpoint=self._endpoint, action=action
+            cause, bucket=self._bucket, key=self._key, endpoint=self._endpoint, action=action,
+            request=self._request, waits=self._waits,
         )
         return StorageError(f"{err} (upload aborted)") if type(err) is StorageError else err
 
@@ -281,7 +297,14 @@ class MultipartWriter(Writer):
             return
         try:
             client = await self._client()
-            await client.abort_multipart_upload(Bucket=self._bucket, Key=self._full_key, UploadId=upload_id)
+            # One attempt's wait, not a whole request_timeout: the abort follows a failure that
+            # often already took that long, and a bucket lifecycle rule is the backstop.
+            bound = self._waits.connect + self._waits.read if self._waits else self._deadline
+            await within(
+                client.abort_multipart_upload(Bucket=self._bucket, Key=self._full_key, UploadId=upload_id),
+                min(bound, self._deadline), endpoint=self._endpoint,
+                request=f"AbortMultipartUpload {self._bucket}/{self._full_key}",
+            )
         except Exception as exc:
             log.warning(
                 "s3 %s/%s: could not abort multipart upload %s (a bucket lifecycle rule will have "
