@@ -191,5 +191,5 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigError(f"environment: {exc}") from None
     except ValidationError as exc:
         where = f"in {file}: " if file else ""
-        lines = format_validation_error("", exc)
+        lines = format_validation_error("", exc, Settings)
         raise ConfigError("\n".join(where + line for line in lines)) from None

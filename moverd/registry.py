@@ -6,6 +6,8 @@ type name from the configuration into an object, so the core never imports a plu
 
 from __future__ import annotations
 
+import difflib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,18 +50,47 @@ class CatalogType:
     plugin: str = ""
 
 
-def format_validation_error(prefix: str, exc: ValidationError) -> list[str]:
-    """One line per problem, each naming the full key (``storages.lts.root: ...``)."""
+def format_validation_error(prefix: str, exc: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
+    """One line per problem, each naming the full key (``storages.lts.root: ...``).
+
+    With ``model`` (the class that was validated), an unknown key gets the nearest known one
+    ("did you mean 'write_limit'?"); a value that came from the environment names the variable.
+    """
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        parts = [str(p) for p in (*prefix.split("."), *err["loc"]) if p != ""]
+        loc = ".".join(parts)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            known = _fields_at(model, [str(p) for p in err["loc"][:-1]]) if model is not None else []
+            if near := difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.6):
+                msg += f"; did you mean {near[0]!r}?"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        if var := _env_var(parts):
+            msg += f" (from the environment variable {var})"
         lines.append(f"{loc}: {msg}" if loc else msg)
     return lines
+
+
+def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
+    """The keys a section accepts: the fields of the model found by following ``path``."""
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _env_var(parts: list[str]) -> str | None:
+    """The ``MOVERD_*`` variable that sets the key at ``parts``, if one is set."""
+    if not parts:
+        return None
+    wanted = "MOVERD_" + "__".join(parts).upper()
+    return next((k for k in os.environ if k.upper() == wanted), None)
 
 
 @dataclass
@@ -103,7 +134,7 @@ class Registry:
         try:
             return st.options.model_validate(options)
         except ValidationError as exc:
-            raise ConfigError("\n".join(format_validation_error(where, exc))) from None
+            raise ConfigError("\n".join(format_validation_error(where, exc, st.options))) from None
 
     def create_storage(self, type_name: str, name: str, options: dict[str, Any], ctx: Context) -> Storage:
         st = self._storage_type(type_name, f"storages.{name}")
@@ -124,7 +155,7 @@ class Registry:
         try:
             return ct.options.model_validate(options)
         except ValidationError as exc:
-            raise ConfigError("\n".join(format_validation_error("catalog", exc))) from None
+            raise ConfigError("\n".join(format_validation_error("catalog", exc, ct.options))) from None
 
     def create_catalog(self, type_name: str, options: dict[str, Any], ctx: Context) -> Catalog:
         opts = self.catalog_options(type_name, options)

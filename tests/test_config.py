@@ -107,3 +107,62 @@ def test_show_masks_secrets(tmp_path: Path) -> None:
     shown = json.loads(p.stdout)
     assert shown["storages"]["landing"]["secret_access_key"] == "**********"
     assert shown["storages"]["lts"]["type"] == "posix"
+
+
+def test_one_check_finds_every_typo_with_a_suggestion_and_the_variable(tmp_path: Path) -> None:
+    cfg = tmp_path / "typos.toml"
+    cfg.write_text(
+        f'state_dir = "{tmp_path}/s"\nbogus = 1\n[pipeline]\nchunk_sise = "1MiB"\n'
+        f'[storages.lts]\ntype = "posix"\nroot = "{tmp_path}"\nwrite_limt = 2\n'
+        f'[storages.landing]\ntype = "posix"\nroot = "{tmp_path}"\nfsyn = true\n'
+    )
+    p = config_check(cfg, MOVERD_PIPELINE__TARGET_SIZE="lots")
+    assert p.returncode == 3
+    lines = p.stderr.splitlines()
+    wanted = [
+        "bogus: unknown key",
+        "pipeline.chunk_sise: unknown key; did you mean 'chunk_size'?",
+        "storages.lts.write_limt: unknown key; did you mean 'write_limit'?",
+        "storages.landing.fsyn: unknown key; did you mean 'fsync'?",
+        "(from the environment variable MOVERD_PIPELINE__TARGET_SIZE)",
+    ]
+    for w in wanted:
+        assert any(w in ln for ln in lines), (w, p.stderr)
+
+
+def test_connect_reaches_every_part(tmp_path: Path, s3_options: dict[str, str], scicat) -> None:  # type: ignore[no-untyped-def]
+    from tests.support.scicat import ARCHIVER
+
+    def toml(endpoint: str, scicat_url: str) -> str:
+        return (
+            f'state_dir = "{tmp_path}/s"\n[storages.landing]\ntype = "s3"\nbucket = "{s3_options["bucket"]}"\n'
+            f'endpoint_url = "{endpoint}"\naccess_key_id = "{s3_options["access_key_id"]}"\n'
+            f'secret_access_key = "{s3_options["secret_access_key"]}"\nmax_attempts = 1\n'
+            f'[catalog]\ntype = "scicat"\nurl = "{scicat_url}"\nusername = "{ARCHIVER[0]}"\n'
+            f'password = "{ARCHIVER[1]}"\n'
+        )
+
+    cfg = tmp_path / "good.toml"
+    cfg.write_text(toml(s3_options["endpoint_url"], scicat.url))
+    p = subprocess.run([*MOVERD, "config", "check", "--connect", "-c", str(cfg)], capture_output=True, text=True,
+                       env=clean_env(), timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for what in ("catalog (scicat): reachable, logged in", "storage landing (s3): listed, writable",
+                 "storage lts (posix): listed, writable"):
+        assert any(ln.startswith("ok") and what in ln for ln in p.stdout.splitlines()), p.stdout
+    assert scicat.requests("POST", "auth/login")
+    # Nothing is left behind by the probes.
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_options["endpoint_url"], aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    assert s3.list_objects_v2(Bucket=s3_options["bucket"]).get("KeyCount", 0) == 0
+    # A wrong password and a closed port: each part says what failed, and the exit code is 1.
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml("http://127.0.0.1:9", scicat.url).replace(f'password = "{ARCHIVER[1]}"', 'password = "no"'))
+    p = subprocess.run([*MOVERD, "config", "check", "--connect", "-c", str(bad)], capture_output=True,
+                       text=True, env=clean_env(), timeout=180)
+    assert p.returncode == 1, p.stdout + p.stderr
+    fails = [ln for ln in p.stdout.splitlines() if ln.startswith("FAIL")]
+    assert any("catalog (scicat)" in ln for ln in fails) and any("storage landing (s3)" in ln for ln in fails)
+    assert any("127.0.0.1:9" in ln for ln in fails), p.stdout

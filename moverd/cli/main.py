@@ -367,9 +367,16 @@ def job_show(
 
 
 @config_app.command("check")
-def config_check(config: ConfigOpt = None) -> None:
-    """Validate the configuration; print every problem and exit non-zero if there is one."""
-    from ..configcheck import check_config
+def config_check(
+    config: ConfigOpt = None,
+    connect: Annotated[bool, typer.Option(
+        "--connect", help="Also log in to the catalog, list and write every storage, and reach Prefect.")] = False,
+) -> None:
+    """Validate the configuration; print every problem and exit non-zero if there is one.
+
+    Exit 3 for a configuration problem; with --connect, 1 when a configured part cannot be reached.
+    """
+    from ..configcheck import check_config, connect_checks
 
     problems, where = check_config(config)
     if problems:
@@ -377,6 +384,16 @@ def config_check(config: ConfigOpt = None) -> None:
             typer.echo(f"moverd: config error: {p}", err=True)
         raise typer.Exit(3)
     out.print(f"configuration OK ({where})")
+    if not connect:
+        return
+    results = run(connect_checks, config)
+    for what, error in results:
+        if error is None:
+            out.print(f"[green]ok[/]    {what}")
+        else:
+            out.print(f"[red]FAIL[/]  {what}: {error}")
+    if any(error is not None for _, error in results):
+        raise typer.Exit(1)
 
 
 @config_app.command("show")
