@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from moverd_storage_s3 import S3Storage
 
 from moverd import NotFoundError, ObjectInfo, SourceChangedError, StorageError
 from tests.support.faultproxy import FaultProxy
@@ -27,8 +28,8 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def listed(storage: Any, key: str) -> ObjectInfo:
-    found = [info async for info in storage.list() if info.key == key]
+async def listed(storage: S3Storage, key: str) -> ObjectInfo:
+    found: list[ObjectInfo] = [info async for info in storage.list() if info.key == key]
     assert len(found) == 1 and found[0].etag
     return found[0]
 

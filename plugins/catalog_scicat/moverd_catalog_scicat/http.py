@@ -1,14 +1,20 @@
 """HTTP to SciCat: bearer token, one re-login on 401/403, retries with backoff on 502/503/504,
 timeouts and connection errors. A call that still fails raises :class:`moverd.CatalogError`
 naming the method, the path and the answer; any other answer is returned for the caller to map.
+
+Every wait is bounded: ``connect_timeout`` to connect, ``timeout`` for each wait for bytes, and
+``request_timeout`` for the whole call with its retries, so that a server that accepts
+connections and never answers fails a job within minutes rather than hanging it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import httpx
 
 from moverd import CatalogError, retry_async
@@ -72,7 +78,7 @@ class SciCatHTTP:
         if self._client is None:
             self._client = httpx.AsyncClient(
                 base_url=self.opts.url,
-                timeout=httpx.Timeout(self.opts.timeout),
+                timeout=httpx.Timeout(self.opts.timeout, connect=self.opts.connect_timeout),
                 verify=self.opts.verify_tls,
                 headers={"Accept": "application/json", "User-Agent": "moverd-catalog-scicat"},
                 follow_redirects=False,
@@ -94,8 +100,15 @@ class SciCatHTTP:
             raise _RetryableAnswerError(what, response)
         return response
 
+    def _no_answer(self, what: str, seconds: float, tries: int, why: str) -> CatalogError:
+        notes = ", ".join([*([f"{tries} attempts"] if tries > 1 else []), *([why] if why else [])])
+        return CatalogError(
+            f"SciCat {self.opts.url}: no answer to {what} within {seconds:g} s{f' ({notes})' if notes else ''}"
+        )
+
     async def _retrying(self, what: str, op: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
         tries = 0
+        deadline = time.monotonic() + self.opts.request_timeout
 
         async def counted() -> httpx.Response:
             nonlocal tries
@@ -105,11 +118,24 @@ class SciCatHTTP:
         def after() -> str:
             return f"after {tries} attempts" if tries > 1 else "after 1 attempt"
 
+        def retryable(exc: BaseException) -> bool:
+            return _retryable(exc) and time.monotonic() < deadline
+
         try:
-            return await retry_async(
-                counted, retryable=_retryable, attempts=self.opts.max_attempts,
-                base_delay=self.opts.retry_delay, max_delay=self.opts.retry_max_delay, what=f"SciCat {what}",
-            )
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                return await retry_async(
+                    counted, retryable=retryable, attempts=self.opts.max_attempts,
+                    base_delay=self.opts.retry_delay, max_delay=self.opts.retry_max_delay, what=f"SciCat {what}",
+                )
+        except TimeoutError:
+            raise self._no_answer(what, self.opts.request_timeout, tries, "request_timeout") from None
+        except httpx.ConnectTimeout:
+            raise CatalogError(
+                f"SciCat {self.opts.url}: no connection for {what} within {self.opts.connect_timeout:g} s"
+                f"{f' ({tries} attempts)' if tries > 1 else ''}"
+            ) from None
+        except httpx.TimeoutException:
+            raise self._no_answer(what, self.opts.timeout, tries, "") from None
         except _RetryableAnswerError as exc:
             raise CatalogError(
                 f"SciCat {what} failed {after()}: {exc.response.status_code} {message_of(exc.response)}"

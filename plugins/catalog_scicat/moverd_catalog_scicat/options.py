@@ -35,7 +35,12 @@ class SciCatOptions(Options):
     password: SecretStr
     """Its password (also as ``password_file``)."""
     timeout: Duration = 30.0
-    """Per-request timeout (connect, read, write)."""
+    """Longest wait for the next bytes of an answer, or to send the next bytes of a request."""
+    connect_timeout: Duration = 10.0
+    """Longest wait for a connection to ``url``."""
+    request_timeout: Duration = 120.0
+    """Longest one call may take, its retries and a re-login included: ``max_attempts`` waits of
+    ``timeout`` on a silent server would otherwise add up to several minutes."""
     max_attempts: int = Field(default=6, ge=1)
     """Attempts per call for 502/503/504, timeouts and connection errors."""
     retry_delay: Duration = 0.5
@@ -59,6 +64,13 @@ class SciCatOptions(Options):
                     raise ValueError("give either username or username_file, not both")
                 data["username"] = read_secret_file(path, "username_file").get_secret_value()
         return data
+
+    @field_validator("timeout", "connect_timeout", "request_timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
 
     @field_validator("url")
     @classmethod

@@ -555,7 +555,7 @@ class FastGetter:
             _, body = self._fetch("GET", self._bucket_path(), query, stop)
             return parse_list(body)
 
-        return self._retrying(attempt, f"list {self.bucket}/{prefix}", stop)
+        return self._retrying(attempt, f"list {self.bucket}/{prefix}" if prefix else f"list {self.bucket}", stop)
 
     async def list_page(self, prefix: str, token: str | None) -> tuple[list[Listed], str | None]:
         stop = Interrupt()

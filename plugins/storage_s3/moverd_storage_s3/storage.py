@@ -128,7 +128,7 @@ class S3Storage(Storage):
                 try:
                     page, token = await fast.list_page(folder, token)
                 except Exception as exc:
-                    raise self._error(exc, folder or None, "list", f"list {self.bucket}/{folder}") from exc
+                    raise self._error(exc, folder or None, "list", self._listing(folder)) from exc
                 yield page
                 if token is None:
                     return
@@ -136,16 +136,19 @@ class S3Storage(Storage):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder).__aiter__()
         while True:
             try:
-                resp = await self._bounded(pages.__anext__(), "list", folder)
+                resp = await self._bounded(pages.__anext__(), "list", folder or None)
             except StopAsyncIteration:
                 return
             except Exception as exc:
-                raise self._error(exc, folder or None, "list", f"list {self.bucket}/{folder}") from exc
+                raise self._error(exc, folder or None, "list", self._listing(folder)) from exc
             yield [
                 fastget.Listed(str(obj["Key"]), int(obj["Size"]), obj["LastModified"].timestamp(),
                                _etag(obj.get("ETag")))
                 for obj in resp.get("Contents", [])
             ]
+
+    def _listing(self, folder: str) -> str:
+        return f"list {self.bucket}/{folder}" if folder else f"list {self.bucket}"
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         async for page in self._pages(self._folder(prefix)):
