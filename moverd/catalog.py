@@ -16,10 +16,11 @@ from .models import Datablock, Dataset, FileEntry, Job, LifecycleUpdate
 
 
 class Catalog(ABC):
-    """Required methods are abstract. One optional capability, for catalogs that live beside the
-    data (the embedded local catalog): datasets made from a folder of this machine
-    (``moverd archive ./folder``), announced by ``local_folders = True`` with
-    :meth:`create_dataset` and :meth:`find_datasets`."""
+    """Required methods are abstract. Optional capabilities, which the embedded local catalog has:
+    datasets made from a folder of this machine (``moverd archive ./folder``), announced by
+    ``local_folders = True`` with :meth:`create_dataset` and :meth:`find_datasets`; and listings
+    of every dataset and job (:meth:`list_datasets`, :meth:`list_jobs`). Their defaults refuse
+    with a user error that says so."""
 
     type_name: str = ""
     name: str = "catalog"
@@ -68,6 +69,14 @@ class Catalog(ABC):
     async def find_datasets(self, *, source_folder: str) -> list[Dataset]:
         """The datasets made from ``source_folder``, oldest first (to resume an interrupted one)."""
         return []
+
+    async def list_datasets(self) -> list[Dataset]:
+        """Every dataset, oldest first (``moverd datasets``)."""
+        raise UserError(f"the {self.type_name or self.name!r} catalog does not list its datasets here; use its own UI")
+
+    async def list_jobs(self, status: str | None = None) -> list[Job]:
+        """Every job (with ``status``: only those), oldest first (``moverd job list``)."""
+        raise UserError(f"the {self.type_name or self.name!r} catalog does not list its jobs here; use its own UI")
 
     async def aclose(self) -> None:
         return None

@@ -131,8 +131,8 @@ async def _probe_prefect(url: str) -> None:
         raise ConfigError(f"GET /health answered {response.status_code}")
 
 
-def effective_config(path: str | Path | None) -> str:
-    """The configuration as moverd sees it, as JSON, with every secret masked."""
+def effective_config(path: str | Path | None, *, as_toml: bool = False) -> str:
+    """The configuration as moverd sees it, as JSON (or TOML), with every secret masked."""
     settings = load_settings(path)
     reg = Registry.from_plugins(load_plugins()[0])
     data: dict[str, Any] = settings.model_dump(mode="json", exclude={"storages", "catalog"})
@@ -143,4 +143,13 @@ def effective_config(path: str | Path | None) -> str:
         data["storages"][name] = {"type": type_name, **opts.model_dump(mode="json")}
     type_name, options = settings.catalog_options()
     data["catalog"] = {"type": type_name, **reg.catalog_options(type_name, options).model_dump(mode="json")}
+    if as_toml:
+        import tomli_w
+
+        return tomli_w.dumps(_without_none(data)).rstrip("\n")
     return json.dumps(data, indent=2, sort_keys=True)
+
+
+def _without_none(data: dict[str, Any]) -> dict[str, Any]:
+    """TOML has no null: a key left out means its default, which is what None stands for here."""
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in sorted(data.items()) if v is not None}

@@ -43,6 +43,11 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def plural(n: int, word: str) -> str:
+    """``1 file``, ``2 files``: counts in messages read as sentences."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 """A pydantic field type that accepts ints and size strings."""
 

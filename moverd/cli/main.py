@@ -24,18 +24,21 @@ import typer
 from ..app import App
 from ..errors import ConfigError, MoverdError, UserError
 from ..events import Transfer
-from ..units import format_size
+from ..units import format_size, plural
 from .progress import show_progress
 
 T = TypeVar("T")
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="moverd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="moverd: move datasets into tar datablocks on long-term storage, verified, and back.",
+    context_settings=HELP_OPTIONS,
 )
-config_app = typer.Typer(no_args_is_help=True, help="Check or show the configuration.")
+config_app = typer.Typer(no_args_is_help=True, help="Check or show the configuration.", context_settings=HELP_OPTIONS)
 app.add_typer(config_app, name="config")
-job_app = typer.Typer(no_args_is_help=True, help="Carry out or inspect catalog jobs.")
+job_app = typer.Typer(no_args_is_help=True, help="Carry out or inspect catalog jobs.", context_settings=HELP_OPTIONS)
 app.add_typer(job_app, name="job")
 
 
@@ -64,12 +67,18 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document f
 
 
 class _State:
-    config: Path | None = None
+    json_errors = False
+    """``--json`` was given: errors are a JSON document too (on stderr, like the lines)."""
 
 
-def fail(exc: BaseException) -> None:
-    code = 3 if isinstance(exc, ConfigError) else 2 if isinstance(exc, UserError) else 1
+def fail(exc: BaseException, code: int | None = None) -> None:
+    if code is None:
+        code = 3 if isinstance(exc, ConfigError) else 2 if isinstance(exc, UserError) else 1
     lines = str(exc).splitlines() or [type(exc).__name__]
+    if _State.json_errors:
+        kind = {1: "system_error", 2: "user_error", 3: "config_error", 130: "interrupted"}.get(code, "error")
+        typer.echo(json.dumps({"error": {"message": "\n".join(lines), "kind": kind, "exit_code": code}}), err=True)
+        raise typer.Exit(code)
     typer.echo(f"moverd: error: {lines[0]}", err=True)
     for line in lines[1:]:
         typer.echo(f"  {line}", err=True)
@@ -90,6 +99,8 @@ def run(fn: Callable[[App], Awaitable[T]], config: Path | None) -> T:
     except MoverdError as exc:
         fail(exc)
     except KeyboardInterrupt:
+        if _State.json_errors:
+            fail(MoverdError("interrupted"), 130)
         typer.echo("moverd: interrupted", err=True)
         raise typer.Exit(130) from None
     except OSError as exc:
@@ -101,10 +112,28 @@ def emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"moverd {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+    config: ConfigOpt = None,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print moverd's version and exit.")] = False,
 ) -> None:
+    """moverd: move datasets into tar datablocks on long-term storage, verified, and back.
+
+    -c/--config works before the command or after it (there it wins).
+    """
+    if config is not None:
+        # Every command, and the daemon's job runs, read the file named here.
+        os.environ["MOVERD_CONFIG"] = str(config)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -181,8 +210,8 @@ def archive(
         return
     rate = res["bytes"] / res["seconds"] if res["seconds"] else 0
     out.print(
-        f"archived [bold]{res['dataset']}[/]: {res['files']} files, {format_size(res['bytes'])} in "
-        f"{len(res['datablocks'])} datablock(s) ({res['written']} written, {res['reused']} reused), "
+        f"archived [bold]{res['dataset']}[/]: {plural(res['files'], 'file')}, {format_size(res['bytes'])} in "
+        f"{plural(len(res['datablocks']), 'datablock')} ({res['written']} written, {res['reused']} reused), "
         f"{res['seconds']:.1f} s, {format_size(rate)}/s, verified"
     )
     out.print(f"retrieve with: moverd retrieve {res['dataset']} --to DIR")
@@ -237,10 +266,10 @@ def retrieve(
         emit_json(res)
     else:
         skipped = f", {res['skipped']} already there and identical (skipped)" if res["skipped"] else ""
-        swept = (f", {res['removed_temp_files']} temp file(s) of an interrupted retrieve removed"
+        swept = (f", {plural(res['removed_temp_files'], 'temporary file')} of an interrupted retrieve removed"
                  if res["removed_temp_files"] else "")
         out.print(
-            f"retrieved [bold]{res['dataset']}[/]: {res['files']} files, {format_size(res['bytes'])} "
+            f"retrieved [bold]{res['dataset']}[/]: {plural(res['files'], 'file')}, {format_size(res['bytes'])} "
             f"into {res['to']} in {res['seconds']:.1f} s, every file verified{skipped}{swept}"
         )
 
@@ -271,27 +300,32 @@ def verify(
         raise typer.Exit(1)
 
 
-@app.command()
-def datasets(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """List the datasets of the local catalog."""
-    from ..builtin.local_catalog import LocalCatalog
-
-    async def go(a: App) -> list[Any]:
-        if not isinstance(a.catalog, LocalCatalog):
-            raise UserError(f"'datasets' lists the local catalog; the configured catalog is {a.catalog.type_name!r}")
-        return await a.catalog.list_datasets()
-
-    items = run(go, config)
-    if as_json:
-        emit_json([d.model_dump() for d in items])
+def print_table(columns: list[str], rows: list[list[str]]) -> None:
+    """A table on a terminal; tab-separated lines, never shortened, when piped (ids to copy)."""
+    if not sys.stdout.isatty():
+        for row in [columns, *rows]:
+            typer.echo("\t".join(row))
         return
     from rich.table import Table
 
-    table = Table("dataset", "files", "size", "archive status", "source")
-    for d in items:
-        table.add_row(d.pid, str(d.number_of_files), format_size(d.size or 0),
-                      str(d.lifecycle.get("archive_status", "")), d.source_folder or "")
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
+
+
+@app.command()
+def datasets(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """List the datasets of the catalog (the embedded local catalog can)."""
+    items = run(lambda a: a.catalog.list_datasets(), config)
+    if as_json:
+        emit_json([d.model_dump() for d in items])
+        return
+    print_table(["dataset", "files", "size", "archive status", "source"], [
+        [d.pid, str(d.number_of_files), format_size(d.size or 0), str(d.lifecycle.get("archive_status", "")),
+         d.source_folder or ""]
+        for d in items
+    ])
 
 
 @app.command()
@@ -354,6 +388,22 @@ def job_run(
     raise typer.Exit(0 if status == "finishedSuccessful" else 2 if status == "finishedWithDatasetErrors" else 1)
 
 
+@job_app.command("list")
+def job_list(
+    status: Annotated[str | None, typer.Option("--status", help="Only jobs with this status code.")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the catalog's jobs, oldest first (the embedded local catalog can)."""
+    jobs = run(lambda a: a.catalog.list_jobs(status), config)
+    if as_json:
+        emit_json([j.model_dump(mode="json") for j in jobs])
+        return
+    print_table(["job", "type", "status", "datasets"], [
+        [j.id, j.type.value, j.status, ", ".join(d.pid for d in j.datasets)] for j in jobs
+    ])
+
+
 @job_app.command("show")
 def job_show(
     job_id: Annotated[str, typer.Argument(help="The catalog's job id.")],
@@ -397,19 +447,23 @@ def config_check(
 
 
 @config_app.command("show")
-def config_show(config: ConfigOpt = None) -> None:
+def config_show(
+    config: ConfigOpt = None,
+    as_toml: Annotated[bool, typer.Option("--toml", help="Print TOML (a starting point for a config file).")] = False,
+) -> None:
     """Print the effective configuration (file + environment + defaults), secrets masked."""
     from ..configcheck import effective_config
 
     try:
-        typer.echo(effective_config(config))
+        typer.echo(effective_config(config, as_toml=as_toml))
     except MoverdError as exc:
         fail(exc)
 
 
 def main() -> None:
+    _State.json_errors = "--json" in sys.argv[1:]
     try:
-        app()
+        app(prog_name="moverd")  # also under ``python -m moverd``
     except BrokenPipeError:
         sys.stderr.close()
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 
 from ..events import Transfer
+from ..units import plural
 
 
 @contextlib.asynccontextmanager
@@ -33,10 +35,20 @@ async def show_progress(transfers: Transfer | list[Transfer], *, enabled: bool) 
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
+    from rich.text import Text
+
+    from ..units import format_size
+
+    class BinarySpeed(TransferSpeedColumn):
+        """MiB/s, as the sizes beside it and the summary at the end (rich's own says MB/s)."""
+
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{format_size(speed)}/s", style="progress.data.speed")
 
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-        TransferSpeedColumn(), TextColumn("{task.fields[files]}"), TimeRemainingColumn(),
+        BinarySpeed(), TextColumn("{task.fields[files]}"), TimeRemainingColumn(),
     )
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         tasks: dict[str, TaskID] = {}
@@ -47,7 +59,7 @@ async def show_progress(transfers: Transfer | list[Transfer], *, enabled: bool) 
                     tasks[t.id] = progress.add_task(f"{t.kind} {t.dataset}", total=None, files="")
                 progress.update(
                     tasks[t.id], total=t.bytes_total or None, completed=t.bytes_done,
-                    files=f"{t.files_done}/{t.files_total} files",
+                    files=f"{t.files_done}/{plural(t.files_total, 'file')}",
                 )
 
         async with anyio.create_task_group() as tg:
