@@ -142,7 +142,10 @@ def _root(
 @app.command()
 def archive(
     source: Annotated[
-        str, typer.Argument(help="A folder to archive as a new dataset, or the id of a catalogued dataset.")
+        str, typer.Argument(help=(
+            "What to archive: a folder, a storage location (<storage>:<prefix>, e.g. landing:raw/X, or "
+            "s3://<bucket>/<prefix> of a configured S3 storage), or the id of a catalogued dataset."
+        ))
     ],
     new: Annotated[bool, typer.Option(
         "--new", help="Archive the folder as a new dataset even if it was archived before, as it is now."
@@ -150,12 +153,14 @@ def archive(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Archive a folder (as a dataset of the local catalog) or a catalogued dataset to the LTS.
+    """Archive a folder or storage location (as a dataset of the local catalog), or a catalogued
+    dataset, to the LTS.
 
     The same folder again resumes its interrupted dataset, reusing the datablocks already
     committed; a folder archived already, with the same files, is reported and not archived twice.
+    Files archived from a folder or location stay where they are.
     """
-    from ..services.folders import dataset_for_folder
+    from ..services.folders import dataset_for_folder, parse_location
     from ..services.lifecycle import archive_with_lifecycle
 
     folder = Path(source)
@@ -165,8 +170,9 @@ def archive(
 
     async def go(a: App) -> dict[str, Any]:
         state = "catalogued"
-        if is_folder:
-            found = await dataset_for_folder(a, folder, new=new)
+        location = None if is_folder else parse_location(a, source)
+        if is_folder or location is not None:
+            found = await dataset_for_folder(a, folder if is_folder else source, new=new)
             pid, state = found.dataset.pid, found.state
             if state == "archived":
                 return {"dataset": pid, "already_archived": True, "folder": found.dataset.source_folder}

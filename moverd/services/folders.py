@@ -1,12 +1,14 @@
-"""Local folders as datasets: what ``moverd archive ./folder`` does on the embedded default.
+"""Folders and storage locations as datasets: what ``moverd archive ./folder`` (or
+``landing:some/prefix``, ``s3://bucket/prefix``) does with a catalog of local folders.
 
-Archiving a folder a second time must not make a second dataset: after a crash the same folder
-(same path, same files with the same sizes and times) resumes its unfinished dataset, whose
-committed datablocks are reused, and a folder that is archived already is reported as such.
+Archiving a location a second time must not make a second dataset: after a crash the same
+location (same files with the same sizes and times) resumes its unfinished dataset, whose
+committed datablocks are reused, and a location that is archived already is reported as such.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,31 +40,62 @@ def _same_files(a: list[FileEntry], b: list[FileEntry]) -> bool:
     return key(a) == key(b)
 
 
-async def dataset_for_folder(app: App, folder: Path, *, new: bool = False) -> FolderDataset:
-    """The dataset that archives ``folder``: an earlier one of the same folder with the same
-    files (unless ``new``), else a new one in the catalog."""
+_STORAGE_LOCATION = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+):(?P<prefix>(?!//).*)$")
+_S3_URL = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
+
+
+def parse_location(app: App, location: str) -> tuple[str, str] | None:
+    """``(storage name, prefix)`` for ``<storage>:<prefix>`` naming a configured storage, or for
+    ``s3://bucket/prefix`` of a configured S3 storage's bucket; None when ``location`` is neither
+    (a folder or a dataset id). An S3 URL no storage is configured for is a user error."""
+    if m := _S3_URL.match(location):
+        bucket, prefix = m["bucket"], m["prefix"].strip("/")
+        for name in sorted(app.settings.storages):
+            type_name, options = app.settings.storage_options(name)
+            if type_name != "s3" or options.get("bucket") != bucket:
+                continue
+            own = str(options.get("prefix", "")).strip("/")
+            if not own or prefix == own or prefix.startswith(own + "/"):
+                return name, safe_key(prefix[len(own):].strip("/"), allow_empty=True)
+        raise UserError(f"no configured s3 storage has the bucket {bucket!r} (with a prefix that {location!r} is in)")
+    if (m := _STORAGE_LOCATION.match(location)) and m["name"] in app.settings.storages:
+        return m["name"], safe_key(m["prefix"], allow_empty=True)
+    return None
+
+
+async def dataset_for_folder(app: App, folder: Path | str, *, new: bool = False) -> FolderDataset:
+    """The dataset that archives ``folder`` (a local folder, or a location :func:`parse_location`
+    knows): an earlier one of the same place with the same files (unless ``new``), else a new
+    one in the catalog."""
     catalog = app.catalog
     if not catalog.local_folders:
         raise UserError(
             f"archiving a folder needs a catalog of local folders, such as the embedded 'local' one "
             f"(the configured one is {catalog.type_name!r}); give a dataset id instead"
         )
-    if not await anyio.Path(folder).is_dir():
-        raise UserError(f"folder {str(folder)!r} does not exist")
-    folder = Path(await anyio.Path(folder).resolve())
-    source = app.local_folder(folder, "source")
+    location = parse_location(app, folder) if isinstance(folder, str) else None
+    if location is not None:
+        name, prefix = location
+        source, label = app.storage(name), f"{name}:{prefix}"
+    else:
+        folder = Path(folder)
+        if not await anyio.Path(folder).is_dir():
+            raise UserError(f"folder {str(folder)!r} does not exist")
+        folder = Path(await anyio.Path(folder).resolve())
+        source, prefix, label = app.local_folder(folder, "source"), "", str(folder)
+    strip = len(prefix) + 1 if prefix else 0
     files = [
-        FileEntry(path=i.key, size=i.size, mtime=i.mtime, mode=i.mode, uid=i.uid, gid=i.gid)
-        async for i in source.list("")
+        FileEntry(path=i.key[strip:], size=i.size, mtime=i.mtime, mode=i.mode, uid=i.uid, gid=i.gid)
+        async for i in source.list(prefix)
     ]
     if not files:
-        raise UserError(f"folder {str(folder)!r} has no files to archive")
+        raise UserError(f"{label!r} has no files to archive")
     if not new:
-        for ds in reversed(await catalog.find_datasets(source_folder=str(folder))):
+        for ds in reversed(await catalog.find_datasets(source_folder=label)):
             if _same_files(await catalog.list_files(ds.pid), files):
                 done = ds.lifecycle.get("archive_status") == ArchiveStatus.on_archive_disk.value
                 return FolderDataset(ds, source, "archived" if done else "resumed")
-    return FolderDataset(await catalog.create_dataset(files, source_folder=str(folder)), source, "new")
+    return FolderDataset(await catalog.create_dataset(files, source_folder=label), source, "new")
 
 
 async def register_folder(app: App, folder: Path) -> tuple[Dataset, Storage]:
@@ -79,7 +112,11 @@ def dataset_source(app: App, dataset: Dataset) -> tuple[Storage, str, bool]:
     names a path on the instrument's machine, which must never be mistaken for one here.
     """
     folder = dataset.source_folder
-    if app.catalog.local_folders and folder and Path(folder).is_absolute() and Path(folder).is_dir():
-        return app.local_folder(Path(folder), "source"), "", False
+    if app.catalog.local_folders and folder:
+        if Path(folder).is_absolute() and Path(folder).is_dir():
+            return app.local_folder(Path(folder), "source"), "", False
+        if (location := parse_location(app, folder)) is not None:
+            # Archived from a storage location by hand: its files stay where they are.
+            return app.storage(location[0]), location[1], False
     prefix = safe_key(app.settings.archive.landing_prefix.format(pid=dataset.pid), allow_empty=True)
     return app.storage("landing"), prefix, True
