@@ -23,6 +23,8 @@ from moverd_storage_lts import PosixOptions, PosixStorage
 from moverd_storage_lts.paths import TEMP_MARK, is_temp_name
 from moverd_storage_lts.writer import TargetExistsError
 
+from moverd.models import Member
+from moverd.services.retrieve import folders_written
 from tests.support.trees import read_tree, write
 
 MOVERD = [sys.executable, "-m", "moverd"]
@@ -256,6 +258,15 @@ def test_a_temp_file_of_a_live_writer_in_another_process_survives_the_sweep(
     res = json.loads(run(["retrieve", pid, "--to", str(out), "--json"], env).stdout)
     assert res["removed_temp_files"] == 1 and res["skipped"] == 2
     assert not temp_files(out)
+
+
+def test_the_sweep_covers_each_folder_once() -> None:
+    def paths(*ps: str) -> list[Member]:
+        return [Member(path=p, size=0, offset=0, header_offset=0, checksum="") for p in ps]
+
+    assert folders_written(paths("a/x", "a b/y", "a/b/z", "c/d/e", "c/f", "c/d/g/h")) == ["a", "a b", "c"]
+    assert folders_written(paths("a/x", "top")) == [""]
+    assert folders_written(paths("a/b/c/x", "a/b/y")) == ["a/b"]
 
 
 # -- item 9a: --to a file -------------------------------------------------------------------------

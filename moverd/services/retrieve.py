@@ -255,30 +255,30 @@ async def retrieve_dataset(
     set, which a killed retrieval may not have done yet); any other existing file raises
     :class:`ExistingFilesError` before anything is written, unless ``overwrite``. A file that
     appears after that check is protected only by the target itself (a ``posix`` storage with
-    ``overwrite = false`` refuses to publish over it). ``check_existing=False`` is for a caller
-    who knows the target was empty: it saves a stat per file.
+    ``overwrite = false`` refuses to publish over it). Then the temp files of dead writers in
+    the folders it writes into go. ``check_existing=False`` is for a caller who knows the target
+    was empty: it saves a stat per file and the sweep.
     """
     lts = app.storage("lts")
     transfer = transfer or Transfer(kind="retrieve", dataset=pid)
     result = RetrieveResult(pid=pid)
     with observed(app, transfer):
         chosen = select_members(await load_indexes(app, pid), files)
-        # Every folder of the selection, skipped files' too: an earlier run may have left a temp
-        # file next to a file that a later run then completed.
-        folders = folders_written([m for _, ms in chosen for m in ms])
         if check_existing:
             identical, conflicts = await find_existing(app, target, chosen)
             if conflicts and not overwrite:
                 where = target.describe().get("root") or f"storage {target.name!r}"
                 raise ExistingFilesError(str(where), conflicts)
+            # Every folder of the selection, skipped files' too: an earlier run may have left a
+            # temp file next to a file that a later run then completed.
+            for prefix in folders_written([m for _, ms in chosen for m in ms]):
+                result.removed_temp_files += await target.remove_stale_temp_files(0, prefix=prefix)
             skipped = [(b, m) for b, ms in chosen for m in ms if m.path in identical]
             chosen = [(b, [m for m in ms if m.path not in identical]) for b, ms in chosen]
             chosen = [(b, ms) for b, ms in chosen if ms]
             for _, m in skipped:
                 await target.set_metadata(m.path, mtime=m.mtime, mode=m.mode)
             result.skipped = [m for _, m in skipped]
-        for prefix in folders:
-            result.removed_temp_files += await target.remove_stale_temp_files(0, prefix=prefix)
         transfer.bytes_total = sum(m.size for _, ms in chosen for m in ms)
         transfer.files_total = sum(len(ms) for _, ms in chosen)
         transfer.datablocks_total = len(chosen)
