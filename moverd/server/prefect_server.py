@@ -9,17 +9,29 @@
 
 Prefect reads its settings once, at import: that is why the decision and ``PREFECT_API_URL`` for
 the local server are settled here, by the main thread, before anything imports ``prefect``.
+
+The local server must not outlive its daemon: a daemon killed with SIGKILL cannot stop it, and
+each orphan holds ~220 MiB and the database. So the server is started with the kernel's parent
+death signal (Linux ``PR_SET_PDEATHSIG``: SIGTERM when the thread that started it ends, which is
+the daemon's main thread), and its pid, start time and command line are kept in
+``<state_dir>/prefect/server.pid``: the next daemon stops a server that is still there, and only
+when all three match, so a recycled pid of another process is never signalled.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -62,6 +74,93 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+PR_SET_PDEATHSIG = 1
+STALE_GRACE = 10.0
+"""How long a stale server gets to stop on SIGTERM before it is killed."""
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child get SIGTERM when this process's calling thread ends
+    (``None`` where the kernel has no such thing). libc is looked up here, before the fork: the
+    child then only makes two system calls before it execs."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between the fork and the prctl
+            os._exit(1)
+
+    return preexec
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat`` field 22), or ``None``
+    when there is no such process. A pid and its start time name one process for ever."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return int(fields[19]) if len(fields) > 19 and fields[0] != "Z" else None
+
+
+def process_cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="surrogateescape") for a in raw.split(b"\0")[:-1]]
+
+
+def write_pid_file(path: Path, pid: int, cmd: list[str]) -> None:
+    """Record the server: its pid, start time and command line (the one it was started with: read
+    back right after the fork it would still be the daemon's)."""
+    start = process_start(pid)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": pid, "start": start, "cmdline": cmd}))
+    tmp.replace(path)
+
+
+def stop_stale(path: Path) -> bool:
+    """Stop the server ``path`` records if it still runs (a daemon before this one died without
+    stopping it); returns whether one was stopped. A live process that is not the one recorded
+    (another start time or command line: the pid was reused) is left alone."""
+    try:
+        record = json.loads(path.read_text())
+        pid, start, cmd = int(record["pid"]), record["start"], list(record["cmdline"])
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        path.unlink(missing_ok=True)
+        return False
+    alive = process_start(pid)
+    if alive is None:
+        path.unlink(missing_ok=True)
+        return False
+    if start is None or alive != start or process_cmdline(pid) != cmd:
+        log.info("%s names pid %d, now another process: left alone", path, pid)
+        path.unlink(missing_ok=True)
+        return False
+    log.warning("stopping the local Prefect server (pid %d) a previous daemon left running", pid)
+    for sig, wait in ((signal.SIGTERM, STALE_GRACE), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if process_start(pid) != start:
+                path.unlink(missing_ok=True)
+                return True
+            time.sleep(0.05)
+    raise SystemError_(f"the local Prefect server a previous daemon left running (pid {pid}) does not stop")
+
+
 class LocalPrefectServer:
     """A Prefect server (API + UI) for one embedded daemon, in a subprocess of its own.
 
@@ -76,6 +175,7 @@ class LocalPrefectServer:
         self.timeout = timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = home / "server.log"
+        self.pid_path = home / "server.pid"
 
     @property
     def url(self) -> str:
@@ -89,6 +189,7 @@ class LocalPrefectServer:
     def start(self, *, export: bool = True) -> str:
         """Start the server and (``export``) point this process's Prefect at it; returns the API URL."""
         self.home.mkdir(parents=True, exist_ok=True)
+        stop_stale(self.pid_path)  # before the port is chosen: it may hold the one configured
         if self.port == 0 or not _port_free(self.host, self.port):
             wanted = self.port
             self.port = free_port(self.host)
@@ -113,7 +214,9 @@ class LocalPrefectServer:
             # Its own session: a Ctrl-C in the terminal reaches the daemon, which still needs Prefect
             # while it drains, and stops this server last.
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=die_with_parent())
+        write_pid_file(self.pid_path, self.proc.pid, cmd)
         if export:
             os.environ["PREFECT_API_URL"] = self.api_url
         log.info("starting the local Prefect server on %s (database %s)", self.url, db)
@@ -145,11 +248,13 @@ class LocalPrefectServer:
             return ""
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.pid_path.unlink(missing_ok=True)
