@@ -63,4 +63,11 @@ def transfer_failed(transfer: Transfer, error: BaseException) -> None:
     """The transfer failed with ``error``; nothing it wrote is counted as archived."""
 
 
+@hookspec
+def storage_space_wait(storage: str, needed: int, free: int, min_free: int, waited: float, waiting: bool) -> None:
+    """A write to ``storage`` started (``waiting``) or stopped waiting for free space: it needs
+    ``needed`` bytes and ``min_free`` to stay free, ``free`` are free for it (less what open
+    writers announced); ``waited`` seconds so far. Called at once, so that a full share shows."""
+
+
 __all__ = ["Any", "hookimpl", "hookspec"]

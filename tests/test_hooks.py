@@ -180,3 +180,39 @@ def test_every_hook_is_documented_and_tested() -> None:
         assert re.search(rf"^###\s+`{name}`", docs, re.M), f"hook {name} has no section in docs/plugins.md"
         assert f"def {name}(" in me, f"hook {name} has no implementation exercised in tests/test_hooks.py"
     assert HOOKS, textwrap.dedent("no hooks found")
+
+
+class SpaceWatcher:
+    """An observer of free-space waits, as a monitoring plugin would write it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool, int]] = []
+
+    @hookimpl
+    def storage_space_wait(
+        self, storage: str, needed: int, free: int, min_free: int, waited: float, waiting: bool
+    ) -> None:
+        self.calls.append((storage, waiting, needed))
+
+
+@pytest.mark.anyio
+async def test_storage_space_wait_reaches_observers(small_fs: Path, tmp_path: Path) -> None:
+    """A posix storage below its min_free tells the hook at once, and again when space appears."""
+    import anyio
+
+    pm, report = load_plugins()
+    watcher = SpaceWatcher()
+    pm.register(watcher, name="space-watcher")
+    app = App(make_settings(tmp_path), pm, report)
+    lts = app.local_folder(small_fs, "lts", min_free=700 * 1024, free_space_poll=0.05, free_space_timeout=10)
+    lts.observe = lambda **kw: app.notify("storage_space_wait", **kw)  # type: ignore[attr-defined]
+    (small_fs / "filler").write_bytes(b"x" * (500 * 1024))
+    async with app, anyio.create_task_group() as tg:
+        tg.start_soon(lts.wait_for_space, 100 * 1024)
+        await anyio.sleep(0.2)
+        assert watcher.calls == [("lts", True, 100 * 1024)]
+        (small_fs / "filler").unlink()
+        with anyio.fail_after(2):
+            while len(watcher.calls) < 2:
+                await anyio.sleep(0.05)
+    assert watcher.calls[-1] == ("lts", False, 100 * 1024)

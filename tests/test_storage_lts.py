@@ -849,13 +849,14 @@ async def test_free_space_and_wait_for_space(small_fs: Path) -> None:
     free = await storage.free_space()
     assert 900 * 1024 <= free <= 1024 * 1024
     await storage.wait_for_space(100 * 1024)  # 100 KiB leaves > 512 KiB: at once
+    (small_fs / "filler").write_bytes(b"x" * (200 * 1024))
     start = time.monotonic()
-    with pytest.raises(NoSpaceError) as ei:
-        await storage.wait_for_space(600 * 1024)
+    with pytest.raises(NoSpaceError) as ei:  # 450 KiB + 512 KiB would fit the empty 1 MiB: a wait
+        await storage.wait_for_space(450 * 1024)
     waited = time.monotonic() - start
     assert 0.25 <= waited < 2
     msg = str(ei.value)
-    for part in (str(small_fs), "free", "600.0 KiB needed", "min_free 512.0 KiB", "waited", "0.3 s"):
+    for part in (str(small_fs), "free", "450.0 KiB needed", "min_free 512.0 KiB", "waited", "0.3 s"):
         assert part in msg, (part, msg)
 
 

@@ -63,6 +63,12 @@ class Metrics:
                                  registry=r)
         self.free_bytes = Gauge("moverd_storage_free_bytes", "Free bytes of a storage (when it can tell).",
                                 ["storage"], registry=r)
+        self.space_waiters = Gauge("moverd_storage_space_waiters",
+                                   "Writes waiting for free space on a storage now.", ["storage"], registry=r)
+        self.space_shortfall = Gauge("moverd_storage_space_shortfall_bytes",
+                                     "Bytes missing for the longest-waiting write on a storage to start "
+                                     "(needed + min_free - free); 0 when none waits.", ["storage"], registry=r)
+        self._space_waits: dict[str, int] = {}
         self.housekeeping = Counter("moverd_housekeeping_removed",
                                     "Objects removed by housekeeping (stale temp files, expired retrievals).",
                                     ["task"], registry=r)
@@ -101,6 +107,19 @@ class Metrics:
         if undone:
             self.failed.labels(kind=transfer.kind).inc(undone)
         self.settle(transfer, "failed")
+
+    @hookimpl
+    def storage_space_wait(
+        self, storage: str, needed: int, free: int, min_free: int, waited: float, waiting: bool
+    ) -> None:
+        with self._lock:
+            count = max(self._space_waits.get(storage, 0) + (1 if waiting else -1), 0)
+            self._space_waits[storage] = count
+        self.space_waiters.labels(storage=storage).set(count)
+        if waiting:
+            self.space_shortfall.labels(storage=storage).set(max(needed + min_free - free, 0))
+        elif count == 0:
+            self.space_shortfall.labels(storage=storage).set(0)
 
     # -- what the dispatcher reports -------------------------------------------------------------
 

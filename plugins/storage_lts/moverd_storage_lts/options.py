@@ -31,6 +31,9 @@ class PosixOptions(Options):
     min_free: ByteSize = Field(default=0, description="Free bytes to keep after a datablock is written.")
     free_space_timeout: Duration = Field(default=3600.0, description="How long to wait for free space.")
     free_space_poll: PositiveDuration = Field(default=10.0, description="Free-space polling interval.")
+    free_space_report: PositiveDuration = Field(
+        default=60.0, description="While waiting for free space, log what it waits for this often."
+    )
     offline_timeout: Duration = Field(default=3600.0, description="How long to wait for an HSM recall.")
     offline_poll: PositiveDuration = Field(default=5.0, description="HSM recall polling interval.")
     fsync: bool = Field(

@@ -11,7 +11,7 @@ import os
 import stat
 import time
 import weakref
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,18 +20,16 @@ import anyio
 import anyio.lowlevel
 
 from moverd import (
-    NoSpaceError,
     NotFoundError,
     ObjectInfo,
     OfflineTimeoutError,
     Slots,
     Storage,
     StorageError,
-    format_size,
     safe_key,
 )
 
-from . import scan
+from . import scan, space
 from .hsm import is_offline
 from .options import PosixOptions
 from .oserrors import map_os_error
@@ -265,30 +263,35 @@ class PosixStorage(Storage):
         except OSError as exc:
             raise map_os_error(exc, root, "statvfs", self._where) from exc
 
+    observe: Callable[..., Any] | None = None
+    """Told when a wait for free space starts and ends (the ``storage_space_wait`` hook's
+    arguments); the app sets it to the hook, so that the wait shows in the metrics at once."""
+
     async def wait_for_space(self, needed: int) -> None:
-        """Wait until writing ``needed`` bytes still leaves ``min_free``; NoSpaceError on timeout.
+        """Wait until writing ``needed`` bytes still leaves ``min_free``; NoSpaceError on timeout,
+        and at once when ``needed`` and ``min_free`` exceed the whole file system.
 
         Space that open writers of this process announced but have not written yet counts as
         taken (other hosts writing to the same share are seen only through the free space).
         """
         opts = self.options
-        free = pending = 0
+        root = self._confined.root if self._confined else str(opts.root)
+        await space.wait_for_space(
+            storage=self.name, where=self._where, root=root, needed=needed, min_free=opts.min_free,
+            free=self.free_space, pending=self.pending_bytes, capacity=self._capacity,
+            within=opts.free_space_timeout, poll=opts.free_space_poll, report=opts.free_space_report,
+            observe=self.observe,
+        )
 
-        async def enough() -> bool:
-            nonlocal free, pending
-            free = await self.free_space()
-            pending = self.pending_bytes()
-            return free - pending - needed >= opts.min_free
+    async def _capacity(self) -> int:
+        def total() -> int:
+            root = self._confinement().root
+            try:
+                return space.capacity_bytes(root)
+            except OSError as exc:
+                raise map_os_error(exc, root, "statvfs", self._where) from exc
 
-        met, waited = await poll_until(enough, within=opts.free_space_timeout, poll=opts.free_space_poll)
-        if not met:
-            root = self._confined.root if self._confined else str(opts.root)
-            raise NoSpaceError(
-                f"{self._where}: not enough free space in {root}: {format_size(free)} free"
-                f"{f' ({format_size(pending)} of it promised to open writers)' if pending else ''}, "
-                f"{format_size(needed)} needed, min_free {format_size(opts.min_free)}; "
-                f"waited {waited:.1f} s (free_space_timeout {opts.free_space_timeout:g} s)"
-            )
+        return await anyio.to_thread.run_sync(total)
 
     async def ensure_online(self, key: str) -> None:
         """Return once ``key`` has data resident; OfflineTimeoutError after ``offline_timeout``."""
