@@ -54,6 +54,9 @@ class S3Storage(Storage):
     """Objects under ``prefix`` in one bucket; keys are relative to that prefix."""
 
     type_name = "s3"
+    # An object appears only once its upload completed and is replaced whole, as a new ETag that
+    # the pinned reads refuse: no second listing is needed after an archive.
+    files_change_in_place = False
 
     def __init__(self, name: str, options: S3Options, context: Context | None = None) -> None:
         self.name = name
