@@ -148,8 +148,7 @@ def create_api(ctx: ApiContext) -> FastAPI:
     job_body = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": JobRequest.model_json_schema()}}}}
 
-    @router.post("/jobs", status_code=201, response_model=JobAccepted, tags=["jobs"], openapi_extra=job_body,
-                 responses={
+    submit_responses: dict[int | str, dict[str, Any]] = {
         **errors, 200: {"model": JobAccepted, "description": "The job already has a run that is not over: that one."},
         404: {"model": Problem, "description": "The catalog has no such job."},
         409: {"model": Problem, "description": "The catalog has the job with another type, or this daemon "
@@ -157,7 +156,10 @@ def create_api(ctx: ApiContext) -> FastAPI:
         413: {"model": Problem, "description": "The body is larger than server.max_body_size."},
         422: {"model": Problem, "description": "The body is not a job."},
         503: {"model": Problem, "description": "Shutting down, or the catalog or Prefect is unreachable."},
-    })
+    }
+
+    @router.post("/jobs", status_code=201, response_model=JobAccepted, tags=["jobs"], openapi_extra=job_body,
+                 responses=submit_responses)
     async def submit_job(request: Request, who: Authed, response: Response) -> JobAccepted:
         """Run catalog job ``id`` asynchronously (SciCat's URL action). A job that already has a run
         not yet over is not started twice: the answer is that run (status 200)."""
