@@ -213,7 +213,8 @@ async def test_round_trip_with_a_reused_buffer(root: Path, store: PosixStorage) 
     info = await store.stat("ds/block-0001.tar")
     st = os.stat(root / "ds" / "block-0001.tar")
     assert info == ObjectInfo(
-        "ds/block-0001.tar", len(expected), st.st_mtime, st.st_mode & 0o7777, st.st_uid, st.st_gid
+        "ds/block-0001.tar", len(expected), st.st_mtime, st.st_mode & 0o7777, st.st_uid, st.st_gid,
+        inode=st.st_ino,
     )
     assert files_in(root) == ["ds", "ds/block-0001.tar"]
 

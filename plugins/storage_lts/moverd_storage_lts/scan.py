@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from collections.abc import Generator
 
 from moverd import ObjectInfo
@@ -136,30 +135,4 @@ def delete_tree(confined: Confined, prefix: str) -> int:
             os.rmdir(real)
         except OSError:
             pass
-    return count
-
-
-def remove_stale_temps(confined: Confined, prefix: str, older_than: float) -> int:
-    """Unlink temp files under ``prefix`` not modified for ``older_than`` seconds; count them.
-
-    ``older_than <= 0`` takes every temp file regardless of its mtime: the caller knows no writer
-    is live there, and an NFS server whose clock runs ahead would otherwise hide fresh ones.
-    """
-    prefix, real = confined.resolve(prefix, allow_empty=True)
-    now = time.time()
-    count = 0
-    for dirpath, _dirnames, filenames in os.walk(real):
-        for name in filenames:
-            if not is_temp_name(name):
-                continue
-            path = os.path.join(dirpath, name)
-            try:
-                if older_than > 0 and now - os.lstat(path).st_mtime < older_than:
-                    continue  # a writer may still be busy with it
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise map_os_error(exc, path, "delete", confined.where) from exc
-            count += 1
     return count
