@@ -142,7 +142,9 @@ async def test_one_bad_dataset_does_not_stop_the_others(facility: Facility) -> N
 async def test_lts_write_failure_is_a_system_error_and_rolls_back(facility: Facility) -> None:
     from tests.support.mounts import tmpfs
 
-    files = dataset_files(5, n=8, big=3_000_000)  # the 3 MB file cannot fit on a 2 MB LTS
+    # 1.5 MB fits on a 2 MB LTS, the frames after it do not: blocks are registered, then the
+    # wait for space times out (a datablock bigger than the whole LTS would fail before any).
+    files = dataset_files(5, n=8, big=1_500_000)
     pid = facility.add_dataset(files)
     job_id = facility.scicat.add_job("archive", [pid])
     with tmpfs(facility.tmp / "lts", "2m"):
@@ -154,7 +156,7 @@ async def test_lts_write_failure_is_a_system_error_and_rolls_back(facility: Faci
         res = await run(facility, job_id)
         assert no_temp_files(facility)
     assert res["status"] == "finishedUnsuccessful"
-    assert res["datasets"][0]["outcome"] == "system_error" and "free" in res["datasets"][0]["message"]
+    assert res["datasets"][0]["outcome"] == "system_error" and "space" in res["datasets"][0]["message"]
     lc = facility.scicat.lifecycle(pid)
     assert (lc["archiveStatusMessage"], lc["archivable"], lc["retrievable"]) == (
         "scheduleArchiveJobFailed", False, False)
