@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PYPROJECTS := pyproject.toml plugins/storage_s3/pyproject.toml plugins/storage_lts/pyproject.toml plugins/catalog_scicat/pyproject.toml
+PYPROJECTS := pyproject.toml plugins/storage_s3/pyproject.toml plugins/catalog_scicat/pyproject.toml
 NATIVE     := moverd/_md5mb.c setup.py
 
 export DO_NOT_TRACK := 1
@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 $(STAMP): $(PYPROJECTS) $(NATIVE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]' -e plugins/storage_lts -e plugins/storage_s3 -e plugins/catalog_scicat
+	$(BIN)/python -m pip install -q -e '.[test]' -e plugins/storage_s3 -e plugins/catalog_scicat
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -30,8 +30,9 @@ bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check moverd plugins flows tests bench
-	$(BIN)/mypy moverd flows plugins/storage_s3/moverd_storage_s3 plugins/storage_lts/moverd_storage_lts plugins/catalog_scicat/moverd_catalog_scicat
+	$(BIN)/ruff check moverd moverd_cli moverd_daemon plugins flows tests bench
+	$(BIN)/mypy moverd moverd_cli moverd_daemon flows/moverd_flows plugins/storage_s3/moverd_storage_s3 plugins/storage_lts/moverd_storage_lts plugins/catalog_scicat/moverd_catalog_scicat
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV)

@@ -16,9 +16,9 @@ from .errors import (
     NotFoundError,
     OfflineTimeoutError,
     PluginError,
+    ServiceError,
     SourceChangedError,
     StorageError,
-    SystemError_,
     UnknownDatasetError,
     UnknownJobError,
     UnsafePathError,
@@ -42,23 +42,33 @@ from .models import (
     Member,
     RetrieveStatus,
 )
+from .observers import Observers
 from .options import Options, read_secret_file
 from .registry import CatalogType, Context, StorageType
 from .retry import retry_async, retry_blocking
-from .storage import BlockingReads, BlockingWrites, ObjectInfo, Reader, Storage, Writer, read_slot, write_slot
+from .storage import (
+    LOCAL_STORAGE_TYPE,
+    BlockingReads,
+    BlockingWrites,
+    ObjectInfo,
+    Reader,
+    Storage,
+    Writer,
+    read_slot,
+    write_slot,
+)
 from .units import ByteSize, Duration, format_size, parse_duration, parse_size
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArchiveStatus", "BlockingReads", "BlockingWrites", "ByteSize", "Catalog", "CatalogError",
+    "LOCAL_STORAGE_TYPE", "ArchiveStatus", "BlockingReads", "BlockingWrites", "ByteSize", "Catalog", "CatalogError",
     "CatalogType", "ConfigError", "Context", "Datablock", "Dataset", "Duration", "FileEntry", "Hasher",
-    "HasherFactory", "Job",
-    "JobDataset", "JobStatus", "JobType", "LifecycleUpdate", "Member", "MissingFileError",
-    "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo", "OfflineTimeoutError",
-    "Options", "PluginError", "Reader", "RetrieveStatus", "Slots", "SourceChangedError", "Storage", "StorageError",
-    "StorageType", "SystemError_", "Transfer", "UnknownDatasetError", "UnknownJobError",
-    "UnsafePathError", "UserError", "VerificationError", "Writer", "format_size", "hookimpl",
-    "join_key", "parse_duration", "parse_size", "path_safe_id", "read_secret_file", "read_slot",
-    "retry_async", "retry_blocking", "safe_key", "write_slot",
+    "HasherFactory", "Job", "JobDataset", "JobStatus", "JobType", "LifecycleUpdate", "Member", "MissingFileError",
+    "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo", "Observers", "OfflineTimeoutError", "Options",
+    "PluginError", "Reader", "RetrieveStatus", "ServiceError", "Slots", "SourceChangedError", "Storage",
+    "StorageError", "StorageType", "Transfer", "UnknownDatasetError", "UnknownJobError", "UnsafePathError",
+    "UserError", "VerificationError", "Writer", "format_size", "hookimpl", "join_key", "parse_duration",
+    "parse_size", "path_safe_id", "read_secret_file", "read_slot", "retry_async", "retry_blocking", "safe_key",
+    "write_slot",
 ]

@@ -20,19 +20,28 @@ from .buffers import SlabPool
 from .catalog import Catalog
 from .config import Settings, load_settings
 from .configcheck import settings_problems
-from .errors import ConfigError, SystemError_
+from .errors import ConfigError, ServiceError
 from .limits import Slots
+from .observers import Observers
 from .pipeline import PipelineContext
 from .plugins import LoadReport, load_plugins
 from .registry import Context, Registry
-from .storage import Storage, read_slot, write_slot
+from .storage import LOCAL_STORAGE_TYPE, Storage, read_slot, write_slot
 
 log = logging.getLogger(__name__)
 
 
+GlobalSlots = Callable[[str], contextlib.AbstractAsyncContextManager[Any]]
+"""Given ``<storage>-read``/``<storage>-write``, a bound held across every process and host (the
+Prefect layer's global concurrency limits)."""
+
+
 class App:
+    """Built once from its settings with everything it needs; nothing patches it afterwards."""
+
     def __init__(
-        self, settings: Settings, pm: pluggy.PluginManager | None = None, report: LoadReport | None = None
+        self, settings: Settings, pm: pluggy.PluginManager | None = None, report: LoadReport | None = None, *,
+        global_slots: GlobalSlots | None = None,
     ) -> None:
         if pm is None:
             pm, report = load_plugins()
@@ -40,7 +49,9 @@ class App:
         self.pm = pm
         self.load_report = report or LoadReport()
         self.registry = Registry.from_plugins(pm)
-        self.context = Context(state_dir=settings.state_dir)
+        self.observers = Observers(pm)
+        """The observer hooks, typed (``app.observers.datablock_committed(...)``)."""
+        self.context = Context(state_dir=settings.state_dir, observers=self.observers)
         if problems := settings_problems(settings, self.registry):
             raise ConfigError("\n".join(problems))
         p = settings.pipeline
@@ -53,9 +64,9 @@ class App:
         self._adhoc: list[Storage] = []
         self._catalog: Catalog | None = None
         self._retrievals: dict[str, anyio.Lock] = {}
-        self.global_slots: Callable[[str], contextlib.AbstractAsyncContextManager[Any]] | None = None
-        """Set by the Prefect layer: limits named ``<storage>-read``/``<storage>-write`` that hold
-        across every process and host sharing the Prefect server."""
+        self.global_slots = global_slots
+        """Limits named ``<storage>-read``/``<storage>-write`` that hold across every process and
+        host sharing the Prefect server (None: this process's semaphores are the bound)."""
 
     @classmethod
     def load(cls, config: str | Path | None = None) -> App:
@@ -75,7 +86,7 @@ class App:
     def local_folder(self, path: Path, name: str, *, create: bool = False, **options: Any) -> Storage:
         """A storage over a local folder (the folder ``moverd archive`` reads, ``retrieve --to``)."""
         storage = self.registry.create_storage(
-            "posix", name, {"root": str(path), "create": create, **options}, self.context
+            LOCAL_STORAGE_TYPE, name, {"root": str(path), "create": create, **options}, self.context
         )
         self._adhoc.append(storage)
         return storage
@@ -123,18 +134,11 @@ class App:
         with anyio.move_on_after(timeout) as scope:
             await lock.acquire()
         if scope.cancelled_caught:
-            raise SystemError_(f"waited {timeout:.0f} s for another retrieval of {pid!r} to finish")
+            raise ServiceError(f"waited {timeout:.0f} s for another retrieval of {pid!r} to finish")
         try:
             yield
         finally:
             lock.release()
-
-    def notify(self, hook: str, **kwargs: Any) -> None:
-        """Call an observer hook; an observer's failure is logged, never fatal to a transfer."""
-        try:
-            getattr(self.pm.hook, hook)(**kwargs)
-        except Exception:
-            log.exception("observer hook %s failed", hook)
 
     async def aclose(self) -> None:
         for storage in [*self._storages.values(), *self._adhoc]:

@@ -6,7 +6,10 @@ Environment variables override single keys, nested with ``__``:
 ``MOVERD_PIPELINE__TARGET_SIZE=1GiB``, ``MOVERD_STORAGES__LTS__ROOT=/mnt/lts``.
 
 Storage and catalog sections are validated by the plugin that provides their ``type``, so this
-module only knows their shape, not their keys.
+module only knows their shape, not their keys. The engine's :class:`Settings` holds only the
+engine's sections and passes over the others: the layers above declare their own
+(``moverd_daemon.settings.DaemonSettings`` adds ``[server]`` and ``[scheduler]``) and load the
+file with their class, which refuses unknown keys everywhere.
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ import os
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from .errors import ConfigError
 from .registry import format_validation_error
-from .server.settings import SchedulerSettings, ServerSettings
+from .storage import LOCAL_STORAGE_TYPE
 from .units import ByteSize, Duration, format_size
 
 ROLES = ("landing", "lts", "retrieval")
@@ -100,8 +103,11 @@ class PrefectSettings(_Section):
 
 
 class Settings(BaseSettings):
+    """The engine's sections. Top-level keys of other layers are passed over here (``ignore``);
+    a layer's subclass sets ``extra="forbid"`` so that a typo anywhere is still an error."""
+
     model_config = SettingsConfigDict(
-        env_prefix="MOVERD_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+        env_prefix="MOVERD_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
     )
 
     state_dir: Path = Field(default_factory=default_state_dir)
@@ -110,10 +116,6 @@ class Settings(BaseSettings):
     archive: ArchiveSettings = ArchiveSettings()
     retrieve: RetrieveSettings = RetrieveSettings()
     prefect: PrefectSettings = PrefectSettings()
-    server: ServerSettings = Field(default_factory=ServerSettings)
-    """``moverd serve``: the job API and job execution (see :mod:`moverd.server.settings`)."""
-    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
-    """``moverd serve``: housekeeping on a timer."""
     storages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     catalog: dict[str, Any] = Field(default_factory=lambda: {"type": "local"})
 
@@ -137,7 +139,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         for role in ROLES:
-            default = {"type": "posix", "root": str(self.state_dir / role), "create": True}
+            default = {"type": LOCAL_STORAGE_TYPE, "root": str(self.state_dir / role), "create": True}
             section = self.storages.get(role)
             if section is None:
                 self.storages[role] = default
@@ -181,15 +183,19 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
 
 
-def load_settings(path: str | Path | None = None) -> Settings:
-    """Read and validate the configuration; raise ConfigError listing every problem."""
+S = TypeVar("S", bound=Settings)
+
+
+def load_settings(path: str | Path | None = None, cls: type[S] = Settings) -> S:  # type: ignore[assignment]
+    """Read and validate the configuration as ``cls`` (a layer's settings class, or the engine's);
+    raise ConfigError listing every problem."""
     file = config_path(path)
     data = read_toml(file) if file else {}
     try:
-        return Settings(**data)
+        return cls(**data)
     except SettingsError as exc:  # an environment variable that does not parse
         raise ConfigError(f"environment: {exc}") from None
     except ValidationError as exc:
         where = f"in {file}: " if file else ""
-        lines = format_validation_error("", exc, Settings)
+        lines = format_validation_error("", exc, cls)
         raise ConfigError("\n".join(where + line for line in lines)) from None

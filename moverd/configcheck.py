@@ -11,30 +11,45 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import pluggy
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from .config import Settings, config_path, load_settings, read_toml
 from .errors import ConfigError
-from .plugins import load_plugins
+from .plugins import LoadReport, load_plugins
 from .registry import Registry
 
 if TYPE_CHECKING:
     from .app import App
 
 
-def check_config(path: str | Path | None) -> tuple[list[str], str]:
-    """All problems of the configuration (empty when fine) and a word on where it came from."""
+PluginManagerFor = Callable[[Any], tuple[pluggy.PluginManager, LoadReport]]
+
+
+def check_config(
+    path: str | Path | None, cls: type[Settings] = Settings, plugins: PluginManagerFor | None = None
+) -> tuple[list[str], str]:
+    """All problems of the configuration read as ``cls`` (empty when fine) and a word on where
+    it came from; ``plugins(settings)`` gives the plugin manager the installation runs with (so
+    that the check sees the same registry), else the installed plugins."""
     file = config_path(path)
     where = str(file) if file else "embedded default"
     problems: list[str] = []
+    loaded = True
     try:
-        settings: Settings | None = load_settings(path)
+        settings: Settings | None = load_settings(path, cls)
     except ConfigError as exc:
         # Go on with the sections the plugins own, so that one run finds every problem.
         problems.extend(str(exc).splitlines())
         settings = _plugin_sections(file)
+        loaded = False
     pm, report = load_plugins()
+    if plugins is not None and loaded:
+        try:
+            pm, report = plugins(settings)
+        except ConfigError as exc:
+            problems.extend(str(exc).splitlines())
     problems += [f"plugin {name!r} is broken: {why}" for name, why in report.broken.items()]
     if settings is not None:
         problems += settings_problems(settings, Registry.from_plugins(pm))
@@ -131,9 +146,9 @@ async def _probe_prefect(url: str) -> None:
         raise ConfigError(f"GET /health answered {response.status_code}")
 
 
-def effective_config(path: str | Path | None, *, as_toml: bool = False) -> str:
-    """The configuration as moverd sees it, as JSON (or TOML), with every secret masked."""
-    settings = load_settings(path)
+def effective_config(path: str | Path | None, cls: type[Settings] = Settings, *, as_toml: bool = False) -> str:
+    """The configuration read as ``cls``, as JSON (or TOML), with every secret masked."""
+    settings = load_settings(path, cls)
     reg = Registry.from_plugins(load_plugins()[0])
     data: dict[str, Any] = settings.model_dump(mode="json", exclude={"storages", "catalog"})
     data["storages"] = {}

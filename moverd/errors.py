@@ -1,7 +1,7 @@
 """The exceptions moverd raises.
 
 Two families matter to callers: :class:`UserError` (the request or the data is wrong; retrying
-will not help, the catalog is told ``missingFilesError``) and :class:`SystemError_` (a storage or
+will not help, the catalog is told ``missingFilesError``) and :class:`ServiceError` (a storage or
 catalog failed; the job may be run again and resumes). Every error carries one clear line of text
 so that the CLI and the catalog can show it as it is.
 """
@@ -45,11 +45,12 @@ class ConfigError(MoverdError):
     """The configuration is broken; the message lists every problem found."""
 
 
-class SystemError_(MoverdError):  # noqa: N801,N818 - the builtin name SystemError is taken
-    """A storage, catalog or verification failure: the job can be run again and resumes."""
+class ServiceError(MoverdError):
+    """A storage, catalog or verification failure (SciCat's "system error"): the job can be run
+    again and resumes."""
 
 
-class StorageError(SystemError_):
+class StorageError(ServiceError):
     """A storage backend failed (I/O error, server error after retries, ...)."""
 
 
@@ -65,7 +66,7 @@ class OfflineTimeoutError(StorageError):
     """An offline (HSM) file was not recalled within the configured timeout."""
 
 
-class VerificationError(SystemError_):
+class VerificationError(ServiceError):
     """Bytes read back do not match the checksums recorded when they were written."""
 
     def __init__(self, message: str, *, member: str | None = None) -> None:
@@ -73,7 +74,7 @@ class VerificationError(SystemError_):
         self.member = member
 
 
-class CatalogError(SystemError_):
+class CatalogError(ServiceError):
     """The catalog failed or refused a request."""
 
 

@@ -2,7 +2,9 @@
 
 A plugin that fails to import or to register is reported with its name and skipped, so one broken
 third-party package cannot take the daemon down. ``MOVERD_DISABLE_PLUGINS`` (comma-separated entry
-point names) skips plugins without uninstalling them.
+point names) skips plugins without uninstalling them; ``MOVERD_TRACE_PLUGINS=1`` writes every
+hook call, with its arguments and results, to stderr (pluggy's tracing, as datasette's
+``DATASETTE_TRACE_PLUGINS``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib
 import importlib.metadata
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 import pluggy
@@ -44,6 +47,9 @@ class LoadReport:
 def _new_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager("moverd")
     pm.add_hookspecs(hookspecs)
+    if os.environ.get("MOVERD_TRACE_PLUGINS", "").strip() not in ("", "0"):
+        pm.trace.root.setwriter(lambda text: sys.stderr.write(text))
+        pm.enable_tracing()
     return pm
 
 

@@ -21,6 +21,7 @@ from .errors import ConfigError, PluginError
 if TYPE_CHECKING:
     from .catalog import Catalog
     from .checksums import Hasher, HasherFactory
+    from .observers import Observers
     from .storage import Storage
 
 
@@ -29,6 +30,9 @@ class Context:
     """What a plugin may need from moverd besides its own options."""
 
     state_dir: Path
+    observers: Observers | None = None
+    """The observer hooks, for a plugin that has something to report (a storage waiting for free
+    space calls ``observers.storage_space_wait``); None outside an App."""
 
 
 @dataclass(frozen=True)
@@ -101,15 +105,21 @@ class Registry:
 
     @classmethod
     def from_plugins(cls, pm: pluggy.PluginManager) -> Registry:
+        """Call the registration hooks plugin by plugin, in the order they were registered (so the
+        built-ins come first and keep their names), each through pluggy, so that tracing shows
+        every call: a one-plugin subset of the hook knows whose registration it receives."""
         reg = cls()
-        for hook, add in (
-            (pm.hook.register_storages, reg._add_storage),
-            (pm.hook.register_catalogs, reg._add_catalog),
-            (pm.hook.register_checksums, reg._add_checksum),
-        ):
-            for impl in hook.get_hookimpls():
-                plugin_name = pm.get_name(impl.plugin) or "?"
-                impl.function(register=lambda item, *rest, _p=plugin_name, _a=add: _a(_p, item, *rest))
+        plugins = pm.list_name_plugin()
+        adders: dict[str, Callable[..., None]] = {
+            "register_storages": reg._add_storage,
+            "register_catalogs": reg._add_catalog,
+            "register_checksums": reg._add_checksum,
+        }
+        for name, plugin in plugins:
+            others = [p for _, p in plugins if p is not plugin]
+            for hook, add in adders.items():
+                caller = pm.subset_hook_caller(hook, remove_plugins=others)
+                caller(register=lambda item, *rest, _p=name, _a=add: _a(_p, item, *rest))
         return reg
 
     def _add_storage(self, plugin: str, st: StorageType) -> None:

@@ -21,6 +21,11 @@ from .checksums import Hasher
 from .errors import NotFoundError
 from .limits import Slots
 
+LOCAL_STORAGE_TYPE = "posix"
+"""The storage type of local folders: the embedded default's landing zone, LTS and retrieval
+area, ``moverd archive ./folder`` and ``retrieve --to DIR``. The core names it; the POSIX storage
+plugin (``moverd_storage_lts``, shipped in moverd's own distribution) registers it."""
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:

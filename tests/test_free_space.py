@@ -14,7 +14,7 @@ import pytest
 from moverd_storage_lts import PosixOptions, PosixStorage
 
 from moverd import NoSpaceError
-from moverd.server.metrics import Metrics
+from moverd_daemon.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
 

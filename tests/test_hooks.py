@@ -204,8 +204,8 @@ async def test_storage_space_wait_reaches_observers(small_fs: Path, tmp_path: Pa
     watcher = SpaceWatcher()
     pm.register(watcher, name="space-watcher")
     app = App(make_settings(tmp_path), pm, report)
+    # The storage reports through the observers its App handed it (Context.observers).
     lts = app.local_folder(small_fs, "lts", min_free=700 * 1024, free_space_poll=0.05, free_space_timeout=10)
-    lts.observe = lambda **kw: app.notify("storage_space_wait", **kw)  # type: ignore[attr-defined]
     (small_fs / "filler").write_bytes(b"x" * (500 * 1024))
     async with app, anyio.create_task_group() as tg:
         tg.start_soon(lts.wait_for_space, 100 * 1024)
@@ -216,3 +216,52 @@ async def test_storage_space_wait_reaches_observers(small_fs: Path, tmp_path: Pa
             while len(watcher.calls) < 2:
                 await anyio.sleep(0.05)
     assert watcher.calls[-1] == ("lts", False, 100 * 1024)
+
+
+def test_every_hook_documents_its_parameters_as_its_spec_has_them() -> None:
+    """The docs show each hook's call with the spec's parameters, the spec documents each one,
+    and the core's typed caller (moverd.observers.Observers) has the same parameters."""
+    from moverd.observers import Observers
+
+    docs = (ROOT / "docs/plugins.md").read_text()
+    for name in HOOKS:
+        spec = getattr(hookspecs, name)
+        params = list(inspect.signature(spec).parameters)
+        section = re.search(rf"^###\s+`{name}`\s*\n+`{name}\(([^)]*)\)`", docs, re.M)
+        assert section, f"docs/plugins.md: the section of {name} does not start with `{name}(...)`"
+        assert [p.strip() for p in section.group(1).split(",") if p.strip()] == params, name
+        doc = inspect.getdoc(spec) or ""
+        for p in params:
+            assert f":param {p}:" in doc, f"hookspec {name} does not document its parameter {p!r}"
+        if name.startswith("register_"):
+            continue
+        method = getattr(Observers, name, None)
+        assert method is not None, f"moverd.observers.Observers has no method for the observer hook {name}"
+        assert list(inspect.signature(method).parameters)[1:] == params, name
+
+
+def test_a_failing_observer_is_logged_and_a_misspelt_hook_fails(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    from moverd.observers import Observers
+
+    class Broken:
+        @hookimpl
+        def transfer_started(self, transfer: Transfer) -> None:
+            raise RuntimeError("observer bug")
+
+    pm, _ = load_plugins()
+    pm.register(Broken(), name="broken-observer")
+    observers = Observers(pm)
+    observers.transfer_started(Transfer(kind="archive", dataset="x"))
+    assert "observer hook transfer_started failed" in caplog.text and "observer bug" in caplog.text
+    with pytest.raises(AttributeError):
+        observers._call("datablock_comitted", transfer=None, datablock=None)
+
+
+def test_tracing_plugins_writes_every_hook_call() -> None:
+    import subprocess
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MOVERD_")}
+    p = subprocess.run([sys.executable, "-m", "moverd", "plugins", "--json"], capture_output=True, text=True,
+                       env={**env, "MOVERD_TRACE_PLUGINS": "1"}, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "register_storages" in p.stderr and "finish register_storages" in p.stderr

@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from moverd_flows import job_flow
 
-from flows import job_flow
 from moverd import hookimpl
 from moverd.app import App
 from tests.support.facility import Facility, dataset_files

@@ -10,8 +10,8 @@ import anyio
 import jwt
 import pytest
 
-from moverd.server.auth import Authenticator, AuthError, token_roles
-from moverd.server.settings import AuthSettings
+from moverd_daemon.auth import Authenticator, AuthError, token_roles
+from moverd_daemon.settings import AuthSettings
 from tests.support.daemon import JWKSServer
 from tests.support.silent import SilentServer
 

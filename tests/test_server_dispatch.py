@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,21 @@ from moverd.app import App
 from moverd.events import Transfer
 from moverd.models import index_key
 from moverd.planner import archive_id, dataset_folder
-from moverd.server.dispatch import EmbeddedDispatcher, JobRun
-from moverd.server.journal import Journal
-from moverd.server.metrics import Metrics
-from moverd.server.scheduler import Housekeeping, build_scheduler
+from moverd_daemon.dispatch import EmbeddedDispatcher, JobRun
+from moverd_daemon.journal import Journal
+from moverd_daemon.metrics import Metrics
+from moverd_daemon.scheduler import Housekeeping, build_scheduler
+from moverd_daemon.settings import DaemonSettings
 from tests.support.apps import make_settings
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def app(tmp_path: Path) -> AsyncIterator[App]:
+    """An App as the daemon builds it (from DaemonSettings)."""
+    async with App(make_settings(tmp_path, DaemonSettings)) as a:
+        yield a
 
 
 def dispatcher(app: App, tmp_path: Path) -> tuple[EmbeddedDispatcher, Journal]:
@@ -82,7 +91,7 @@ async def test_journal_prune_forgets_ended_jobs_only(app: App, tmp_path: Path) -
 async def test_journal_prune_keeps_what_the_retrieval_cleanup_needs(tmp_path: Path, retention: str | int) -> None:
     """A retention shorter than the links' lifetime still keeps the retrieve jobs whose links may
     be valid; 0 keeps everything."""
-    async with App(make_settings(tmp_path, scheduler={"journal_retention": retention})) as app:
+    async with App(make_settings(tmp_path, DaemonSettings, scheduler={"journal_retention": retention})) as app:
         d, journal = dispatcher(app, tmp_path)
         hk = Housekeeping(app, d, journal, d.metrics)
         await journal.record("j", "retrieve", "r", "retrieve-job j")
@@ -97,7 +106,7 @@ async def test_journal_prune_keeps_what_the_retrieval_cleanup_needs(tmp_path: Pa
 async def test_the_journal_is_pruned_daily_unless_turned_off(
     tmp_path: Path, retention: str | int, scheduled: bool
 ) -> None:
-    async with App(make_settings(tmp_path, scheduler={"journal_retention": retention})) as app:
+    async with App(make_settings(tmp_path, DaemonSettings, scheduler={"journal_retention": retention})) as app:
         d, journal = dispatcher(app, tmp_path)
         job = build_scheduler(Housekeeping(app, d, journal, d.metrics), pickup=False).get_job("journal_prune")
         assert (job is not None) == scheduled

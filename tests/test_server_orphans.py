@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from moverd.server.prefect_server import process_start, write_pid_file
+from moverd_daemon.prefect_server import process_start, write_pid_file
 from tests.support.daemon import Daemon, wait_for
 
 

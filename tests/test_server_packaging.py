@@ -20,9 +20,9 @@ from moverd_storage_s3.options import S3Options
 from pydantic import BaseModel, SecretStr
 
 from moverd.builtin.local_catalog import LocalCatalogOptions
-from moverd.config import ArchiveSettings, PipelineSettings, PrefectSettings, RetrieveSettings, Settings, load_settings
-from moverd.server.notify import Notifier
-from moverd.server.settings import AuthSettings, SchedulerSettings, ServerSettings
+from moverd.config import ArchiveSettings, PipelineSettings, PrefectSettings, RetrieveSettings, load_settings
+from moverd_daemon.notify import Notifier
+from moverd_daemon.settings import AuthSettings, DaemonSettings, SchedulerSettings, ServerSettings
 
 PACKAGING = Path(__file__).resolve().parents[1] / "packaging"
 EXAMPLE = PACKAGING / "moverd.example.toml"
@@ -66,7 +66,8 @@ def missing(model: type[BaseModel], keys: set[str], skip: set[str] | frozenset[s
 def test_example_config_documents_every_key() -> None:
     keys = documented_keys()
     sections: list[tuple[str, type[BaseModel], set[str]]] = [
-        ("", Settings, {"pipeline", "archive", "retrieve", "prefect", "server", "scheduler", "storages", "catalog"}),
+        ("", DaemonSettings,
+         {"pipeline", "archive", "retrieve", "prefect", "server", "scheduler", "storages", "catalog"}),
         ("pipeline", PipelineSettings, set()),
         ("archive", ArchiveSettings, set()),
         ("retrieve", RetrieveSettings, set()),
@@ -96,7 +97,7 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     text = text.replace("/run/secrets/", f"{secrets}/").replace('"/mnt/lts/archive"', f'"{tmp_path / "lts"}"')
     config = tmp_path / "moverd.toml"
     config.write_text(text)
-    settings = load_settings(config)
+    settings = load_settings(config, DaemonSettings)
     assert settings.server.root_path == "/archiver/api/v1" and settings.prefect.global_limits
     assert settings.server.auth.basic_password is not None
     assert settings.server.auth.basic_password.get_secret_value() == "moverd_api_password-value"

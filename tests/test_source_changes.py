@@ -129,6 +129,7 @@ async def test_a_file_that_grows_after_it_was_read_fails_the_archive(tmp_path: P
         found = await dataset_for_folder(app, src)
         with pytest.raises(SourceChangedError, match="'f00.bin'"):
             await archive_with_lifecycle(app, found.dataset.pid)
+        assert hook.done
         assert await app.catalog.list_datablocks(found.dataset.pid) == []
         lts = Path(app.settings.storages["lts"]["root"])
         assert [p for p in lts.rglob("*") if p.is_file()] == []

@@ -15,7 +15,7 @@ import anyio
 
 from ..app import App
 from ..datablocks import read_index, verify_datablock, write_index
-from ..errors import MissingFileError, SourceChangedError, SystemError_, VerificationError
+from ..errors import MissingFileError, ServiceError, SourceChangedError, VerificationError
 from ..events import Transfer
 from ..models import Datablock, FileEntry
 from ..pipeline import write_datablock
@@ -183,7 +183,7 @@ async def _archive_block(
     known = registered.get(plan.archive_id)
     if known is not None:
         if not _same_content(known, plan):
-            raise SystemError_(
+            raise ServiceError(
                 f"datablock {plan.archive_id!r} is registered with other files than planned now "
                 "(did target_size change?); delete its catalog entry to archive again"
             )
@@ -213,7 +213,7 @@ async def _archive_block(
             # A tar without its index would be written again on resume: never stop in between.
             with anyio.CancelScope(shield=True):
                 await write_index(lts, block)
-        app.notify("datablock_committed", transfer=transfer, datablock=block)
+        app.observers.datablock_committed(transfer=transfer, datablock=block)
         if written.read_back is not True:
             # Not read back while written, or read back wrong: read it back now (this also
             # names the damaged member).
@@ -226,7 +226,7 @@ async def _archive_block(
                 )
         result.written += 1
         result.written_ids.append(plan.archive_id)
-    app.notify("datablock_verified", transfer=transfer, datablock=block)
+    app.observers.datablock_verified(transfer=transfer, datablock=block)
     block.catalog_id = await app.catalog.register_datablock(pid, block)
     result.registered.append(block.catalog_id)
     return block

@@ -23,13 +23,13 @@ def observed(app: App, transfer: Transfer) -> Iterator[Transfer]:
     Errors leave as the first real error, not an exception group, so callers and users see
     "file X is missing", not "unhandled errors in a TaskGroup".
     """
-    app.notify("transfer_started", transfer=transfer)
+    app.observers.transfer_started(transfer=transfer)
     try:
         yield transfer
     except BaseException as exc:
         cause = root_cause(exc)
-        app.notify("transfer_failed", transfer=transfer, error=cause)
+        app.observers.transfer_failed(transfer=transfer, error=cause)
         if cause is exc:
             raise
         raise cause from None
-    app.notify("transfer_finished", transfer=transfer)
+    app.observers.transfer_finished(transfer=transfer)

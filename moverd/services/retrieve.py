@@ -22,7 +22,7 @@ import anyio
 from ..app import App
 from ..buffers import fill
 from ..datablocks import checksum_range, copy_range_verified, read_index
-from ..errors import NotFoundError, StorageError, SystemError_, UserError, VerificationError
+from ..errors import NotFoundError, ServiceError, StorageError, UserError, VerificationError
 from ..events import Transfer
 from ..keys import safe_key
 from ..models import Datablock, Member
@@ -72,7 +72,7 @@ async def load_indexes(app: App, pid: str) -> list[Datablock]:
     for block in await app.catalog.list_datablocks(pid):
         index = await read_index(lts, block.archive_id)
         if index is None:
-            raise SystemError_(f"member index of datablock {block.archive_id!r} is missing on {lts.name!r}")
+            raise ServiceError(f"member index of datablock {block.archive_id!r} is missing on {lts.name!r}")
         index.catalog_id = block.catalog_id
         out.append(index)
     return out

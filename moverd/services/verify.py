@@ -27,7 +27,7 @@ async def verify_dataset(app: App, pid: str, transfer: Transfer | None = None) -
     transfer.bytes_total = sum(b.packed_size for b in blocks)
     transfer.datablocks_total = len(blocks)
     result = VerifyResult(pid=pid)
-    app.notify("transfer_started", transfer=transfer)
+    app.observers.transfer_started(transfer=transfer)
     for block in blocks:
         try:
             async with app.slot(lts, "read"):
@@ -36,10 +36,10 @@ async def verify_dataset(app: App, pid: str, transfer: Transfer | None = None) -
             result.failed[block.archive_id] = str(exc)
         else:
             result.ok.append(block.archive_id)
-            app.notify("datablock_verified", transfer=transfer, datablock=block)
+            app.observers.datablock_verified(transfer=transfer, datablock=block)
         transfer.datablocks_done += 1
     if result.failed:
-        app.notify("transfer_failed", transfer=transfer, error=VerificationError("; ".join(result.failed.values())))
+        app.observers.transfer_failed(transfer=transfer, error=VerificationError("; ".join(result.failed.values())))
     else:
-        app.notify("transfer_finished", transfer=transfer)
+        app.observers.transfer_finished(transfer=transfer)
     return result

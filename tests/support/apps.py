@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from moverd.app import App
 from moverd.config import Settings
 
+S = TypeVar("S", bound=Settings)
 
-def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+
+def make_settings(tmp_path: Path, cls: type[S] = Settings, **overrides: Any) -> S:  # type: ignore[assignment]
+    """Settings on ``tmp_path`` (``cls``: the daemon's, for tests of the daemon layer)."""
     pipeline = {"target_size": "1MiB", "chunk_size": "256KiB", "buffer_budget": "8MiB", **overrides.pop("pipeline", {})}
-    return Settings(state_dir=tmp_path / "state", pipeline=pipeline, **overrides)
+    return cls(state_dir=tmp_path / "state", pipeline=pipeline, **overrides)
 
 
 @pytest.fixture

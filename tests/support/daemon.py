@@ -300,7 +300,7 @@ def prefect_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Prefect database that already went through migrations, copied into each daemon's state."""
     import anyio
 
-    from moverd.server.prefect_server import LocalPrefectServer
+    from moverd_daemon.prefect_server import LocalPrefectServer
 
     home = tmp_path_factory.mktemp("prefect-template")
     server = LocalPrefectServer(home, "127.0.0.1", 0, timeout=300)

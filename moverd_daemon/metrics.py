@@ -23,10 +23,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from .. import __version__
-from ..events import Transfer
-from ..hookspecs import hookimpl
-from ..limits import Slots
+from moverd import __version__
+from moverd.events import Transfer
+from moverd.hookspecs import hookimpl
+from moverd.limits import Slots
 
 KINDS = ("archive", "retrieve", "verify")
 THROUGHPUT_WINDOW = 30.0

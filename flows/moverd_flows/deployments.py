@@ -68,10 +68,11 @@ class DeploymentSpec:
 def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
     p = settings.prefect
     return [
-        DeploymentSpec("archive", archive_job_flow, "archival", p.archival_work_pool, "flows.jobs.archive_job_flow",
+        DeploymentSpec("archive", archive_job_flow, "archival", p.archival_work_pool,
+                       "moverd_flows.jobs.archive_job_flow",
                        "SciCat archive jobs: datasets from the landing zone into verified datablocks on the LTS."),
         DeploymentSpec("retrieve", retrieve_job_flow, "retrieval", p.retrieval_work_pool,
-                       "flows.jobs.retrieve_job_flow",
+                       "moverd_flows.jobs.retrieve_job_flow",
                        "SciCat retrieve jobs: datablocks from the LTS into the retrieval bucket, with links."),
     ]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..app import App
+from moverd.app import App
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -53,7 +53,7 @@ class Readiness:
             raise error
 
     async def _limits(self) -> None:
-        from flows.deployments import missing_limits
+        from moverd_flows.deployments import missing_limits
 
         assert self.client is not None
         missing = await missing_limits(self.client, limit_names(self.app))

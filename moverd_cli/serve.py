@@ -1,6 +1,6 @@
 """``moverd serve``, ``moverd prefect setup`` and ``moverd job create``.
 
-``serve`` is the daemon (:mod:`moverd.server`). ``prefect setup`` prepares a shared Prefect server
+``serve`` is the daemon (:mod:`moverd_daemon`). ``prefect setup`` prepares a shared Prefect server
 for several daemons, as the seed's prefect-config step did. ``job create`` makes a job in the local
 catalog, so that the daemon of the embedded default can be tried with nothing but ``curl``.
 """
@@ -13,9 +13,10 @@ from typing import Annotated, Any
 import anyio
 import typer
 
-from ..app import App
-from ..errors import ConfigError, MoverdError, UserError
-from .main import ConfigOpt, JsonOpt, app, emit_json, fail, job_app, out, run
+from moverd.app import App
+from moverd.errors import ConfigError, MoverdError, UserError
+
+from .main import ConfigOpt, JsonOpt, app, emit_json, fail, job_app, load_config, out, run
 
 prefect_app = typer.Typer(no_args_is_help=True, help="Prepare a shared Prefect server for moverd daemons.")
 app.add_typer(prefect_app, name="prefect")
@@ -35,13 +36,12 @@ def serve(
     """
     from pydantic import ValidationError
 
-    from ..config import load_settings
-    from ..registry import format_validation_error
-    from ..server.daemon import run_daemon
-    from ..server.settings import ServerSettings
+    from moverd.registry import format_validation_error
+    from moverd_daemon.daemon import run_daemon
+    from moverd_daemon.settings import ServerSettings
 
     try:
-        settings = load_settings(config)
+        settings = load_config(config)
         if host is not None or port is not None:
             data = settings.server.model_dump()
             data.update({k: v for k, v in {"host": host, "port": port}.items() if v is not None})
@@ -77,7 +77,7 @@ def prefect_setup(
 
     Safe to run again: it updates what exists.
     """
-    from ..server.prefect_server import configured_api_url
+    from moverd_daemon.prefect_server import configured_api_url
 
     try:
         overrides = _parse_limits(limit)
@@ -88,15 +88,12 @@ def prefect_setup(
                          "(e.g. http://prefect.example.org:4200/api)"))
 
     async def go() -> Any:
+        from moverd_flows.deployments import configured_limits, setup
         from prefect.client.orchestration import get_client
 
-        from flows.deployments import configured_limits, setup
+        from moverd_daemon.installation import build_app
 
-        from ..config import load_settings
-        from ..server.plugins import plugin_manager
-
-        settings = load_settings(config)
-        async with App(settings, *plugin_manager(settings)) as a:
+        async with build_app(load_config(config)) as a:
             limits = {**configured_limits(a), **overrides}
             async with get_client() as client:
                 error = await client.api_healthcheck()
@@ -132,9 +129,9 @@ def job_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a job in the local catalog and print its id (then POST it to a running daemon)."""
-    from ..builtin.local_catalog import LocalCatalog
-    from ..models import JobDataset, JobType
-    from ..services.folders import register_folder
+    from moverd.builtin.local_catalog import LocalCatalog
+    from moverd.models import JobDataset, JobType
+    from moverd.services.folders import register_folder
 
     if job_type not in ("archive", "retrieve"):
         fail(UserError(f"TYPE must be archive or retrieve, not {job_type!r}"))

@@ -31,14 +31,16 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-from .. import __version__
-from ..app import App
-from ..errors import CatalogError, UnknownJobError, UserError
-from ..models import Job
+from moverd import __version__
+from moverd.app import App
+from moverd.errors import CatalogError, UnknownJobError, UserError
+from moverd.models import Job
+
 from .auth import Authenticator, AuthError, Principal
 from .dispatch import Dispatcher, NotAcceptingError, NotServedError
 from .health import Readiness
 from .metrics import Metrics
+from .settings import daemon_settings
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 def create_api(ctx: ApiContext) -> FastAPI:
     """The FastAPI application of one daemon."""
-    settings = ctx.app.settings.server
+    settings = daemon_settings(ctx.app).server
     root = settings.root_path
     api = FastAPI(
         title="moverd", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
@@ -196,7 +198,7 @@ def create_api(ctx: ApiContext) -> FastAPI:
         run = await ctx.dispatcher.lookup(job_id)
         catalog: dict[str, Any]
         try:
-            with anyio.fail_after(ctx.app.settings.server.readiness_timeout):
+            with anyio.fail_after(daemon_settings(ctx.app).server.readiness_timeout):
                 job = await ctx.app.catalog.get_job(job_id)
             catalog = {"status": job.status, "datasets": [d.pid for d in job.datasets], "type": job.type.value}
         except UnknownJobError:
@@ -441,7 +443,7 @@ class LimitedH11Protocol(H11Protocol):
 
 async def _read_job(app: App, job_id: str) -> Job:
     try:
-        with anyio.fail_after(max(app.settings.server.readiness_timeout * 6, 30)):
+        with anyio.fail_after(max(daemon_settings(app).server.readiness_timeout * 6, 30)):
             return await app.catalog.get_job(job_id)
     except UnknownJobError:
         raise ApiError(404, f"the catalog has no job {job_id}") from None

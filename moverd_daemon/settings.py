@@ -1,6 +1,9 @@
 """The ``[server]`` and ``[scheduler]`` sections of the configuration: what ``moverd serve`` reads.
 
-They live here, next to the daemon, and :mod:`moverd.config` adds them to ``Settings``. Defaults
+They live here, next to the daemon: :class:`DaemonSettings` is the engine's ``Settings`` with
+these two sections, and refuses unknown keys anywhere. The command line loads the configuration
+as :class:`DaemonSettings` too, so that ``config check`` and every command see one file the same
+way. Defaults
 are for one machine (the embedded default): the API on loopback without credentials, a local
 Prefect server with its UI, housekeeping on. A production host sets ``host``, credentials
 (``auth.basic_*_file`` or the identity provider) and, for several hosts, ``PREFECT_API_URL``.
@@ -10,12 +13,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from ..options import Options
-from ..units import ByteSize, Duration
+from moverd.config import Settings
+from moverd.options import Options
+from moverd.units import ByteSize, Duration
+
+if TYPE_CHECKING:
+    from moverd.app import App
 
 PositiveDuration = Annotated[Duration, Field(gt=0)]
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -247,3 +255,22 @@ class SchedulerSettings(BaseModel):
     """Publish the free space of the storages (the ``moverd_storage_free_bytes`` metric), this often."""
     pickup_interrupted: bool = True
     """At start, resume the jobs a crash or a restart interrupted (from the journal)."""
+
+
+class DaemonSettings(Settings):
+    """The whole configuration file: the engine's sections, ``[server]`` and ``[scheduler]``."""
+
+    model_config = SettingsConfigDict(**{**Settings.model_config, "extra": "forbid"})  # type: ignore[typeddict-item]
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    """``moverd serve``: the job API and job execution."""
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    """``moverd serve``: housekeeping on a timer."""
+
+
+def daemon_settings(app: App) -> DaemonSettings:
+    """The daemon's view of ``app``'s settings (the daemon builds its App from DaemonSettings)."""
+    settings = app.settings
+    if not isinstance(settings, DaemonSettings):
+        raise TypeError("the daemon's App must be built from DaemonSettings (moverd_daemon.settings)")
+    return settings

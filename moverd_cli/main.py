@@ -21,10 +21,13 @@ from typing import Annotated, Any, TypeVar
 import anyio
 import typer
 
-from ..app import App
-from ..errors import ConfigError, MoverdError, UserError
-from ..events import Transfer
-from ..units import format_size, plural
+from moverd.app import App
+from moverd.config import load_settings
+from moverd.errors import ConfigError, MoverdError, UserError
+from moverd.events import Transfer
+from moverd.units import format_size, plural
+from moverd_daemon.settings import DaemonSettings
+
 from .progress import show_progress
 
 T = TypeVar("T")
@@ -85,10 +88,17 @@ def fail(exc: BaseException, code: int | None = None) -> None:
     raise typer.Exit(code)
 
 
+def load_config(config: Path | None) -> DaemonSettings:
+    """The configuration as every command reads it: the whole file, every layer's sections."""
+    return load_settings(config, DaemonSettings)
+
+
 def run(fn: Callable[[App], Awaitable[T]], config: Path | None) -> T:
     """Load the app, run ``fn`` on it, close it; map errors to one line and an exit code."""
     async def main() -> T:
-        async with App.load(config) as application:
+        from moverd_daemon.installation import build_app
+
+        async with build_app(load_config(config)) as application:
             return await fn(application)
 
     # Everything imported so far lives as long as the process: keep the garbage collector from
@@ -114,7 +124,7 @@ def emit_json(data: Any) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from moverd import __version__
 
         typer.echo(f"moverd {__version__}")
         raise typer.Exit()
@@ -160,8 +170,8 @@ def archive(
     committed; a folder archived already, with the same files, is reported and not archived twice.
     Files archived from a folder or location stay where they are.
     """
-    from ..services.folders import dataset_for_folder, parse_location
-    from ..services.lifecycle import archive_with_lifecycle
+    from moverd.services.folders import dataset_for_folder, parse_location
+    from moverd.services.lifecycle import archive_with_lifecycle
 
     folder = Path(source)
     is_folder = folder.is_dir()
@@ -238,7 +248,7 @@ def retrieve(
     Files already there with the archived checksum are skipped; any other file already there
     refuses the retrieval before anything is written, unless --overwrite.
     """
-    from ..services import retrieve_dataset
+    from moverd.services import retrieve_dataset
 
     async def go(a: App) -> dict[str, Any]:
         dest = to.resolve()
@@ -287,7 +297,7 @@ def verify(
     as_json: JsonOpt = False,
 ) -> None:
     """Read every datablock of a dataset back from the LTS and check it."""
-    from ..services import verify_dataset
+    from moverd.services import verify_dataset
 
     async def go(a: App) -> Any:
         transfer = Transfer(kind="verify", dataset=dataset)
@@ -337,8 +347,8 @@ def datasets(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 @app.command()
 def plugins(as_json: JsonOpt = False) -> None:
     """List the loaded plugins with their versions and hooks, and what they register."""
-    from ..plugins import describe_plugins, load_plugins
-    from ..registry import Registry
+    from moverd.plugins import describe_plugins, load_plugins
+    from moverd.registry import Registry
 
     pm, report = load_plugins()
     reg = Registry.from_plugins(pm)
@@ -373,7 +383,7 @@ def job_run(
     Exits 0 only when the job ends finishedSuccessful (2 with dataset errors, 1 otherwise).
     """
     async def go(a: App) -> dict[str, Any]:
-        from flows import job_flow
+        from moverd_flows import job_flow
 
         transfers: list[Transfer] = []
         async with show_progress(transfers, enabled=not as_json):
@@ -432,9 +442,10 @@ def config_check(
 
     Exit 3 for a configuration problem; with --connect, 1 when a configured part cannot be reached.
     """
-    from ..configcheck import check_config, connect_checks
+    from moverd.configcheck import check_config, connect_checks
+    from moverd_daemon.installation import plugin_manager
 
-    problems, where = check_config(config)
+    problems, where = check_config(config, DaemonSettings, plugin_manager)
     if problems:
         for p in problems:
             typer.echo(f"moverd: config error: {p}", err=True)
@@ -458,10 +469,10 @@ def config_show(
     as_toml: Annotated[bool, typer.Option("--toml", help="Print TOML (a starting point for a config file).")] = False,
 ) -> None:
     """Print the effective configuration (file + environment + defaults), secrets masked."""
-    from ..configcheck import effective_config
+    from moverd.configcheck import effective_config
 
     try:
-        typer.echo(effective_config(config, as_toml=as_toml))
+        typer.echo(effective_config(config, DaemonSettings, as_toml=as_toml))
     except MoverdError as exc:
         fail(exc)
 

@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator
 from prefect.concurrency.asyncio import concurrency
 from prefect.settings import PREFECT_API_URL
 
-from moverd.app import App
+from moverd import ConfigError
+from moverd.app import GlobalSlots
+from moverd.config import Settings
 
 
 @contextlib.asynccontextmanager
@@ -23,10 +25,11 @@ async def _global(name: str) -> AsyncIterator[None]:
         yield
 
 
-def install_global_limits(app: App) -> None:
-    if app.settings.prefect.global_limits:
-        if not PREFECT_API_URL.value():
-            from moverd import ConfigError
-
-            raise ConfigError("prefect.global_limits needs a Prefect server: set PREFECT_API_URL")
-        app.global_slots = _global
+def global_slots(settings: Settings) -> GlobalSlots | None:
+    """What an App holds around its LTS sections besides its own semaphores (``App(...,
+    global_slots=)``): the limit named after the section, with ``prefect.global_limits``."""
+    if not settings.prefect.global_limits:
+        return None
+    if not PREFECT_API_URL.value():
+        raise ConfigError("prefect.global_limits needs a Prefect server: set PREFECT_API_URL")
+    return _global

@@ -32,18 +32,19 @@ from uuid import UUID
 
 import anyio
 
-from ..app import App
-from ..events import Transfer
-from ..models import Job
+from moverd.app import App
+from moverd.events import Transfer
+from moverd.models import Job
+
 from .journal import Journal
 from .metrics import Metrics
+from .settings import daemon_settings
 
 if TYPE_CHECKING:
+    from moverd_flows.deployments import DeploymentSpec
     from prefect import Flow
     from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.objects import FlowRun
-
-    from flows.deployments import DeploymentSpec
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class Dispatcher:
         self.metrics = metrics
         self.name = name
         self.config = config
-        self.max_jobs = app.settings.server.max_jobs
+        self.max_jobs = daemon_settings(app).server.max_jobs
         self.runs: dict[str, JobRun] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._accepting = True
@@ -159,7 +160,7 @@ class Dispatcher:
 
     @staticmethod
     def flow_for(job_type: str) -> Flow[..., Any]:
-        from flows.jobs import archive_job_flow, retrieve_job_flow
+        from moverd_flows.jobs import archive_job_flow, retrieve_job_flow
 
         return archive_job_flow if job_type == "archive" else retrieve_job_flow
 
@@ -393,8 +394,8 @@ class Dispatcher:
         registered: a resume writes it again). Nothing of an aborted job may look half-done on the
         LTS, so those tars go now.
         """
-        from ..models import index_key
-        from ..planner import dataset_folder
+        from moverd.models import index_key
+        from moverd.planner import dataset_folder
 
         if run.type != "archive":
             return
@@ -442,8 +443,9 @@ class EmbeddedDispatcher(Dispatcher):
                 return existing, False
             if not self._accepting:
                 raise NotAcceptingError("moverd is shutting down and takes no new jobs")
-            if job_type not in self.app.settings.server.job_types:
-                raise NotServedError(f"this daemon runs only {' and '.join(self.app.settings.server.job_types)} "
+            served = daemon_settings(self.app).server.job_types
+            if job_type not in served:
+                raise NotServedError(f"this daemon runs only {' and '.join(served)} "
                                      f"jobs (server.job_types), not {job_type} jobs")
             flow = self.flow_for(job_type)
             flow_run = await self.client.create_flow_run(
@@ -503,10 +505,10 @@ class PoolDispatcher(Dispatcher):
     def __init__(self, *args: Any, specs: dict[UUID, DeploymentSpec], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.specs = specs
-        self.poll_interval = self.app.settings.server.poll_interval
+        self.poll_interval = daemon_settings(self.app).server.poll_interval
         self._last_heartbeat = -math.inf
         self._scheduled = 0
-        types = self.app.settings.server.job_types
+        types = daemon_settings(self.app).server.job_types
         self._pools = sorted({s.work_pool for s in self.specs.values() if s.job_type in types})
 
     def queued(self) -> int:
@@ -605,7 +607,7 @@ class PoolDispatcher(Dispatcher):
                     break
                 fr = response.flow_run
                 spec = self.specs.get(fr.deployment_id) if fr.deployment_id else None
-                if spec is None or spec.job_type not in self.app.settings.server.job_types:
+                if spec is None or spec.job_type not in daemon_settings(self.app).server.job_types:
                     continue  # another deployment on the same pool: not ours to run
                 if not await self._claim(fr):
                     continue

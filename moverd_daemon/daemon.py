@@ -33,13 +33,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from ..config import Settings
-from ..errors import ConfigError
+from moverd.errors import ConfigError
+
 from .notify import Notifier
 from .prefect_server import LocalPrefectServer, configured_api_url
+from .settings import DaemonSettings
 
 if TYPE_CHECKING:
-    from ..app import App
+    from moverd.app import App
+
     from .dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def _url_host(host: str) -> str:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, config: Path | None, *, mode: str, sock: socket.socket,
+    def __init__(self, settings: DaemonSettings, config: Path | None, *, mode: str, sock: socket.socket,
                  local_prefect: LocalPrefectServer | None = None, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.sock = sock
@@ -159,24 +161,21 @@ class Daemon:
             return
         from prometheus_client import disable_created_metrics
 
-        from ..app import App
+        from .installation import build_app
         from .journal import Journal
         from .metrics import Metrics
-        from .plugins import plugin_manager
 
         disable_created_metrics()  # type: ignore[no-untyped-call]  # ``*_created`` series: noise
         s = self.settings
         self.notifier.status("starting")
-        pm, report = plugin_manager(s)
         app_box: list[App] = []
         metrics = Metrics(lambda: app_box[0].bounded_slots() if app_box else [])
-        pm.register(metrics, name="moverd.server.metrics")
         sock = self.sock
         port = sock.getsockname()[1]
         name = s.server.name or f"{socket.gethostname()}:{port}"
         journal = Journal(s.server.journal or s.state_dir / "daemon.sqlite")
         try:
-            async with App(s, pm, report) as app:
+            async with build_app(s, observers=[metrics]) as app:
                 app_box.append(app)
                 await self._serve(app, metrics, journal, sock, name)
         finally:
@@ -247,8 +246,6 @@ class Daemon:
         import uvicorn
         from prefect.client.orchestration import get_client
 
-        from flows.limits import install_global_limits
-
         from .api import ApiContext, LimitedH11Protocol, create_api
         from .auth import Authenticator
         from .dispatch import make_dispatcher
@@ -269,10 +266,9 @@ class Daemon:
         if error is not None:
             raise ConfigError(f"Prefect at {client.api_url} does not answer: {error}")
         log.info("Prefect ready at %s after %.1f s", client.api_url, time.monotonic() - t0)
-        install_global_limits(app)
         specs = None
         if self.mode == "scale-out":
-            from flows.deployments import apply_deployments, ensure_work_pools, missing_limits
+            from moverd_flows.deployments import apply_deployments, ensure_work_pools, missing_limits
 
             created = await ensure_work_pools(client, s)
             if created:
@@ -349,11 +345,16 @@ def _configure_logging(level: str) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-    logging.getLogger("moverd").setLevel(level.upper())
-    logging.getLogger("flows").setLevel(level.upper())
+    # moverd's layers and every installed plugin log at the configured level; other libraries
+    # (Prefect, botocore, uvicorn) stay at the root's.
+    import importlib.metadata
+
+    plugins = {ep.value.split(":")[0].split(".")[0] for ep in importlib.metadata.entry_points(group="moverd.plugins")}
+    for name in {"moverd", "moverd_cli", "moverd_daemon", "moverd_flows", *plugins}:
+        logging.getLogger(name).setLevel(level.upper())
 
 
-def run_daemon(settings: Settings, config: Path | None) -> int:
+def run_daemon(settings: DaemonSettings, config: Path | None) -> int:
     """``moverd serve``: returns the exit code (0 after a clean stop)."""
     _configure_logging(settings.log_level)
     try:

@@ -6,7 +6,7 @@
 * each datablock of an archive is a task run tagged ``moverd-datablock`` and ``lts``; the LTS bound
   itself is held by the core around the exact write and read sections, through Prefect's global
   concurrency limits ``lts-write``/``lts-read`` when a Prefect server is configured (see
-  :mod:`flows.limits`), so it holds across every host;
+  :mod:`moverd_flows.limits`), so it holds across every host;
 * a retrieve job's links and download script are also a markdown artifact.
 """
 
@@ -22,10 +22,11 @@ from prefect.cache_policies import NO_CACHE
 
 from moverd import Datablock, Job, JobType, Transfer
 from moverd.app import App
+from moverd.config import Settings, load_settings
 from moverd.planner import DatablockPlan
 from moverd.services.jobs import DatasetOutcome, JobOutcome, run_job
 
-from .limits import install_global_limits
+from .limits import global_slots
 from .progress import progress_artifact
 
 
@@ -66,15 +67,20 @@ async def job_flow(
 ) -> dict[str, Any]:
     """Run catalog job ``job_id`` (archive or retrieve, as the catalog says) inside a flow run."""
     own = app is None
-    app = app or App.load(config)
+    app = app or _load(config)
     try:
-        install_global_limits(app)
         job = await app.catalog.get_job(job_id)
         the_flow = archive_job_flow if job.type is JobType.archive else retrieve_job_flow
         return await the_flow(job_id, config=config, on_transfer=on_transfer, app=app, job=job)
     finally:
         if own:
             await app.aclose()
+
+
+def _load(config: str | None) -> App:
+    """An App of this flow run's own (a worker that was handed no App), with the global limits."""
+    settings: Settings = load_settings(config)
+    return App(settings, global_slots=global_slots(settings))
 
 
 async def _run(
@@ -106,8 +112,7 @@ async def _in_app(
 ) -> dict[str, Any]:
     if app is not None:
         return await _run(job_id, app, on_transfer, job)
-    async with App.load(config) as own:
-        install_global_limits(own)
+    async with _load(config) as own:
         return await _run(job_id, own, on_transfer, job)
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import anyio
 
-from ..events import Transfer
-from ..units import plural
+from moverd.events import Transfer
+from moverd.units import plural
 
 
 @contextlib.asynccontextmanager
@@ -37,7 +37,7 @@ async def show_progress(transfers: Transfer | list[Transfer], *, enabled: bool) 
     )
     from rich.text import Text
 
-    from ..units import format_size
+    from moverd.units import format_size
 
     class BinarySpeed(TransferSpeedColumn):
         """MiB/s, as the sizes beside it and the summary at the end (rich's own says MB/s)."""

@@ -37,7 +37,7 @@ from pathlib import Path
 import anyio
 import httpx
 
-from ..errors import SystemError_
+from moverd.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def stop_stale(path: Path) -> bool:
                 path.unlink(missing_ok=True)
                 return True
             time.sleep(0.05)
-    raise SystemError_(f"the local Prefect server a previous daemon left running (pid {pid}) does not stop")
+    raise ServiceError(f"the local Prefect server a previous daemon left running (pid {pid}) does not stop")
 
 
 class LocalPrefectServer:
@@ -229,7 +229,7 @@ class LocalPrefectServer:
             while True:
                 code = self.proc.poll()
                 if code is not None:
-                    raise SystemError_(f"the local Prefect server exited with {code}; see {self.log_path}:\n"
+                    raise ServiceError(f"the local Prefect server exited with {code}; see {self.log_path}:\n"
                                        + self._tail())
                 try:
                     if (await client.get(f"{self.api_url}/health")).status_code == 200:
@@ -237,7 +237,7 @@ class LocalPrefectServer:
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    raise SystemError_(f"the local Prefect server did not start within {self.timeout:.0f} s; "
+                    raise ServiceError(f"the local Prefect server did not start within {self.timeout:.0f} s; "
                                        f"see {self.log_path}")
                 await anyio.sleep(0.2)
 

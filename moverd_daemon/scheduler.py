@@ -21,13 +21,15 @@ from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from ..app import App
-from ..errors import UnsafePathError
-from ..keys import safe_key
-from ..models import JobStatus
+from moverd.app import App
+from moverd.errors import UnsafePathError
+from moverd.keys import safe_key
+from moverd.models import JobStatus
+
 from .dispatch import Dispatcher, NotAcceptingError
 from .journal import Journal
 from .metrics import Metrics
+from .settings import daemon_settings
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class Housekeeping:
         self.dispatcher = dispatcher
         self.journal = journal
         self.metrics = metrics
-        self.settings = app.settings.scheduler
+        self.settings = daemon_settings(app).scheduler
 
     async def pickup(self) -> list[str]:
         resumed = await self.dispatcher.pickup()

@@ -1,0 +1,48 @@
+"""The App of an installation, built once, the same way for the daemon and every command.
+
+Its plugin manager is the installed plugins plus ``server.plugins``: modules to load as plugins
+without packaging them (a site's own observer, a storage wrapper). With ``prefect.global_limits``
+its LTS sections also hold the Prefect global concurrency limits, which the Prefect layer
+provides. ``moverd serve``, ``moverd archive`` and ``config check`` therefore see one registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import pluggy
+
+from moverd.app import App
+from moverd.errors import ConfigError
+from moverd.plugins import LoadReport, load_plugins
+
+from .settings import DaemonSettings
+
+
+def plugin_manager(settings: DaemonSettings) -> tuple[pluggy.PluginManager, LoadReport]:
+    pm, report = load_plugins()
+    for name in settings.server.plugins:
+        if pm.has_plugin(name):
+            continue
+        try:
+            pm.register(importlib.import_module(name), name=name)
+            pm.check_pending()
+        except Exception as exc:
+            raise ConfigError(f"server.plugins: cannot load {name!r}: {type(exc).__name__}: {exc}") from None
+    return pm, report
+
+
+def build_app(settings: DaemonSettings, *, observers: Sequence[object] = ()) -> App:
+    """The App for ``settings``: every plugin (and ``observers``, registered as plugins too) and,
+    with ``prefect.global_limits``, the cross-host LTS limits."""
+    pm, report = plugin_manager(settings)
+    for plugin in observers:
+        pm.register(plugin)
+    slots = None
+    if settings.prefect.global_limits:
+        # Imported only then: Prefect costs a second of start-up that most commands never need.
+        from moverd_flows.limits import global_slots
+
+        slots = global_slots(settings)
+    return App(settings, pm, report, global_slots=slots)

@@ -1,0 +1,32 @@
+"""moverd's public API is exactly what ``moverd.__all__`` says (as httpx pins its exports): a
+name added or dropped is a decision, made here on purpose."""
+
+from __future__ import annotations
+
+import moverd
+
+PUBLIC = {
+    "ArchiveStatus", "BlockingReads", "BlockingWrites", "ByteSize", "Catalog", "CatalogError", "CatalogType",
+    "ConfigError", "Context", "Datablock", "Dataset", "Duration", "FileEntry", "Hasher", "HasherFactory", "Job",
+    "JobDataset", "JobStatus", "JobType", "LOCAL_STORAGE_TYPE", "LifecycleUpdate", "Member", "MissingFileError",
+    "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo", "Observers", "OfflineTimeoutError", "Options",
+    "PluginError", "Reader", "RetrieveStatus", "ServiceError", "Slots", "SourceChangedError", "Storage",
+    "StorageError", "StorageType", "Transfer", "UnknownDatasetError", "UnknownJobError", "UnsafePathError",
+    "UserError", "VerificationError", "Writer", "format_size", "hookimpl", "join_key", "parse_duration",
+    "parse_size", "path_safe_id", "read_secret_file", "read_slot", "retry_async", "retry_blocking", "safe_key",
+    "write_slot",
+}
+
+
+def test_public_api_is_exactly_all() -> None:
+    assert set(moverd.__all__) == PUBLIC
+    assert len(moverd.__all__) == len(PUBLIC)  # no duplicates
+    for name in moverd.__all__:
+        assert hasattr(moverd, name), name
+
+
+def test_no_other_public_name_leaks() -> None:
+    leaked = {n for n in vars(moverd) if not n.startswith("_")} - PUBLIC - {"annotations", "__version__"}
+    # submodules are reachable as attributes once imported; they are not public names
+    leaked = {n for n in leaked if not isinstance(getattr(moverd, n), type(moverd))}
+    assert leaked == set()
