@@ -9,13 +9,15 @@ NATIVE     := moverd/_md5mb.c setup.py
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run demo test bench lint clean
+.PHONY: install run demo test bench lint clean
 
 $(STAMP): $(PYPROJECTS) $(NATIVE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]' -e plugins/storage_s3 -e plugins/catalog_scicat
 	touch $(STAMP)
+
+install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/moverd serve
