@@ -12,15 +12,15 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from .errors import UserError
-from .models import Datablock, Dataset, FileEntry, Job, LifecycleUpdate
+from .models import Datablock, Dataset, FileEntry, Job, JobDataset, JobType, LifecycleUpdate
 
 
 class Catalog(ABC):
     """Required methods are abstract. Optional capabilities, which the embedded local catalog has:
     datasets made from a folder of this machine (``moverd archive ./folder``), announced by
     ``local_folders = True`` with :meth:`create_dataset` and :meth:`find_datasets`; and listings
-    of every dataset and job (:meth:`list_datasets`, :meth:`list_jobs`). Their defaults refuse
-    with a user error that says so."""
+    of every dataset and job (:meth:`list_datasets`, :meth:`list_jobs`), and jobs of its own
+    (:meth:`create_job`). Their defaults refuse with a user error that says so."""
 
     type_name: str = ""
     name: str = "catalog"
@@ -73,6 +73,13 @@ class Catalog(ABC):
     async def list_datasets(self) -> list[Dataset]:
         """Every dataset, oldest first (``moverd datasets``)."""
         raise UserError(f"the {self.type_name or self.name!r} catalog does not list its datasets here; use its own UI")
+
+    async def create_job(self, type_: JobType, datasets: list[JobDataset], job_id: str | None = None) -> Job:
+        """A new job in the catalog (``moverd job create``); SciCat creates its own jobs."""
+        raise UserError(
+            f"the {self.type_name or self.name!r} catalog creates its jobs itself (and calls the daemon); "
+            "create them there"
+        )
 
     async def list_jobs(self, status: str | None = None) -> list[Job]:
         """Every job (with ``status``: only those), oldest first (``moverd job list``)."""

@@ -118,6 +118,12 @@ def run(fn: Callable[[App], Awaitable[T]], config: Path | None) -> T:
     raise AssertionError("unreachable")
 
 
+def path_like(text: str) -> bool:
+    """Does ``text`` name a local path (rather than a dataset id)? Then a missing one is a
+    missing folder, not an unknown dataset."""
+    return text.startswith((".", "/", "~")) or (os.sep in text and Path(text).parent.is_dir())
+
+
 def emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -175,7 +181,7 @@ def archive(
 
     folder = Path(source)
     is_folder = folder.is_dir()
-    looks_like_path = source.startswith((".", "/", "~")) or (os.sep in source and folder.parent.is_dir())
+    looks_like_path = path_like(source)
     started: list[str] = []  # the dataset being archived, for the resume hint
 
     async def go(a: App) -> dict[str, Any]:

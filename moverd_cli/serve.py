@@ -16,7 +16,7 @@ import typer
 from moverd.app import App
 from moverd.errors import ConfigError, MoverdError, UserError
 
-from .main import ConfigOpt, JsonOpt, app, emit_json, fail, job_app, load_config, out, run
+from .main import ConfigOpt, JsonOpt, app, emit_json, fail, job_app, load_config, out, path_like, run
 
 prefect_app = typer.Typer(no_args_is_help=True, help="Prepare a shared Prefect server for moverd daemons.")
 app.add_typer(prefect_app, name="prefect")
@@ -129,7 +129,6 @@ def job_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a job in the local catalog and print its id (then POST it to a running daemon)."""
-    from moverd.builtin.local_catalog import LocalCatalog
     from moverd.models import JobDataset, JobType
     from moverd.services.folders import register_folder
 
@@ -139,14 +138,13 @@ def job_create(
         fail(UserError("--file needs exactly one dataset"))
 
     async def go(a: App) -> dict[str, Any]:
-        if not isinstance(a.catalog, LocalCatalog):
-            raise UserError(f"'job create' writes to the local catalog; the configured one is {a.catalog.type_name!r} "
-                            "(create jobs there, it calls the daemon itself)")
         datasets = []
         for target in targets:
             if job_type == "archive" and await anyio.Path(target).is_dir():
                 ds, _ = await register_folder(a, Path(target))
                 pid = ds.pid
+            elif path_like(target) and not await anyio.Path(target).exists():
+                raise UserError(f"folder {target!r} does not exist")
             else:
                 pid = (await a.catalog.get_dataset(target)).pid
             datasets.append(JobDataset(pid=pid, files=list(files or [])))

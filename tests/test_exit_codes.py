@@ -91,3 +91,11 @@ def test_an_environment_override_merges_with_the_embedded_default(tmp_path: Path
     assert p.returncode == 0, p.stderr
     assert list((tmp_path / "elsewhere").rglob("*.tar"))
     assert not (tmp_path / "state" / "lts").exists() or not list((tmp_path / "state" / "lts").rglob("*.tar"))
+
+
+def test_job_create_on_a_missing_folder_says_the_folder_is_missing(tmp_path: Path, env: dict[str, str]) -> None:
+    p = subprocess.run([*MOVERD, "job", "create", "archive", "./my-dataset"], env=env, capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 2 and "folder './my-dataset' does not exist" in p.stderr, p.stderr
+    p = moverd(["job", "create", "archive", "local/no-such-dataset"], env)
+    assert p.returncode == 2 and "not found in the local catalog" in p.stderr, p.stderr
