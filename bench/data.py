@@ -107,6 +107,8 @@ def moverd_env(state_dir: Path, endpoint: str, bucket: str, extra: dict[str, str
         "MOVERD_STORAGES__LANDING__ACCESS_KEY_ID": ACCESS_KEY,
         "MOVERD_STORAGES__LANDING__SECRET_ACCESS_KEY": SECRET_KEY,
         "MOVERD_ARCHIVE__LANDING_PREFIX": "{pid}",
+        # Every round archives the same objects again: keep them (a job would delete them).
+        "MOVERD_ARCHIVE__DELETE_LANDING": "false",
     })
     env.update(extra or {})
     return env
