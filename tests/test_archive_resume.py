@@ -115,3 +115,42 @@ def test_a_changed_folder_is_a_new_dataset(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert res["dataset"] != first and not res["resumed"] and res["files"] == 2
+
+
+def test_archiving_a_catalogued_dataset_runs_the_job_lifecycle(tmp_path: Path) -> None:
+    """``moverd archive <id>`` of a dataset in the landing zone: verified, registered, then the
+    landing files deleted, as a job does; a missing file is a user error with the dataset marked
+    so and nothing registered."""
+    import anyio
+
+    from moverd.app import App
+    from moverd.config import Settings
+    from moverd.models import FileEntry
+
+    env = env_for(tmp_path)
+    state = tmp_path / "state"
+
+    async def register(name: str, files: dict[str, bytes], upload: dict[str, bytes]) -> str:
+        async with App(Settings(state_dir=state)) as app:
+            ds = await app.catalog.create_dataset(
+                [FileEntry(path=p, size=len(d)) for p, d in files.items()], pid=f"facility/{name}")
+            for p, d in upload.items():
+                target = state / "landing" / ds.pid / p
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(d)
+            return ds.pid
+
+    files = {"raw/a.bin": os.urandom(200 * KiB), "b.json": b"{}"}
+    pid = anyio.run(register, "good", files, files)
+    p = moverd(["archive", pid, "--json"], env)
+    assert p.returncode == 0, p.stderr
+    assert not any((state / "landing" / pid).rglob("*.bin"))  # deleted once verified
+    shown = {d["pid"]: d for d in json.loads(moverd(["datasets", "--json"], env).stdout)}
+    assert shown[pid]["lifecycle"]["archive_status"] == "datasetOnArchiveDisk"
+
+    bad = anyio.run(register, "bad", files, {"b.json": b"{}"})
+    p = moverd(["archive", bad], env)
+    assert p.returncode == 2 and "'raw/a.bin' is missing" in p.stderr, p.stderr
+    shown = {d["pid"]: d for d in json.loads(moverd(["datasets", "--json"], env).stdout)}
+    assert shown[bad]["lifecycle"]["archive_status"] == "missingFilesError"
+    assert (state / "landing" / bad / "b.json").exists()  # kept
