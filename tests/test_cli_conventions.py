@@ -7,25 +7,18 @@ import os
 import pty
 import select
 import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
-MOVERD = [sys.executable, "-m", "moverd"]
+from tests.support.cli import MOVERD, cli_env, moverd
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("MOVERD_")}
-    e["MOVERD_STATE_DIR"] = str(tmp_path / "state")
-    return e
-
-
-def moverd(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(MOVERD + args, env=env, capture_output=True, text=True, timeout=120)
+    return cli_env(tmp_path)
 
 
 def folder(path: Path, n: int = 1) -> Path:

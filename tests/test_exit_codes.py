@@ -8,23 +8,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-MOVERD = [sys.executable, "-m", "moverd"]
+from tests.support.cli import MOVERD, cli_env, moverd
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("MOVERD_")}
-    e["MOVERD_STATE_DIR"] = str(tmp_path / "state")
-    return e
-
-
-def moverd(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(MOVERD + args, env=env, capture_output=True, text=True, timeout=120)
+    return cli_env(tmp_path)
 
 
 def datasets(env: dict[str, str]) -> list[dict[str, object]]:

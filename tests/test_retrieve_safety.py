@@ -26,24 +26,17 @@ from moverd_storage_lts.writer import TargetExistsError
 
 from moverd.models import Member
 from moverd.services.retrieve import folders_written
+from tests.support.cli import MOVERD, cli_env, moverd
 from tests.support.trees import read_tree, write
-
-MOVERD = [sys.executable, "-m", "moverd"]
 
 
 def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run(MOVERD + args, env=env, capture_output=True, text=True, timeout=180)
-    if check and p.returncode != 0:
-        raise AssertionError(f"moverd {args} failed ({p.returncode}): {p.stderr}")
-    return p
+    return moverd(args, env, check=check)
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("MOVERD_")}
-    e["MOVERD_STATE_DIR"] = str(tmp_path / "state")
-    e["MOVERD_PIPELINE__TARGET_SIZE"] = "4MiB"
-    return e
+    return cli_env(tmp_path, MOVERD_PIPELINE__TARGET_SIZE="4MiB")
 
 
 def archive(src: Path, env: dict[str, str]) -> str:
