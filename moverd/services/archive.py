@@ -50,6 +50,12 @@ class ArchiveResult:
         return sum(d.size for d in self.datablocks)
 
 
+async def list_relative(source: Storage, prefix: str) -> dict[str, ObjectInfo]:
+    """Every object under the folder ``prefix``, by its path relative to it (a dataset's paths)."""
+    strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
+    return {info.key[strip:]: info async for info in source.list(prefix)}
+
+
 async def check_source(
     source: Storage, prefix: str, files: Sequence[FileEntry]
 ) -> tuple[list[FileEntry], dict[str, ObjectInfo]]:
@@ -60,10 +66,7 @@ async def check_source(
     pinned to that listing, so a file that changes from here on is caught. Missing or resized
     files are a user error that names them.
     """
-    found: dict[str, ObjectInfo] = {}
-    strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
-    async for info in source.list(prefix):
-        found[info.key[strip:]] = info
+    found = await list_relative(source, prefix)
     problems: list[str] = []
     out: list[FileEntry] = []
     listed: dict[str, ObjectInfo] = {}
@@ -158,8 +161,7 @@ async def check_unchanged(source: Storage, prefix: str, listed: dict[str, Object
     archived copy is consistent but incomplete. It runs before the dataset is called archived
     and before its source is deleted.
     """
-    strip = len(prefix.rstrip("/")) + 1 if prefix.strip("/") else 0
-    now = {info.key[strip:]: info async for info in source.list(prefix)}
+    now = await list_relative(source, prefix)
     changed = [path for path, info in listed.items() if not _same_version(info, now.get(path))]
     if changed:
         shown = ", ".join(repr(p) for p in sorted(changed)[:10]) + (

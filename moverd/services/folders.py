@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..keys import safe_key
 from ..models import ArchiveStatus, Dataset, FileEntry
 from ..storage import Storage
+from .archive import list_relative
 
 FolderState = Literal["new", "resumed", "archived"]
 
@@ -83,10 +84,9 @@ async def dataset_for_folder(app: App, folder: Path | str, *, new: bool = False)
             raise UserError(f"folder {str(folder)!r} does not exist")
         folder = Path(await anyio.Path(folder).resolve())
         source, prefix, label = app.local_folder(folder, "source"), "", str(folder)
-    strip = len(prefix) + 1 if prefix else 0
     files = [
-        FileEntry(path=i.key[strip:], size=i.size, mtime=i.mtime, mode=i.mode, uid=i.uid, gid=i.gid)
-        async for i in source.list(prefix)
+        FileEntry(path=path, size=i.size, mtime=i.mtime, mode=i.mode, uid=i.uid, gid=i.gid)
+        for path, i in (await list_relative(source, prefix)).items()
     ]
     if not files:
         raise UserError(f"{label!r} has no files to archive")
