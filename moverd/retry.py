@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 def _delay(attempt: int, attempts: int, base_delay: float, max_delay: float, what: str, exc: BaseException) -> float:
     """The pause before the next attempt: doubling from ``base_delay``, capped, ±50 % jitter."""
     delay: float = min(max_delay, base_delay * 2.0 ** (attempt - 1)) * (0.5 + random.random())
-    log.warning("%s failed (%s), retry %d/%d in %.1fs", what, exc, attempt, attempts - 1, delay)
+    # Some errors have no message (httpx's timeouts): then their type says what happened.
+    why = str(exc) or type(exc).__name__
+    log.warning("%s failed (%s), retry %d/%d in %.1fs", what, why, attempt, attempts - 1, delay)
     return delay
 
 

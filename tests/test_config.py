@@ -166,3 +166,23 @@ def test_connect_reaches_every_part(tmp_path: Path, s3_options: dict[str, str], 
     fails = [ln for ln in p.stdout.splitlines() if ln.startswith("FAIL")]
     assert any("catalog (scicat)" in ln for ln in fails) and any("storage landing (s3)" in ln for ln in fails)
     assert any("127.0.0.1:9" in ln for ln in fails), p.stdout
+
+
+def test_a_retry_of_an_error_without_a_message_names_its_type(caplog) -> None:  # type: ignore[no-untyped-def]
+    import anyio
+
+    from moverd import retry_async
+
+    calls = []
+
+    async def op() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise TimeoutError()
+        return 7
+
+    async def main() -> int:
+        return await retry_async(op, retryable=lambda exc: True, attempts=2, what="GET x", base_delay=0.01)
+
+    assert anyio.run(main) == 7
+    assert "GET x failed (TimeoutError), retry 1/1" in caplog.text
