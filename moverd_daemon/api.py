@@ -16,15 +16,15 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
-import anyio
 import h11
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import Config
@@ -38,13 +38,23 @@ from moverd.models import Job
 
 from .auth import Authenticator, AuthError, Principal
 from .dispatch import Dispatcher, NotAcceptingError, NotServedError
-from .health import Readiness
+from .health import Readiness, bounded
 from .metrics import Metrics
 from .settings import daemon_settings
 
 log = logging.getLogger(__name__)
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}$"
+
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
+"""What ``/docs`` loads, from the ``fastapi-offline`` distribution (Swagger UI 5, which reads the
+OpenAPI 3.1 that FastAPI writes)."""
+
+
+def _docs_assets() -> Path:
+    import fastapi_offline
+
+    return Path(fastapi_offline.__file__).parent / "static"
 
 
 class JobRequest(BaseModel):
@@ -198,8 +208,8 @@ def create_api(ctx: ApiContext) -> FastAPI:
         run = await ctx.dispatcher.lookup(job_id)
         catalog: dict[str, Any]
         try:
-            with anyio.fail_after(daemon_settings(ctx.app).server.readiness_timeout):
-                job = await ctx.app.catalog.get_job(job_id)
+            job = await bounded(daemon_settings(ctx.app).server.readiness_timeout,
+                                lambda: ctx.app.catalog.get_job(job_id))
             catalog = {"status": job.status, "datasets": [d.pid for d in job.datasets], "type": job.type.value}
         except UnknownJobError:
             if run is None:
@@ -208,9 +218,14 @@ def create_api(ctx: ApiContext) -> FastAPI:
         except (TimeoutError, CatalogError) as exc:
             catalog = {"error": str(exc) or "timed out"}
         if run is None:
-            return {"id": job_id, "type": catalog.get("type"), "flow_run": None, "status": None,
+            return {"id": job_id, "type": catalog.get("type"), "flow_run": None, "status": catalog.get("status"),
                     "progress": None, "catalog": catalog}
-        return {**run.view(), "catalog": catalog}
+        view = run.view()
+        # The catalog holds the job's status; the run's own is the fallback when the catalog is
+        # away, or once the run ended (the status it ended with, even if the catalog lags).
+        if run.status is None and catalog.get("status"):
+            view["status"] = catalog["status"]
+        return {**view, "catalog": catalog}
 
     @router.get("/jobs", tags=["jobs"], responses=errors)
     async def jobs(who: Authed) -> dict[str, Any]:
@@ -249,7 +264,22 @@ def create_api(ctx: ApiContext) -> FastAPI:
 
         @router.get("/docs", include_in_schema=False)
         async def docs(who: Authed) -> HTMLResponse:
-            return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="moverd API")
+            return get_swagger_ui_html(
+                openapi_url=f"{root}/openapi.json", title="moverd API",
+                swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+                swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+                swagger_favicon_url=f"{root}/docs/assets/favicon.png",
+            )
+
+        @router.get("/docs/assets/{name}", include_in_schema=False)
+        async def docs_asset(name: str) -> FileResponse:
+            """Swagger UI's own files, served by the daemon: FastAPI's default page loads them
+            from a CDN, which a facility without a route out never reaches (a white page). They
+            are the library's public files, so they need no credentials."""
+            if name not in DOCS_ASSETS:
+                raise ApiError(404, f"no docs asset {name!r}")
+            return FileResponse(_docs_assets() / name, media_type=DOCS_ASSETS[name],
+                                headers={"Cache-Control": "public, max-age=86400"})
 
     api.include_router(router)
     api.add_middleware(RequestLimits, max_body=settings.max_body_size, max_head=settings.max_header_size)
@@ -443,13 +473,13 @@ class LimitedH11Protocol(H11Protocol):
 
 async def _read_job(app: App, job_id: str) -> Job:
     try:
-        with anyio.fail_after(max(daemon_settings(app).server.readiness_timeout * 6, 30)):
-            return await app.catalog.get_job(job_id)
+        return await bounded(max(daemon_settings(app).server.readiness_timeout * 6, 30),
+                             lambda: app.catalog.get_job(job_id), "reading the job from the catalog")
     except UnknownJobError:
         raise ApiError(404, f"the catalog has no job {job_id}") from None
     except UserError as exc:
         raise ApiError(422, str(exc)) from None
-    except TimeoutError:
-        raise ApiError(503, "the catalog did not answer in time") from None
+    except TimeoutError as exc:
+        raise ApiError(503, f"the catalog did not answer in time: {exc}") from None
     except CatalogError as exc:
         raise ApiError(503, f"the catalog is unreachable: {exc}") from None

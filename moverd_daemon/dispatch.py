@@ -103,6 +103,15 @@ class JobRun:
     def final(self) -> bool:
         return self.state in FINAL_STATES
 
+    @property
+    def job_status(self) -> str | None:
+        """The job's catalog status as far as the run tells, for ``GET /jobs`` (which reads no
+        catalog): the one it ended with, else ``inProgress`` while its flow runs (the job service
+        sets that first thing)."""
+        if self.status is None and self.state == "RUNNING":
+            return "inProgress"
+        return self.status
+
     def view(self) -> dict[str, Any]:
         """The JSON of ``GET /jobs/{id}``."""
         datasets = [{
@@ -116,7 +125,7 @@ class JobRun:
         return {
             "id": self.job_id, "type": self.type,
             "flow_run": {"id": self.flow_run_id, "name": self.flow_run_name, "state": self.state},
-            "daemon": self.daemon, "status": self.status, "message": self.message,
+            "daemon": self.daemon, "status": self.job_status, "message": self.message,
             "submitted": _iso(self.submitted), "started": _iso(self.started), "finished": _iso(self.finished),
             "progress": None if not self.local else {
                 "percent": 100.0 if self.state == "COMPLETED" else _percent(done, total),

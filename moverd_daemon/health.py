@@ -5,13 +5,22 @@ answers "storage landing: timed out after 5 s" instead of hanging the probe: the
 (``Catalog.check``: SciCat logs in), every configured storage (its free space where it can tell,
 and a listing of an empty prefix, which needs the bucket or the mount to be there), Prefect (its
 health endpoint) and, with ``prefect.global_limits``, the LTS limits on the Prefect server.
+
+A timeout alone hides why: a catalog whose host does not resolve fails at once, but its client
+retries with backoff, so the check runs out of time between two attempts and the cause was only
+in a log line. :func:`bounded` keeps what went wrong while a call ran (the errors that moverd's
+retries and the plugins log) and names the last one with the timeout:
+``timed out after 5 s; last error: SciCat POST /api/v3/auth/login failed ([Errno -2] Name or
+service not known)``.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -21,6 +30,57 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_errors: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("moverd_check_errors", default=None)
+_RETRY_SUFFIX = re.compile(r", retry \d+/\d+ in [0-9.]+s$")
+
+
+class _ErrorsSeen(logging.Handler):
+    """Keeps, for the call :func:`bounded` runs, each logged record that carries an exception.
+
+    The call's task (and the worker threads it starts, which anyio gives a copy of its context)
+    sees its own list through a context variable: records of everything else running in the
+    daemon meanwhile are not taken."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        seen = _errors.get()
+        if seen is None:
+            return
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.exc_info is None and not any(isinstance(a, BaseException) for a in args):
+            return
+        try:
+            seen.append(_RETRY_SUFFIX.sub("", record.getMessage()))
+        except Exception:  # a record that does not format is no reason to fail the check
+            return
+
+
+_handler = _ErrorsSeen()
+
+
+def _watch() -> None:
+    for name in ("moverd", "moverd_daemon", "moverd_flows"):
+        logger = logging.getLogger(name)
+        if _handler not in logger.handlers:
+            logger.addHandler(_handler)
+
+
+async def bounded(seconds: float, call: Callable[[], Awaitable[T]], what: str = "") -> T:
+    """``await call()`` for at most ``seconds``; on timeout, a :class:`TimeoutError` whose text
+    names the last error logged while it ran (or says that none was)."""
+    _watch()
+    seen: list[str] = []
+    token = _errors.set(seen)
+    try:
+        with anyio.fail_after(seconds):
+            return await call()
+    except TimeoutError:
+        why = f"last error: {seen[-1]}" if seen else "no answer, and no error before that"
+        raise TimeoutError(f"{what}{' ' if what else ''}timed out after {seconds:g} s; {why}"[:1000]) from None
+    finally:
+        _errors.reset(token)
+
 
 PROBE_PREFIX = ".moverd-readyz"
 """Listed to prove a storage answers; nothing lives there, so the listing is cheap."""
@@ -77,11 +137,10 @@ class Readiness:
 
         async def one(name: str, check: Callable[[], Awaitable[Any]]) -> None:
             try:
-                with anyio.fail_after(self.timeout):
-                    await check()
+                await bounded(self.timeout, check)
                 results[name] = "ok"
-            except TimeoutError:
-                results[name] = f"timed out after {self.timeout:g} s"
+            except TimeoutError as exc:
+                results[name] = str(exc)
             except Exception as exc:
                 results[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 

@@ -60,7 +60,12 @@ def configured_api_url() -> str | None:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether the server can listen on ``port``. The probe binds as uvicorn does, with
+    SO_REUSEADDR: connections of the previous server that are still in TIME-WAIT (a restart
+    within a minute or two) do not keep uvicorn from listening there, so they must not move the
+    UI to another port either; a socket that listens does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -161,11 +166,24 @@ def stop_stale(path: Path) -> bool:
     raise ServiceError(f"the local Prefect server a previous daemon left running (pid {pid}) does not stop")
 
 
+IDLE_SERVICES_OFF = {
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
+}
+"""Services of ``prefect server start`` that have nothing to do for one embedded daemon."""
+
+
 class LocalPrefectServer:
     """A Prefect server (API + UI) for one embedded daemon, in a subprocess of its own.
 
-    Background services are off (``webserver only``): one daemon on one machine needs the API,
-    the UI and the database, not the scheduler or the lease reaper of a shared installation.
+    It runs the background services ``prefect server start`` runs, because Prefect 3 records
+    task runs and events through them: a client reports a task run's states as events, and only
+    the task-run recorder writes them into the database, the event persister keeps the event
+    feed. A webserver-only server answers "Task not found" for every datablock. Three services
+    have nothing to do for one embedded daemon and stay off: the deployment scheduler (no
+    deployments), the foreman (no workers) and the late-runs marker (the daemon's own queue
+    decides when a queued run starts).
     """
 
     def __init__(self, home: Path, host: str = "127.0.0.1", port: int = 4200, timeout: float = 180.0) -> None:
@@ -197,13 +215,13 @@ class LocalPrefectServer:
                 log.warning("port %d is taken; the local Prefect server uses %d", wanted, self.port)
         db = self.home / "prefect.db"
         env = {
+            **IDLE_SERVICES_OFF,  # an operator's environment may switch them on again
             **os.environ,
             "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
             "PREFECT_UI_ENABLED": "1",
             "PREFECT_UI_API_URL": "/api",
             "PREFECT_API_URL": self.api_url,
-            "PREFECT__SERVER_WEBSERVER_ONLY": "1",
             "PREFECT__SERVER_FINAL": "1",
             "DO_NOT_TRACK": os.environ.get("DO_NOT_TRACK", "1"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

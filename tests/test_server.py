@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.daemon import BASIC, Daemon, JWKSServer, new_key, wait_for
+from tests.support.daemon import BASIC, Daemon, JWKSServer, dataset_task_runs, new_key, wait_for
 from tests.support.facility import Facility, dataset_files
 from tests.support.s3 import S3Server
 from tests.support.scicat.fixtures import session_server
@@ -285,6 +285,78 @@ def test_openapi_docs_need_credentials(served: Served) -> None:
     assert f"{served.daemon.root_path}/jobs" in doc["paths"]
     assert "post" in doc["paths"][f"{served.daemon.root_path}/jobs"]
     assert httpx.get(f"{url}/docs", auth=served.basic).status_code == 200
+
+
+def test_datablocks_are_task_runs_prefect_shows(served: Served) -> None:
+    """Each datablock is a task run of its dataset's subflow run, named after its place and archive
+    id, with its final state, its events in the feed, and the dataset's progress artifact keyed."""
+    from moverd_flows.keys import artifact_key
+
+    from moverd.planner import archive_id
+
+    f = served.facility
+    pid = f.add_dataset(dataset_files(41, n=8))
+    job_id = f.scicat.add_job("archive", [pid])
+    assert served.post_job(job_id).status_code == 201
+    view = served.wait_job(job_id)
+    assert view["status"] == "finishedSuccessful", view
+    total = view["progress"]["datablocks_total"]
+    assert total >= 2
+    api = served.daemon.prefect_api()
+    runs = dataset_task_runs(api, job_id, datasets=1, blocks=total)
+    [(subflow, tasks)] = runs.items()
+    assert subflow == f"archive {pid} (job {job_id})"
+    print("task runs of", subflow, [t["name"] for t in tasks])
+    assert sorted(t["name"] for t in tasks) == [f"datablock {i + 1}/{total} {archive_id(pid, i)}" for i in range(total)]
+    assert {t["state_type"] for t in tasks} == {"COMPLETED"}
+    assert all("moverd-datablock" in t["tags"] for t in tasks)
+    with httpx.Client(base_url=api, timeout=30) as prefect:
+        one = prefect.get(f"/task_runs/{tasks[0]['id']}")
+        assert one.status_code == 200 and one.json()["name"] == tasks[0]["name"], one.text
+
+        def completed_events() -> list[dict[str, Any]]:
+            r = prefect.post("/events/filter", json={"filter": {
+                "resource": {"id": [f"prefect.task-run.{t['id']}" for t in tasks]},
+                "event": {"name": ["prefect.task-run.Completed"]}}, "limit": 50})
+            events: list[dict[str, Any]] = r.json().get("events", []) if r.status_code == 200 else []
+            return events if len(events) >= total else []
+
+        wait_for(completed_events, 30, 0.5, "the task runs' events in the event feed")
+        subflow_id = prefect.post("/flow_runs/filter", json={
+            "flow_runs": {"name": {"any_": [subflow]}}}).json()[0]["id"]
+        artifacts = prefect.post("/artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [subflow_id]}}}).json()
+        progress = [(a["key"], a["type"], a["data"]) for a in artifacts]
+        assert progress == [(artifact_key("archive", pid), "progress", 100)], progress
+
+    rjob = f.scicat.add_job("retrieve", [pid])
+    assert served.post_job(rjob, "retrieve").status_code == 201
+    assert served.wait_job(rjob)["status"] == "finishedSuccessful"
+    with httpx.Client(base_url=api, timeout=30) as prefect:
+        keys = {a["key"] for a in prefect.post("/artifacts/filter", json={
+            "artifacts": {"type": {"any_": ["markdown"]}}}).json()}
+    assert artifact_key("retrieve-links", rjob) in keys, keys
+
+
+def test_job_status_follows_the_job_while_it_runs(served: Served) -> None:
+    f = served.facility
+    pid = f.add_dataset(dataset_files(43, n=3))
+    job_id = f.scicat.add_job("archive", [pid])
+    f.scicat.slow(4.0, method="POST", path="datablocks", count=1)  # holds the job in the middle
+    try:
+        assert served.post_job(job_id).status_code == 201
+
+        def running() -> dict[str, Any] | None:
+            v = served.job(job_id)
+            return v if v["flow_run"]["state"] == "RUNNING" and v["catalog"].get("status") == "inProgress" else None
+
+        view = wait_for(running, 30, 0.1, f"job {job_id} running")
+        assert view["status"] == "inProgress", view
+        listed = httpx.get(f"{served.daemon.url}/jobs", auth=served.basic, timeout=30).json()["jobs"]
+        assert [j["status"] for j in listed if j["id"] == job_id] == ["inProgress"]
+    finally:
+        view = served.wait_job(job_id)
+    assert view["status"] == "finishedSuccessful" == view["catalog"]["status"], view
 
 
 def test_sigterm_when_idle_stops_cleanly(served: Served) -> None:

@@ -3,16 +3,22 @@
 * the job is a flow run named after the job id;
 * each dataset is a subflow run named after the job id and the dataset PID, publishing a
   progress artifact;
-* each datablock of an archive is a task run tagged ``moverd-datablock`` and ``lts``; the LTS bound
-  itself is held by the core around the exact write and read sections, through Prefect's global
-  concurrency limits ``lts-write``/``lts-read`` when a Prefect server is configured (see
-  :mod:`moverd_flows.limits`), so it holds across every host;
+* each datablock of an archive is a task run named ``datablock <n>/<total> <archive id>`` and
+  tagged ``moverd-datablock`` and ``lts``; the LTS bound itself is held by the core around the
+  exact write and read sections, through Prefect's global concurrency limits
+  ``lts-write``/``lts-read`` when a Prefect server is configured (see :mod:`moverd_flows.limits`),
+  so it holds across every host;
 * a retrieve job's links and download script are also a markdown artifact.
+
+Artifacts carry keys (:mod:`moverd_flows.keys`): Prefect lists keyed artifacts on its Artifacts
+page, each key with its history, so an operator finds a dataset's progress or a job's links there
+without knowing the flow run.
 """
 
 from __future__ import annotations
 
 import base64
+import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,26 +32,40 @@ from moverd.config import Settings, load_settings
 from moverd.planner import DatablockPlan
 from moverd.services.jobs import DatasetOutcome, JobOutcome, run_job
 
+from .keys import artifact_key
 from .limits import global_slots
 from .progress import progress_artifact
 
+_transfer: contextvars.ContextVar[Transfer | None] = contextvars.ContextVar("moverd_transfer", default=None)
+"""The transfer of the dataset subflow a datablock runs in: the engine's block runner is handed the
+plan only, and the plan alone does not know how many datablocks its dataset has."""
 
-@task(name="datablock", task_run_name="{plan.archive_id}", tags=["moverd-datablock", "lts"],
-      cache_policy=NO_CACHE, retries=0)
-async def datablock_task(plan: DatablockPlan, work: Callable[[], Awaitable[Datablock]]) -> Datablock:
+
+@task(name="datablock", task_run_name="datablock {number}/{total} {plan.archive_id}",
+      tags=["moverd-datablock", "lts"], cache_policy=NO_CACHE, retries=0)
+async def datablock_task(
+    plan: DatablockPlan, number: int, total: int, work: Callable[[], Awaitable[Datablock]]
+) -> Datablock:
     return await work()
 
 
 async def _block_runner(plan: DatablockPlan, work: Callable[[], Awaitable[Datablock]]) -> Datablock:
-    return await datablock_task(plan, work)
+    transfer = _transfer.get()
+    # The archive service sets the count before it starts any datablock.
+    total = transfer.datablocks_total if transfer is not None and transfer.datablocks_total else plan.index + 1
+    return await datablock_task(plan, plan.index + 1, total, work)
 
 
 @flow(name="moverd-dataset", flow_run_name="{kind} {pid} (job {job_id})", validate_parameters=False)
 async def dataset_flow(
     kind: str, job_id: str, pid: str, transfer: Transfer, work: Callable[[], Awaitable[DatasetOutcome]]
 ) -> DatasetOutcome:
-    async with progress_artifact(transfer):
-        return await work()
+    token = _transfer.set(transfer)
+    try:
+        async with progress_artifact(transfer, key=artifact_key(kind, pid)):
+            return await work()
+    finally:
+        _transfer.reset(token)
 
 
 async def _result_artifact(outcome: JobOutcome) -> None:
@@ -57,7 +77,7 @@ async def _result_artifact(outcome: JobOutcome) -> None:
     await acreate_markdown_artifact(
         markdown=f"# Retrieved data of job {outcome.job.id}\n\n| dataset | file | size |\n|---|---|---|\n{rows}\n\n"
                  f"## Download script\n\n```sh\n{script}```\n",
-        key=None, description=f"download links of job {outcome.job.id}",
+        key=artifact_key("retrieve-links", outcome.job.id), description=f"download links of job {outcome.job.id}",
     )
 
 

@@ -319,3 +319,31 @@ def prefect_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     db = home / "prefect.db"
     assert db.exists(), server.log_path.read_text(errors="replace")[-3000:]
     return db
+
+
+# -- what the Prefect API shows of a job ------------------------------------------------------------
+
+
+def dataset_task_runs(
+    prefect_api: str, job_id: str, datasets: int, blocks: int, timeout: float = 60
+) -> dict[str, list[dict[str, Any]]]:
+    """``{dataset flow run name: [its task runs, as the Prefect API returns them]}`` for job
+    ``job_id``, once its ``datasets`` subflow runs have ``blocks`` task runs in all, every one
+    final (the server records task runs from events, a moment after the flow run ended)."""
+    with httpx.Client(base_url=prefect_api, timeout=30) as prefect:
+        def read() -> dict[str, list[dict[str, Any]]] | None:
+            subflows = prefect.post("/flow_runs/filter", json={
+                "flow_runs": {"name": {"like_": f"(job {job_id})"}}}).json()
+            if len(subflows) < datasets:
+                return None
+            out: dict[str, list[dict[str, Any]]] = {}
+            for fr in subflows:
+                runs = prefect.post("/task_runs/filter", json={
+                    "task_runs": {"flow_run_id": {"any_": [fr["id"]]}}, "sort": "EXPECTED_START_TIME_ASC"}).json()
+                if not runs or any(r["state_type"] not in ("COMPLETED", "FAILED", "CRASHED") for r in runs):
+                    return None
+                out[fr["name"]] = runs
+            return out if sum(len(r) for r in out.values()) >= blocks else None
+
+        result: dict[str, list[dict[str, Any]]] = wait_for(read, timeout, 0.5, f"the task runs of job {job_id}")
+        return result
