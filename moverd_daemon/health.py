@@ -8,8 +8,8 @@ health endpoint) and, with ``prefect.global_limits``, the LTS limits on the Pref
 
 A timeout alone hides why: a catalog whose host does not resolve fails at once, but its client
 retries with backoff, so the check runs out of time between two attempts and the cause was only
-in a log line. :func:`bounded` keeps what went wrong while a call ran (the errors that moverd's
-retries and the plugins log) and names the last one with the timeout:
+in a log line. :func:`bounded` keeps the warnings logged while a call ran (moverd's retries log
+each failed attempt with its error) and names the last one with the timeout:
 ``timed out after 5 s; last error: SciCat POST /api/v3/auth/login failed ([Errno -2] Name or
 service not known)``.
 """
@@ -37,18 +37,19 @@ _RETRY_SUFFIX = re.compile(r", retry \d+/\d+ in [0-9.]+s$")
 
 
 class _ErrorsSeen(logging.Handler):
-    """Keeps, for the call :func:`bounded` runs, each logged record that carries an exception.
+    """Keeps, for the call :func:`bounded` runs, each warning or error logged while it runs (a
+    retry's "failed (...), retry 2/5" line names what failed and why).
 
     The call's task (and the worker threads it starts, which anyio gives a copy of its context)
     sees its own list through a context variable: records of everything else running in the
     daemon meanwhile are not taken."""
 
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
     def emit(self, record: logging.LogRecord) -> None:
         seen = _errors.get()
         if seen is None:
-            return
-        args = record.args if isinstance(record.args, tuple) else ()
-        if record.exc_info is None and not any(isinstance(a, BaseException) for a in args):
             return
         try:
             seen.append(_RETRY_SUFFIX.sub("", record.getMessage()))
@@ -60,10 +61,9 @@ _handler = _ErrorsSeen()
 
 
 def _watch() -> None:
-    for name in ("moverd", "moverd_daemon", "moverd_flows"):
-        logger = logging.getLogger(name)
-        if _handler not in logger.handlers:
-            logger.addHandler(_handler)
+    root = logging.getLogger()
+    if _handler not in root.handlers:
+        root.addHandler(_handler)
 
 
 async def bounded(seconds: float, call: Callable[[], Awaitable[T]], what: str = "") -> T:
