@@ -9,9 +9,9 @@ client is opened there instead of touching the old loop's connections.
 Presigned URLs for users are signed by a second client whose endpoint is the external one: SigV4
 signs the ``Host`` header, so a URL cannot be rewritten to another host after signing.
 
-aioboto3 (with aiobotocore, botocore and aiohttp: about half a second) is imported when the
-first client is opened, not with this module: a storage whose reads and listings go through the
-lean client (:mod:`.fastget`) never needs it.
+aioboto3 (with aiobotocore and aiohttp: about half a second) is imported when the first client
+is opened, not with this module: a storage whose reads and listings go through the lean client
+(:mod:`.lean`) and that never writes never needs it.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
-"""Turn botocore/aiohttp and lean-client exceptions into moverd's errors; tell transient ones apart.
+"""Turn botocore/aiohttp/urllib3 exceptions into moverd's errors; tell transient ones apart.
 
 Callers of a storage only know :class:`moverd.StorageError` and :class:`moverd.NotFoundError`;
 the message must name the bucket and key (or the endpoint, when the server was not reached) so
 that an operator reading the job status in SciCat knows where to look. Secrets never appear:
 botocore's messages do not contain them and we add only names.
 
-botocore and aiohttp are not imported here: the lean path (:mod:`.fastget`) must not load them.
-Their exception classes are looked up in ``sys.modules`` instead: a module that was never
-imported cannot have raised anything.
+Both read paths (the lean one, :mod:`.lean`, and aiobotocore's, :mod:`.reader`) retry and resume
+on the same errors (:func:`is_transient`, :data:`RETRY_STATUS`, :data:`RETRY_CODES`) with moverd's
+policy (:func:`moverd.retry_blocking` / :func:`moverd.retry_async`). No client library is imported
+here: their exception classes are looked up in ``sys.modules`` instead, since a module that was
+never imported cannot have raised anything, and a storage that never writes never loads aiohttp.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ if TYPE_CHECKING:
     from botocore.exceptions import ClientError
 
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchBucket"})
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+"""Statuses retried whatever the answer looks like (a proxy's error page in front of S3 too)."""
+RETRY_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
+    "InternalError", "ServiceUnavailable",
+})
+"""Error codes retried whatever the status: botocore's standard-mode throttling and transient
+codes (what aiobotocore's calls retry), and S3's own names for a 500 and a 503."""
 T = TypeVar("T")
 
 NOT_S3_KEY = "MoverdNotS3"
@@ -91,6 +103,13 @@ def changed_error(bucket: str, key: str, expect: ObjectInfo, found: str = "") ->
     )
 
 
+def replaced_error(bucket: str, key: str, expect: ObjectInfo | None, pos: int) -> SourceChangedError | StorageError:
+    """A resumed GET answered 412: the ETag it was pinned to is no longer the object's."""
+    if expect is not None:
+        return changed_error(bucket, key, expect)
+    return StorageError(f"{where(bucket, key)}: the object was replaced while being read (at byte {pos})")
+
+
 def check_version(bucket: str, key: str, expect: ObjectInfo, *, etag: str | None, size: int | None) -> None:
     """Raise :class:`~moverd.SourceChangedError` unless the answer is the listed version."""
     if expect.etag and etag and etag.strip('"') != expect.etag.strip('"'):
@@ -113,7 +132,7 @@ class PrematureEndError(Exception):
 
 
 class HTTPStatusError(Exception):
-    """An error answer of the S3 server to the lean client (:mod:`.fastget`)."""
+    """An error answer of the S3 server to the lean client (:mod:`.lean`)."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{code or 'HTTP ' + str(status)}: {message}".rstrip(": "))
@@ -218,6 +237,7 @@ def to_storage_error(
     connection = (
         *_loaded("botocore.exceptions", "ConnectionError", "HTTPClientError"),
         *_loaded("aiohttp", "ClientError"),
+        *_loaded("urllib3.exceptions", "HTTPError"),
         OSError,
         TimeoutError,
     )
@@ -234,21 +254,30 @@ def _reason(exc: BaseException) -> str:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """A broken or stalled connection that a new request from the same position may cure.
+    """Worth another attempt from the same position, on either read path: a broken, refused or
+    stalled connection, a body shorter than announced, and the lean client's 5xx/throttling
+    answers (:class:`TransientHTTPError`).
 
-    Server answers (ClientError) are not: botocore already retried those that deserve it
-    (5xx, throttling) ``max_attempts`` times before raising.
+    aiobotocore's answers (ClientError) are not: botocore already retried those that deserve it
+    (the same statuses and codes, standard mode) ``max_attempts`` times before raising. Neither is
+    a certificate that does not verify: another attempt would fail the same way.
     """
+    if isinstance(exc, (*_loaded("ssl", "SSLCertVerificationError"), *_loaded("urllib3.exceptions", "SSLError"))):
+        return False
     return isinstance(
         exc,
         (
+            TransientHTTPError,
+            PrematureEndError,
             # endpoint unreachable, connect timeout; connection closed, read timeout,
             # ResponseStreamingError; a body shorter than announced
             *_loaded("botocore.exceptions", "ConnectionError", "HTTPClientError", "IncompleteReadError"),
-            PrematureEndError,
             *_loaded("aiohttp", "ClientPayloadError", "ClientConnectionError"),
+            *_loaded("urllib3.exceptions", "ProtocolError", "NewConnectionError", "ConnectTimeoutError",
+                     "ReadTimeoutError"),
+            *_loaded("http.client", "HTTPException"),
             asyncio.TimeoutError,
-            ConnectionError,
+            OSError,
         ),
     )
 

@@ -1,10 +1,13 @@
-"""Streaming reads of one object (or a byte range), resumed transparently when the stream breaks.
+"""Streaming reads of one object (or a byte range) through aiobotocore (``fast_get = false``),
+resumed transparently when the stream breaks.
 
 A GET of a multi-gigabyte object lasts long enough for a connection to be reset, a proxy to time
 out or a MinIO node to restart. botocore retries the request, but not a body that breaks half
 way, so the reader re-issues a ranged GET from the byte it got to, pinned to the object's ETag
 with ``If-Match``: if the object was replaced meanwhile, the resumed read fails instead of
-splicing two versions together.
+splicing two versions together. The lean path (:mod:`.lean`) resumes the same way, on the same
+errors (:func:`.errors.is_transient`) and with the same answer to a 412
+(:func:`.errors.replaced_error`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from moverd import ObjectInfo, SourceChangedError, StorageError, retry_async
 from .errors import (
     PrematureEndError,
     Waits,
-    changed_error,
     client_error_code,
     is_transient,
+    replaced_error,
     to_storage_error,
     within,
 )
@@ -135,12 +138,7 @@ class S3Reader:
             resp = await client.get_object(**kwargs)
         except Exception as exc:
             if client_error_code(exc) == "PreconditionFailed":
-                if self._expect is not None:
-                    raise changed_error(self._bucket, self._key, self._expect) from None
-                raise StorageError(
-                    f"s3 {self._bucket}/{self._key}: the object was replaced while being read "
-                    f"(at byte {self._pos})"
-                ) from None
+                raise replaced_error(self._bucket, self._key, self._expect, self._pos) from None
             raise
         self._body = resp["Body"]
 

@@ -1,8 +1,9 @@
 """The ``s3`` storage: a bucket (and a folder of it) as a moverd source or sink.
 
-Reads, listings and HEADs go through the lean client (:mod:`.fastget`) when it can serve the
-endpoint (plain ``http://``, static credentials, ``fast_get`` on); everything else, and every
-request when it cannot, through aiobotocore, which is then imported on first use only.
+Reads, listings and HEADs go through the lean client (:mod:`.lean`: urllib3 and botocore's
+signer, in worker threads) on every endpoint unless ``fast_get`` is off; uploads, deletes,
+presigning and bucket creation, and every request with ``fast_get = false``, through aiobotocore,
+which is then imported on first use only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from moverd import (
     safe_key,
 )
 
-from . import fastget
+from . import lean
 from .client import S3Clients
 from .errors import (
     Waits,
@@ -64,19 +65,8 @@ class S3Storage(Storage):
         self.bucket = options.bucket
         self.prefix = options.prefix
         self.clients = S3Clients(options)
-        self._fast: fastget.FastGetter | None = None
-        secret = options.secret_access_key.get_secret_value() if options.secret_access_key else None
-        access = options.access_key_id.get_secret_value() if options.access_key_id else None
+        self._fast = lean.LeanClient(options) if options.fast_get else None
         self._bucket_ready = not options.create_bucket
-        if options.fast_get and fastget.usable(options.endpoint_url, access, secret):
-            assert options.endpoint_url and access and secret
-            self._fast = fastget.FastGetter(
-                endpoint_url=options.endpoint_url, region=options.region, bucket=options.bucket,
-                access_key=access, secret_key=secret, addressing_style=options.addressing_style,
-                connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
-                attempts=options.max_attempts, max_connections=options.max_pool_connections,
-                request_timeout=options.request_timeout,
-            )
         self.waits = Waits(options.connect_timeout, options.read_timeout, options.max_attempts)
 
     # -- keys -------------------------------------------------------------------------------
@@ -111,7 +101,7 @@ class S3Storage(Storage):
         except Exception as exc:
             raise self._error(exc, None, "connect") from exc
 
-    async def _lean(self) -> fastget.FastGetter | None:
+    async def _lean(self) -> lean.LeanClient | None:
         """The lean client, if it serves this storage. With ``create_bucket``, the aiobotocore
         client (which creates the bucket) is opened first, once: that option is for tests and
         development setups, where the import does not matter."""
@@ -122,7 +112,7 @@ class S3Storage(Storage):
 
     # -- reading ----------------------------------------------------------------------------
 
-    async def _pages(self, folder: str) -> AsyncIterator[builtins.list[fastget.Listed]]:
+    async def _pages(self, folder: str) -> AsyncIterator[builtins.list[lean.Listed]]:
         """ListObjectsV2 pages under ``folder``, following continuation tokens."""
         fast = await self._lean()
         if fast is not None:
@@ -145,7 +135,7 @@ class S3Storage(Storage):
             except Exception as exc:
                 raise self._error(exc, folder or None, "list", self._listing(folder)) from exc
             yield [
-                fastget.Listed(str(obj["Key"]), int(obj["Size"]), obj["LastModified"].timestamp(),
+                lean.Listed(str(obj["Key"]), int(obj["Size"]), obj["LastModified"].timestamp(),
                                _etag(obj.get("ETag")))
                 for obj in resp.get("Contents", [])
             ]
@@ -182,7 +172,7 @@ class S3Storage(Storage):
     async def open_reader(
         self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False,
         expect: ObjectInfo | None = None,
-    ) -> S3Reader | fastget.FastReader:
+    ) -> S3Reader | lean.LeanReader:
         """Stream ``length`` bytes from ``offset`` (to the end when None).
 
         With ``expect`` (the listing's entry) every GET, resumed ones included, carries
@@ -192,7 +182,7 @@ class S3Storage(Storage):
 
         On the lean path this does no I/O (but for ``length == 0``, which stats the object): the
         GET is sent by the first read, so a missing object raises
-        :class:`~moverd.NotFoundError` from there (see :class:`.fastget.FastReader`). Through
+        :class:`~moverd.NotFoundError` from there (see :class:`.lean.LeanReader`). Through
         aiobotocore the GET is sent here, and a missing object raises here. Bad keys and
         negative ranges raise here on both.
         """
@@ -216,7 +206,7 @@ class S3Storage(Storage):
         if fast is not None:
             # Lazy: the first read sends the GET (and maps its errors, 416 included) in the worker
             # thread that receives the first bytes, which saves a thread hop per object.
-            return fastget.FastReader(
+            return lean.LeanReader(
                 fast, bucket=self.bucket, key=key, full_key=full, start=offset, end=end, expect=expect
             )
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
@@ -244,12 +234,12 @@ class S3Storage(Storage):
             body=resp["Body"], **common,
         )
 
-    def _empty(self, key: str, common: dict[str, Any]) -> S3Reader | fastget.FastReader:
+    def _empty(self, key: str, common: dict[str, Any]) -> S3Reader | lean.LeanReader:
         if self._fast is not None:
-            return fastget.FastReader.empty(self._fast, bucket=self.bucket, key=key, full_key=self._full(key))
+            return lean.LeanReader.empty(self._fast, bucket=self.bucket, key=key, full_key=self._full(key))
         return S3Reader.empty(**common)
 
-    async def _past_end(self, key: str, offset: int, common: dict[str, Any]) -> S3Reader | fastget.FastReader:
+    async def _past_end(self, key: str, offset: int, common: dict[str, Any]) -> S3Reader | lean.LeanReader:
         """S3 answers 416 for a range starting at or after the end: empty at the end, else error.
         (The aiobotocore path; a lean reader sorts this out in its first read.)"""
         size = (await self.stat(key)).size
