@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from moverd_storage_s3.lean import LeanReader
 from moverd import NotFoundError, StorageError, UnsafePathError
 from tests.support.faultproxy import FaultProxy
 from tests.support.s3 import S3Server
+from tests.support.tlsproxy import TLSProxy
 from tests.test_storage_s3 import FAST_RETRIES, MIB, opened, read_all
 
 pytestmark = pytest.mark.anyio
@@ -464,3 +466,136 @@ def test_lean_path_imports_no_aioboto3(s3_options: dict[str, Any], s3_server: S3
         capture_output=True, text=True, check=True, env=env, cwd=Path(__file__).parent.parent,
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"objects": 3, "bytes": 600_000, "heavy": []}
+
+
+# -- every endpoint, every kind of credentials ---------------------------------------------------
+
+
+@pytest.fixture
+def tls_proxy(s3_fault_proxy: FaultProxy, tmp_path: Path) -> Iterator[TLSProxy]:
+    """``https://127.0.0.1:PORT`` (its own CA in ``ca_bundle``) in front of the fault proxy in
+    front of moto: TLS, and faults under it."""
+    with TLSProxy("127.0.0.1", s3_fault_proxy.port, tmp_path) as proxy:
+        yield proxy
+
+
+async def test_https_endpoint_reads_through_the_lean_path(
+    s3_options: dict[str, Any], tls_proxy: TLSProxy, s3_fault_proxy: FaultProxy
+) -> None:
+    """An ``https://`` endpoint whose certificate is signed by ``ca_bundle``: reads, listings and
+    HEADs go through the lean client (verified TLS), a body that breaks under TLS is resumed, and
+    writes go through aiobotocore with the same CA."""
+    data = os.urandom(3 * MIB + 5)
+    opts = {**s3_options, "endpoint_url": tls_proxy.url, "ca_bundle": str(tls_proxy.ca_bundle), **FAST_RETRIES}
+    async with opened(opts) as storage:
+        assert storage._fast is not None
+        await write_object(storage, "tls/r.bin", data)
+        assert [(i.key, i.size) async for i in storage.list("tls")] == [("tls/r.bin", len(data))]
+        assert (await storage.stat("tls/r.bin")).size == len(data)
+        reader = await storage.open_reader("tls/r.bin")
+        assert isinstance(reader, LeanReader)
+        got, sizes, digest = await blocking_read_all(reader)
+        assert got == data and digest == hashlib.md5(data).hexdigest()
+        assert sizes == [MIB, MIB, MIB, 5] and reader.resumes == 0
+        s3_fault_proxy.reset_next(1, after_bytes=700_000, rst=True)
+        reader = await storage.open_reader("tls/r.bin", 10, 2 * MIB)
+        got, _, _ = await blocking_read_all(reader)
+        assert got == data[10 : 10 + 2 * MIB] and reader.resumes == 1
+        assert await read_all(await storage.open_reader("tls/r.bin", len(data) - 3)) == data[-3:]
+    assert b"GET /" + s3_options["bucket"].encode() + b"/tls/r.bin HTTP/1.1" in tls_proxy.sent
+
+
+async def test_https_certificate_is_verified(s3_options: dict[str, Any], tls_proxy: TLSProxy) -> None:
+    """Without the CA the lean client refuses the server at once (a certificate that does not
+    verify is not worth another attempt); ``verify_tls = false`` reads anyway."""
+    s3_server_client_put(s3_options, "k", b"secret bytes")
+    opts = {**s3_options, "endpoint_url": tls_proxy.url, "max_attempts": 5}
+    async with opened(opts) as storage:
+        reader = await storage.open_reader("k")
+        with anyio.fail_after(5):
+            with pytest.raises(StorageError, match=f"^s3 {s3_options['bucket']}/k: cannot talk to {tls_proxy.url}: "
+                               "SSLError: .*CERTIFICATE_VERIFY_FAILED"):
+                await read_all(reader)
+    async with opened(opts, verify_tls=False) as storage:
+        assert await read_all(await storage.open_reader("k")) == b"secret bytes"
+
+
+def s3_server_client_put(s3_options: dict[str, Any], key: str, body: bytes) -> None:
+    import boto3
+
+    boto3.client(
+        "s3", endpoint_url=s3_options["endpoint_url"], region_name=s3_options["region"],
+        aws_access_key_id=s3_options["access_key_id"], aws_secret_access_key=s3_options["secret_access_key"],
+    ).put_object(Bucket=s3_options["bucket"], Key=key, Body=body)
+
+
+async def write_object(storage: Any, key: str, data: bytes) -> None:
+    writer = await storage.open_writer(key, size_hint=len(data))
+    await writer.write(data)
+    await writer.commit()
+
+
+@pytest.fixture
+def no_aws_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An environment without AWS settings of the machine's (files, profile, instance metadata)."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    config = tmp_path / "aws-config"
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return config
+
+
+def sent_tokens(proxy: TLSProxy) -> list[str]:
+    return re.findall(r"(?im)^x-amz-security-token: (\S+)\r$", proxy.sent.decode("latin-1"))
+
+
+async def test_session_credentials_from_the_environment(
+    s3_options: dict[str, Any], s3_server: S3Server, tmp_path: Path, no_aws_config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Temporary credentials (key, secret and session token in the environment, as a role or web
+    identity leaves them): the lean client signs with them, token included."""
+    s3_server.client().put_object(Bucket=s3_options["bucket"], Key="t/k", Body=b"temporary")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ASIATEMPORARYKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "temporary-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-1")
+    opts = {k: v for k, v in s3_options.items() if k not in ("access_key_id", "secret_access_key")}
+    with TLSProxy(s3_server.host, s3_server.port, tmp_path, tls=False) as recorder:
+        async with opened(opts, endpoint_url=recorder.url) as storage:
+            reader = await storage.open_reader("t/k")
+            assert isinstance(reader, LeanReader)
+            assert await read_all(reader) == b"temporary"
+            assert [i.key async for i in storage.list("t")] == ["t/k"]
+    assert sent_tokens(recorder) == ["session-token-1", "session-token-1"]
+    assert b"Credential=ASIATEMPORARYKEY/" in recorder.sent
+
+
+async def test_expiring_credentials_are_refreshed(
+    s3_options: dict[str, Any], s3_server: S3Server, tmp_path: Path, no_aws_config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Credentials that expire (here from a ``credential_process``, as botocore refreshes role
+    and web-identity ones): a request after their refresh point signs with the new ones."""
+    s3_server.client().put_object(Bucket=s3_options["bucket"], Key="k", Body=b"x")
+    counter = tmp_path / "issued"
+    script = tmp_path / "issue.py"
+    script.write_text(textwrap.dedent(f"""
+        import datetime, json, pathlib
+        counter = pathlib.Path({str(counter)!r})
+        n = int(counter.read_text()) + 1 if counter.exists() else 1
+        counter.write_text(str(n))
+        soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)  # inside the refresh window
+        print(json.dumps({{"Version": 1, "AccessKeyId": "ASIAROLE", "SecretAccessKey": "s",
+                           "SessionToken": f"token-{{n}}", "Expiration": soon.isoformat()}}))
+    """))
+    no_aws_config.write_text(f"[default]\ncredential_process = {sys.executable} {script}\n")
+    opts = {k: v for k, v in s3_options.items() if k not in ("access_key_id", "secret_access_key")}
+    with TLSProxy(s3_server.host, s3_server.port, tmp_path, tls=False) as recorder:
+        async with opened(opts, endpoint_url=recorder.url) as storage:
+            for _ in range(2):
+                assert await read_all(await storage.open_reader("k")) == b"x"
+    tokens = sent_tokens(recorder)
+    assert len(tokens) == 2 and tokens[0] != tokens[1] and all(t.startswith("token-") for t in tokens)
