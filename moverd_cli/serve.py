@@ -156,3 +156,47 @@ def job_create(
         emit_json(res)
     else:
         typer.echo(res["id"])
+
+
+@prefect_app.command("limits")
+def prefect_limits(
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the global concurrency limits on PREFECT_API_URL: slots taken of each, and the bound in
+    which a dead holder's slots come back. Free a stuck slot by hand with
+    ``prefect global-concurrency-limit update NAME --active-slots 0`` (no writer may be running)."""
+    try:
+        settings = load_config(config)
+    except MoverdError as exc:
+        fail(exc)
+
+    async def go() -> list[dict[str, Any]]:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            error = await client.api_healthcheck()
+            if error is not None:
+                raise MoverdError(f"Prefect at {client.api_url} does not answer: {error}")
+            limits = await client.read_global_concurrency_limits(limit=200)
+        lease = settings.prefect.slot_lease
+        return [
+            {"name": gcl.name, "limit": gcl.limit, "active_slots": gcl.active_slots, "active": gcl.active,
+             "slot_lease": lease}
+            for gcl in sorted(limits, key=lambda g: g.name)
+        ]
+
+    try:
+        rows = anyio.run(go)
+    except MoverdError as exc:
+        fail(exc)
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        out.print(f"{r['name']:<20} {r['active_slots']}/{r['limit']} slots taken{'' if r['active'] else ' (inactive)'}")
+    if not rows:
+        out.print("no global concurrency limits here (moverd prefect setup creates them)")
+        return
+    out.print(f"a holder that died gives its slots back within prefect.slot_lease ({rows[0]['slot_lease']:.0f} s) "
+              "plus the server's lease sweep (15 s by default)")

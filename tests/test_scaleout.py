@@ -75,6 +75,9 @@ def prefect_on_postgres(tmp_path: Path) -> Iterator[PrefectServer]:
         # Waiting for a global concurrency slot: retry after at most 1 s (30 s by default), to keep
         # the test short; the bound itself does not depend on it.
         PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS="1",
+        # Expired slot leases are taken back every second (15 s by default): the bound a test of
+        # a dead holder waits for is then the lease itself.
+        PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="1",
     )
     prefect = Path(sys.executable).with_name("prefect")
     with log.open("wb") as out:

@@ -4,6 +4,13 @@ Only when ``prefect.global_limits`` is on, which needs a Prefect server (``PREFE
 the ephemeral server of a single process adds nothing its own semaphores do not already give.
 ``moverd prefect setup`` creates the limits (``lts-write``, ``lts-read``); acquiring a limit that
 does not exist fails at once (``strict``) rather than waiting forever.
+
+A slot is a lease of ``prefect.slot_lease`` seconds that a thread renews while the section runs.
+A holder that dies (kill -9, a lost host) renews nothing, and the Prefect server takes the slot
+back when the lease has run out (its repossessor looks every 15 s by default). A holder that is
+alive but cannot renew (the server unreachable for longer than the lease) has its section
+cancelled before the slot can go to anyone else: a freed slot never lets in more writers than
+the limit. The lease names the task or flow run that holds it.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.asyncio import concurrency
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.settings import PREFECT_API_URL
 
 from moverd import ConfigError
@@ -19,10 +28,15 @@ from moverd.app import GlobalSlots
 from moverd.config import Settings
 
 
-@contextlib.asynccontextmanager
-async def _global(name: str) -> AsyncIterator[None]:
-    async with concurrency(name, occupy=1, strict=True):
-        yield
+def _holder() -> ConcurrencyLeaseHolder | None:
+    """The run this section belongs to, recorded with the lease (who holds the slot)."""
+    task = TaskRunContext.get()
+    if task is not None:
+        return ConcurrencyLeaseHolder(type="task_run", id=task.task_run.id)
+    flow = FlowRunContext.get()
+    if flow is not None and flow.flow_run is not None:
+        return ConcurrencyLeaseHolder(type="flow_run", id=flow.flow_run.id)
+    return None
 
 
 def global_slots(settings: Settings) -> GlobalSlots | None:
@@ -32,4 +46,12 @@ def global_slots(settings: Settings) -> GlobalSlots | None:
         return None
     if not PREFECT_API_URL.value():
         raise ConfigError("prefect.global_limits needs a Prefect server: set PREFECT_API_URL")
-    return _global
+    lease = settings.prefect.slot_lease
+
+    @contextlib.asynccontextmanager
+    async def slot(name: str) -> AsyncIterator[None]:
+        async with concurrency(name, occupy=1, strict=True, lease_duration=lease, holder=_holder(),
+                               raise_on_lease_renewal_failure=True):
+            yield
+
+    return slot

@@ -1,0 +1,87 @@
+"""A global LTS slot held by a process that died is freed within a bound, never above the limit.
+
+A real ``prefect server`` on PostgreSQL; a real process takes the only ``lts-write`` slot through
+moverd's Prefect layer and is killed with SIGKILL while it holds it. Another process must get the
+slot within the lease (``prefect.slot_lease``) plus the server's sweep of expired leases, and while
+the dead holder's lease runs, nobody gets in: the limit holds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.support.daemon import daemon_env, wait_for
+from tests.test_scaleout import PrefectServer, prefect_on_postgres  # noqa: F401  (the fixture)
+
+LEASE = 60.0  # the shortest lease Prefect grants
+
+HOLDER = textwrap.dedent("""
+    import sys, time, anyio
+    from moverd.config import Settings
+    from moverd_flows.limits import global_slots
+
+    async def main():
+        settings = Settings(state_dir=sys.argv[1], prefect={"global_limits": True, "slot_lease": sys.argv[2]})
+        slot = global_slots(settings)
+        t0 = time.monotonic()
+        async with slot("lts-write"):
+            print(f"held {time.monotonic() - t0:.3f}", flush=True)
+            if sys.argv[3] == "hold":
+                await anyio.sleep(3600)
+
+    anyio.run(main)
+""")
+
+
+def holder(server: PrefectServer, tmp_path: Path, mode: str) -> subprocess.Popen[str]:
+    env = daemon_env(PREFECT_API_URL=server.api, PREFECT_HOME=str(tmp_path / "prefect-client"))
+    return subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "state"), f"{LEASE}s", mode], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def active_slots(server: PrefectServer) -> int:
+    r = httpx.get(f"{server.api}/v2/concurrency_limits/lts-write", timeout=30)
+    r.raise_for_status()
+    return int(r.json()["active_slots"])
+
+
+def test_a_slot_of_a_killed_holder_comes_back_within_the_bound(
+    prefect_on_postgres: PrefectServer, tmp_path: Path  # noqa: F811
+) -> None:
+    server = prefect_on_postgres
+    r = httpx.post(f"{server.api}/v2/concurrency_limits/", json={"name": "lts-write", "limit": 1}, timeout=30)
+    assert r.status_code in (200, 201), r.text
+    first = holder(server, tmp_path, "hold")
+    assert first.stdout is not None
+    line = first.stdout.readline()
+    assert line.startswith("held"), first.stderr.read() if first.stderr else ""
+    assert active_slots(server) == 1
+    env = daemon_env(PREFECT_API_URL=server.api, PREFECT_HOME=str(tmp_path / "prefect-client"),
+                     MOVERD_STATE_DIR=str(tmp_path / "state"))
+    shown = subprocess.run([sys.executable, "-m", "moverd", "prefect", "limits", "--json"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == [
+        {"name": "lts-write", "limit": 1, "active_slots": 1, "active": True, "slot_lease": 60.0}]
+    first.kill()
+    first.wait(30)
+    killed = time.monotonic()
+    second = holder(server, tmp_path, "once")
+    # While the dead holder's lease runs the slot stays taken: the second waits.
+    time.sleep(10)
+    assert second.poll() is None and active_slots(server) == 1
+    out, err = second.communicate(timeout=120)
+    freed_after = time.monotonic() - killed
+    assert second.returncode == 0 and out.startswith("held"), err
+    print(f"slot of the killed holder freed after {freed_after:.1f} s (lease {LEASE:g} s)")
+    # The lease, the server's sweep of expired leases (every second on this test server) and a
+    # slot retry (at most a second here).
+    assert LEASE - 5 < freed_after < LEASE + 1 + 10
+    wait_for(lambda: active_slots(server) == 0, 30, 0.2, "the second holder's slot released")
