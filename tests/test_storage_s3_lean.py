@@ -502,6 +502,12 @@ async def test_https_endpoint_reads_through_the_lean_path(
         got, _, _ = await blocking_read_all(reader)
         assert got == data[10 : 10 + 2 * MIB] and reader.resumes == 1
         assert await read_all(await storage.open_reader("tls/r.bin", len(data) - 3)) == data[-3:]
+        # kept alive: a body read to its end gives its connection back for the next request
+        before = tls_proxy.connections
+        for _ in range(5):
+            assert await read_all(await storage.open_reader("tls/r.bin", 0, 1000)) == data[:1000]
+            assert (await storage.stat("tls/r.bin")).size == len(data)
+        assert tls_proxy.connections - before <= 1
     assert b"GET /" + s3_options["bucket"].encode() + b"/tls/r.bin HTTP/1.1" in tls_proxy.sent
 
 

@@ -52,6 +52,7 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, InsecureRequestWarning, NewConnectionError
+from urllib3.response import HTTPResponse
 
 from moverd import ObjectInfo, StorageError, retry_blocking
 
@@ -76,7 +77,6 @@ from .options import S3Options
 
 if TYPE_CHECKING:
     from botocore.credentials import Credentials, ReadOnlyCredentials
-    from urllib3.response import BaseHTTPResponse
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ _SMALL_BODY_MAX = 64 * 1024 * 1024
 """Error documents and listing pages (about 300 KiB for 1000 keys); anything bigger is an error."""
 
 
-class ProtocolError(Exception):
+class UnusableAnswerError(Exception):
     """An answer this client cannot use (no Content-Length on a body, a Range ignored)."""
 
 
@@ -317,7 +317,7 @@ class LeanClient:
         return min(longest, left)
 
     def send(self, method: str, target: str, headers: dict[str, str], stop: Interrupt, deadline: float,
-             *, preload: bool) -> BaseHTTPResponse:
+             *, preload: bool) -> HTTPResponse:
         """One signed request; the answer's head is read, its body too when ``preload``. The
         connection's socket stays tracked by ``stop`` until :meth:`Interrupt.untrack_all`."""
         signed = self._signer.headers(method, self.origin + target, {"Host": self.netloc, **headers})
@@ -332,9 +332,10 @@ class LeanClient:
             )
         finally:
             _current.stop = None
+        assert isinstance(response, HTTPResponse)  # what a pool's connections answer with
         return response
 
-    def _fetch(self, method: str, target: str, stop: Interrupt, deadline: float) -> BaseHTTPResponse:
+    def _fetch(self, method: str, target: str, stop: Interrupt, deadline: float) -> HTTPResponse:
         """One request whose answer is read whole; error answers raise :class:`HTTPStatusError`."""
         try:
             response = self.send(method, target, {}, stop, deadline, preload=True)
@@ -398,12 +399,12 @@ class LeanClient:
         length_text = response.headers.get("content-length")
         if length_text is None:
             _drop(response, stop)
-            raise ProtocolError("S3 answered without Content-Length")
+            raise UnusableAnswerError("S3 answered without Content-Length")
         length = int(length_text)
         if response.status == 200 and ranged:
             if start:  # the server ignored Range: the body starts at byte 0
                 _drop(response, stop)
-                raise ProtocolError("S3 ignored the Range header")
+                raise UnusableAnswerError("S3 ignored the Range header")
             if end is not None and end < length:
                 length = end
         # The body's waits are read_timeout each, whatever was left of request_timeout for the head.
@@ -476,7 +477,7 @@ def _timed_out(exc: BaseException) -> bool:
     return isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError))
 
 
-def _drop(response: BaseHTTPResponse, stop: Interrupt) -> None:
+def _drop(response: HTTPResponse, stop: Interrupt) -> None:
     """Close an answer whose body is not read to its end: its connection cannot serve another."""
     stop.untrack_all()
     response.close()
@@ -497,7 +498,7 @@ def _parse_error(body: bytes) -> tuple[str, str]:
     return found.get("Code", ""), found.get("Message", "")
 
 
-def _status_error(response: BaseHTTPResponse, body: bytes, *, bodiless: bool = False) -> Exception:
+def _status_error(response: HTTPResponse, body: bytes, *, bodiless: bool = False) -> Exception:
     """The error of an answer of status 300 or more. One that S3 would not give (HTML, no XML
     error document) is a :class:`NotS3Error`, so that a web server's 404 page is never taken for
     a missing object; 5xx and 429 answers stay worth retrying whatever they look like."""
@@ -520,7 +521,7 @@ def parse_list(body: bytes) -> tuple[list[Listed], str | None]:
     try:
         root = ET.fromstring(body)
     except ET.ParseError as exc:
-        raise ProtocolError(f"unreadable ListObjectsV2 answer: {exc}") from None
+        raise UnusableAnswerError(f"unreadable ListObjectsV2 answer: {exc}") from None
     ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
     url_encoded = (root.findtext(f"{ns}EncodingType") or "").lower() == "url"
     entries = []
@@ -546,9 +547,9 @@ class LeanBody:
     until the body is closed; read to its end, the connection goes back to the pool.
     """
 
-    def __init__(self, response: BaseHTTPResponse, length: int, etag: str | None, stop: Interrupt,
+    def __init__(self, response: HTTPResponse, length: int, etag: str | None, stop: Interrupt,
                  content_range: str | None = None) -> None:
-        self._response: BaseHTTPResponse | None = response
+        self._response: HTTPResponse | None = response
         self._stop = stop
         self.length = length
         self.remaining = length
@@ -556,10 +557,8 @@ class LeanBody:
         self.content_range = content_range
         # http.client's response under urllib3's: its ``readinto`` receives into the caller's
         # buffer, where urllib3's reads a new ``bytes`` and copies it (a third more CPU per GiB).
-        raw = getattr(response, "_fp", None)
-        self._readinto: Callable[[memoryview], int] = (
-            raw.readinto if raw is not None and hasattr(raw, "readinto") else response.readinto
-        )
+        raw = response._fp
+        self._readinto: Callable[[memoryview], int] = raw.readinto if raw is not None else response.readinto
         if length == 0:
             self.close()
 
@@ -585,7 +584,9 @@ class LeanBody:
         if response is None:
             return
         self._stop.untrack_all()
-        if self.remaining == 0 and not self._stop.fired:
+        # Read to the end of the answer, not just of the range it wanted (a server that ignored
+        # Range sends more): anything left would be taken for the next request's answer.
+        if self.remaining == 0 and not self._stop.fired and response.isclosed():
             response.release_conn()
         else:
             response.close()
@@ -766,7 +767,7 @@ class LeanReader:
             body = self._client.open_blocking(self._full_key, self._pos, end, self._etag, self._stop, deadline)
             self._body = body
             if body.length != end - self._pos:
-                raise ProtocolError(f"resumed GET gave {body.length} bytes, expected {end - self._pos}")
+                raise UnusableAnswerError(f"resumed GET gave {body.length} bytes, expected {end - self._pos}")
             return body.readinto_blocking(view)
 
         action = f"read at byte {self._pos} (resumed)"
