@@ -4,6 +4,7 @@ proxy), compared with the aiobotocore path where both apply."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,53 @@ async def test_cancelled_lean_read_lets_go_of_its_connection(s3_options: dict[st
             with pytest.raises(StorageError, match="a read was cancelled"):
                 await reader.readinto(buf)
             await reader.aclose()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+async def test_cancelled_read_mid_body_lets_go_of_its_connection(
+    s3_options: dict[str, Any], tmp_path: Path, tls: bool
+) -> None:
+    """A server that sends the head and part of the body, then goes silent: cancelling the read
+    wakes the worker thread blocked in the body (the server sees the connection end within
+    seconds, not ``read_timeout``), over TLS as over plain HTTP."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(60)
+        ended: list[float] = []
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(60)  # a guard: without the interrupt, this would time out
+                conn.recv(65536)
+                conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nETag: "e"\r\n\r\n' + b"x" * 400)
+                while conn.recv(65536):
+                    pass
+                ended.append(time.monotonic())
+
+        with contextlib.ExitStack() as stack:
+            endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+            extra: dict[str, Any] = {}
+            if tls:
+                proxy = stack.enter_context(TLSProxy("127.0.0.1", listener.getsockname()[1], tmp_path))
+                endpoint, extra = proxy.url, {"ca_bundle": str(proxy.ca_bundle)}
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, serve)
+                async with opened(s3_options, endpoint_url=endpoint, read_timeout=600, max_attempts=1,
+                                  **extra) as storage:
+                    reader = await storage.open_reader("k")
+                    buf = memoryview(bytearray(MIB))
+                    with anyio.move_on_after(0.5) as scope:
+                        await reader.readinto(buf)
+                    assert scope.cancelled_caught
+                    cancelled = time.monotonic()
+                    with anyio.fail_after(10):
+                        while not ended:
+                            await anyio.sleep(0.05)
+                    assert ended[0] - cancelled < 5
+                    with pytest.raises(StorageError, match="a read was cancelled"):
+                        await reader.readinto(buf)
 
 
 @pytest.mark.parametrize("stall", ["before the answer", "in the body"])
