@@ -33,8 +33,12 @@ def status(daemon: Daemon, job_id: str) -> dict[str, Any]:
 
 
 def finished(daemon: Daemon, job_id: str) -> dict[str, Any]:
-    result: dict[str, Any] = wait_for(lambda: (v := status(daemon, job_id))["status"] and v, 120, 0.25,
-                                      f"job {job_id}")
+    """The job's view once it ended (``status`` is the catalog's all along: ``inProgress`` first)."""
+    def done() -> dict[str, Any] | None:
+        v = status(daemon, job_id)
+        return v if str(v["status"]).startswith("finished") else None
+
+    result: dict[str, Any] = wait_for(done, 120, 0.25, f"job {job_id}")
     return result
 
 

@@ -93,7 +93,8 @@ def test_sigterm_mid_transfer_aborts_cleanly_and_the_job_resumes(
     # The next start picks the interrupted job up by itself, in a new flow run.
     daemon.start().wait_ready()
     try:
-        view = wait_for(lambda: (v := job_view(daemon, job_id))["status"] and v, 180, 0.5, "the resumed job")
+        view = wait_for(lambda: str((v := job_view(daemon, job_id))["status"]).startswith("finished") and v, 180, 0.5,
+                        "the resumed job")
         assert view["status"] == "finishedSuccessful", view
         assert view["flow_run"]["id"] != first_run
         old = httpx.get(f"{daemon.prefect_api()}/flow_runs/{first_run}", timeout=30).json()
