@@ -239,3 +239,19 @@ async def _find_damaged_member(
         if got != m.checksum:
             return m
     return None
+
+
+async def discard_unindexed(storage: Storage, folder: str) -> list[str]:
+    """Remove the tars under ``folder`` (a dataset's) that were committed without their member
+    index, and return their keys.
+
+    A datablock's tar is published first, then its index, in one write section; an archive
+    cancelled between the two leaves a whole tar that is not a datablock (never verified nor
+    registered, and a resume writes it again). Nothing of an aborted archive may look half-done on
+    the LTS, so those tars go.
+    """
+    keys = {info.key async for info in storage.list(folder)}
+    orphans = sorted(k for k in keys if k.endswith(".tar") and index_key(k) not in keys)
+    for key in orphans:
+        await storage.delete(key)
+    return orphans

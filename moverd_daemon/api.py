@@ -41,6 +41,7 @@ from .dispatch import Dispatcher, NotAcceptingError, NotServedError
 from .health import Readiness, bounded
 from .metrics import Metrics
 from .settings import daemon_settings
+from .views import JobList, JobView
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def create_api(ctx: ApiContext) -> FastAPI:
         return JobAccepted(uuid=run.flow_run_id, name=run.flow_run_name)
 
     @router.get("/jobs/{job_id}", tags=["jobs"], responses={**errors, 404: {"model": Problem}})
-    async def job_state(job_id: str, who: Authed) -> dict[str, Any]:
+    async def job_state(job_id: str, who: Authed) -> JobView:
         """State and progress of a job: its flow run, what the catalog says, and (when this daemon
         runs it) bytes, files and datablocks done per dataset."""
         run = await ctx.dispatcher.lookup(job_id)
@@ -218,21 +219,16 @@ def create_api(ctx: ApiContext) -> FastAPI:
         except (TimeoutError, CatalogError) as exc:
             catalog = {"error": str(exc) or "timed out"}
         if run is None:
-            return {"id": job_id, "type": catalog.get("type"), "flow_run": None, "status": catalog.get("status"),
-                    "progress": None, "catalog": catalog}
-        view = run.view()
-        # The catalog holds the job's status; the run's own is the fallback when the catalog is
-        # away, or once the run ended (the status it ended with, even if the catalog lags).
-        if run.status is None and catalog.get("status"):
-            view["status"] = catalog["status"]
-        return {**view, "catalog": catalog}
+            return JobView(id=job_id, type=catalog.get("type"), flow_run=None, status=catalog.get("status"),
+                           progress=None, catalog=catalog)
+        return JobView.of(run, catalog)
 
     @router.get("/jobs", tags=["jobs"], responses=errors)
-    async def jobs(who: Authed) -> dict[str, Any]:
+    async def jobs(who: Authed) -> JobList:
         """The jobs this daemon knows since it started, newest first."""
         runs = sorted(ctx.dispatcher.runs.values(), key=lambda r: r.submitted, reverse=True)
-        return {"daemon": ctx.dispatcher.name, "mode": ctx.dispatcher.mode, "running": ctx.dispatcher.running,
-                "queued": ctx.dispatcher.queued(), "jobs": [r.view() for r in runs]}
+        return JobList(daemon=ctx.dispatcher.name, mode=ctx.dispatcher.mode, running=ctx.dispatcher.running,
+                       queued=ctx.dispatcher.queued(), jobs=[JobView.of(r) for r in runs])
 
     @router.get("/health/livez", tags=["health"])
     async def livez() -> dict[str, str]:

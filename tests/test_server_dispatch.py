@@ -20,6 +20,7 @@ from moverd_daemon.journal import Journal
 from moverd_daemon.metrics import Metrics
 from moverd_daemon.scheduler import Housekeeping, build_scheduler
 from moverd_daemon.settings import DaemonSettings
+from moverd_daemon.views import JobView
 from tests.support.apps import make_settings
 
 pytestmark = pytest.mark.anyio
@@ -138,7 +139,10 @@ async def test_job_view_progress(app: App) -> None:
     t = Transfer(kind="archive", dataset="p", bytes_total=200, bytes_done=50, files_total=4, files_done=1,
                  datablocks_total=2, datablocks_done=0)
     run = JobRun("j", "archive", "r", "archive-job j", state="RUNNING", started=time.time() - 1, transfers=[t])
-    view = run.view()
+    view = JobView.of(run).model_dump()
     assert view["flow_run"] == {"id": "r", "name": "archive-job j", "state": "RUNNING"}
     assert view["progress"]["percent"] == 25.0 and view["progress"]["datasets"][0]["pid"] == "p"
+    assert view["status"] == "inProgress"
+    assert JobView.of(run, {"status": "inProgress", "type": "archive"}).catalog == {
+        "status": "inProgress", "type": "archive"}
     assert not run.final
