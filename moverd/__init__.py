@@ -33,6 +33,7 @@ from .models import (
     ArchiveStatus,
     Datablock,
     Dataset,
+    Download,
     FileEntry,
     Job,
     JobDataset,
@@ -63,7 +64,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LOCAL_STORAGE_TYPE", "ArchiveStatus", "BlockingReads", "BlockingWrites", "ByteSize", "Catalog", "CatalogError",
-    "CatalogType", "ConfigError", "Context", "Datablock", "Dataset", "Duration", "FileEntry", "Hasher",
+    "CatalogType", "ConfigError", "Context", "Datablock", "Dataset", "Download", "Duration", "FileEntry", "Hasher",
     "HasherFactory", "Job", "JobDataset", "JobStatus", "JobType", "LifecycleUpdate", "Member", "MissingFileError",
     "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo", "Observers", "OfflineTimeoutError", "Options",
     "PluginError", "Reader", "RetrieveStatus", "ServiceError", "Slots", "SourceChangedError", "Storage",

@@ -9,10 +9,9 @@ methods against SciCat's REST API. Methods raise :class:`~moverd.errors.UnknownJ
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
 
 from .errors import UserError
-from .models import Datablock, Dataset, FileEntry, Job, JobDataset, JobType, LifecycleUpdate
+from .models import Datablock, Dataset, Download, FileEntry, Job, JobDataset, JobType, LifecycleUpdate
 
 
 class Catalog(ABC):
@@ -34,9 +33,10 @@ class Catalog(ABC):
 
     @abstractmethod
     async def set_job_status(
-        self, job_id: str, status: str, message: str = "", result: dict[str, Any] | None = None
+        self, job_id: str, status: str, message: str = "", downloads: list[Download] | None = None
     ) -> None:
-        """Record the job's status code, a message, and optionally its result object."""
+        """Record the job's status code and a message; for a retrieve job that ended, also its
+        ``downloads`` (the links it hands out), in the catalog's own layout."""
 
     @abstractmethod
     async def get_dataset(self, pid: str) -> Dataset: ...

@@ -142,6 +142,18 @@ class RetrieveStatus(StrEnum):
     failed = "datasetRetrievalFailed"
 
 
+class Download(_Model):
+    """A link a retrieve job hands out: a retrieved datablock, or one retrieved file. Each catalog
+    records a job's downloads in its own layout (SciCat: ``jobResultObject``)."""
+
+    dataset: str
+    name: str
+    """The datablock's tar name, or the file's path in the dataset."""
+    size: int
+    archive_id: str
+    url: str
+
+
 class LifecycleUpdate(_Model):
     """A partial lifecycle change: only fields that are set are sent (a merge, never a reset)."""
 

@@ -403,8 +403,8 @@ def job_run(
         for d in res["datasets"]:
             mark = "[green]ok[/]" if d["outcome"] == "ok" else f"[red]{d['outcome']}[/]"
             out.print(f"{mark} {d['pid']} {d['message']}")
-        for e in res["result"].get("result", []):
-            out.print(f"  {e['name']}: {e['url']}")
+        for d in res["downloads"]:
+            out.print(f"  {d['name']}: {d['url']}")
         out.print(f"job {job_id}: [bold]{res['status']}[/]")
     status = res["status"]
     raise typer.Exit(0 if status == "finishedSuccessful" else 2 if status == "finishedWithDatasetErrors" else 1)

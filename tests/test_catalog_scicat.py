@@ -3,6 +3,7 @@ v3 and v4 jobs, the exact request bodies, re-login, retries, errors and secrets 
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from moverd import (
     CatalogError,
     ConfigError,
     Datablock,
+    Download,
     JobType,
     LifecycleUpdate,
     Member,
@@ -184,8 +186,13 @@ async def test_get_job_errors(scicat: SciCatServer, catalog: SciCatCatalog) -> N
 async def test_set_job_status_v3(scicat: SciCatServer, catalog: SciCatCatalog) -> None:  # noqa: F811
     job_id = scicat.add_job("archive", [scicat.add_dataset(FILES)])
     await catalog.set_job_status(job_id, "inProgress", "started archiving")
-    result = {"result": [{"datasetId": "x", "name": "n", "size": 1, "archiveId": "a", "url": "u"}]}
-    await catalog.set_job_status(job_id, "finishedSuccessful", "done", result)
+    downloads = [Download(dataset="x", name="n.tar", size=1, archive_id="a/n.tar", url="https://s3/n.tar?sig")]
+    await catalog.set_job_status(job_id, "finishedSuccessful", "done", downloads)
+    script = base64.b64encode(
+        b"#!/bin/sh\n# Downloads the retrieved data; links expire (see the job result).\nset -eu\nmkdir -p .\n"
+        b"curl -fL --retry 3 -o n.tar 'https://s3/n.tar?sig'\ntar xf n.tar && rm n.tar\n").decode()
+    result = {"result": [{"datasetId": "x", "name": "n.tar", "size": 1, "archiveId": "a/n.tar",
+                          "url": "https://s3/n.tar?sig"}], "downloadScript": script}
     bodies = [c.body for c in scicat.requests("PATCH", "/api/v3/jobs/{id}")]
     assert bodies == [
         {"jobStatusMessage": "inProgress"},
@@ -203,7 +210,7 @@ async def test_set_job_status_v4(scicat: SciCatServer, make_catalog: Factory) ->
     job_id = scicat.add_job("retrieve", [scicat.add_dataset(FILES)])
     cat = make_catalog(job_api="v4")
     await cat.set_job_status(job_id, "inProgress")
-    await cat.set_job_status(job_id, "finishedWithDatasetErrors", "1 of 2 datasets failed", {"result": []})
+    await cat.set_job_status(job_id, "finishedWithDatasetErrors", "1 of 2 datasets failed", [])
     bodies = [c.body for c in scicat.requests("PATCH", "/api/v4/jobs/{id}")]
     assert bodies == [
         {"statusCode": "inProgress", "statusMessage": "inProgress"},

@@ -148,6 +148,8 @@ async def test_lts_write_failure_is_a_system_error_and_rolls_back(facility: Faci
     pid = facility.add_dataset(files)
     job_id = facility.scicat.add_job("archive", [pid])
     with tmpfs(facility.tmp / "lts", "2m"):
+        # One datablock at a time: the first is registered before the next fills the LTS.
+        facility.overrides["pipeline"] = {**facility.settings_dict()["pipeline"], "datablock_concurrency": 1}
         facility.overrides["storages"] = {
             **facility.settings_dict()["storages"],
             "lts": {"type": "posix", "root": str(facility.tmp / "lts"), "free_space_timeout": 0.2,

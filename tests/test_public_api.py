@@ -7,7 +7,8 @@ import moverd
 
 PUBLIC = {
     "ArchiveStatus", "BlockingReads", "BlockingWrites", "ByteSize", "Catalog", "CatalogError", "CatalogType",
-    "ConfigError", "Context", "Datablock", "Dataset", "Duration", "FileEntry", "Hasher", "HasherFactory", "Job",
+    "ConfigError", "Context", "Datablock", "Dataset", "Download", "Duration", "FileEntry", "Hasher", "HasherFactory",
+    "Job",
     "JobDataset", "JobStatus", "JobType", "LOCAL_STORAGE_TYPE", "LifecycleUpdate", "Member", "MissingFileError",
     "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo", "Observers", "OfflineTimeoutError", "Options",
     "PluginError", "Reader", "RetrieveStatus", "ServiceError", "Slots", "SourceChangedError", "Storage",

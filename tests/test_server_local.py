@@ -85,7 +85,7 @@ def test_embedded_default_walkthrough_and_housekeeping(tmp_path: Path, prefect_d
         retrieve = moverd(daemon, "job", "create", "retrieve", pid).strip()
         rview = finished(daemon, retrieve)
         assert rview["status"] == "finishedSuccessful", rview
-        result = json.loads(moverd(daemon, "job", "show", retrieve))["result"]["result"]
+        result = json.loads(moverd(daemon, "job", "show", retrieve))["result"]["downloads"]
         assert result and all(e["url"].startswith("file://") for e in result)
         # housekeeping: the stale temp file and the expired retrieval go, the fresh ones stay
         wait_for(lambda: not stale.exists() and not expired.exists(), 30, 0.2, "housekeeping")

@@ -17,7 +17,6 @@ without knowing the flow run.
 
 from __future__ import annotations
 
-import base64
 import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -69,14 +68,11 @@ async def dataset_flow(
 
 
 async def _result_artifact(outcome: JobOutcome) -> None:
-    entries = outcome.result.get("result", [])
-    if not entries:
+    if not outcome.downloads:
         return
-    rows = "\n".join(f"| {e['datasetId']} | [{e['name']}]({e['url']}) | {e['size']} |" for e in entries)
-    script = base64.b64decode(outcome.result.get("downloadScript", "")).decode()
+    rows = "\n".join(f"| {d.dataset} | [{d.name}]({d.url}) | {d.size} |" for d in outcome.downloads)
     await acreate_markdown_artifact(
-        markdown=f"# Retrieved data of job {outcome.job.id}\n\n| dataset | file | size |\n|---|---|---|\n{rows}\n\n"
-                 f"## Download script\n\n```sh\n{script}```\n",
+        markdown=f"# Retrieved data of job {outcome.job.id}\n\n| dataset | file | size |\n|---|---|---|\n{rows}\n",
         key=artifact_key("retrieve-links", outcome.job.id), description=f"download links of job {outcome.job.id}",
     )
 
@@ -122,7 +118,7 @@ async def _run(
     return {
         "job": job_id, "status": outcome.status.value, "message": outcome.message,
         "datasets": [{"pid": d.pid, "outcome": d.outcome, "message": d.message} for d in outcome.datasets],
-        "result": outcome.result,
+        "downloads": [d.model_dump() for d in outcome.downloads],
     }
 
 

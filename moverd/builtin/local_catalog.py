@@ -21,7 +21,7 @@ import anyio
 from ..catalog import Catalog
 from ..errors import UnknownDatasetError, UnknownJobError, UserError
 from ..hookspecs import hookimpl
-from ..models import Datablock, Dataset, FileEntry, Job, JobDataset, JobStatus, JobType, LifecycleUpdate
+from ..models import Datablock, Dataset, Download, FileEntry, Job, JobDataset, JobStatus, JobType, LifecycleUpdate
 from ..options import Options
 from ..registry import CatalogType, Context
 
@@ -245,8 +245,10 @@ class LocalCatalog(Catalog):
         return [await self.get_job(r[0]) for r in rows]
 
     async def set_job_status(
-        self, job_id: str, status: str, message: str = "", result: dict[str, Any] | None = None
+        self, job_id: str, status: str, message: str = "", downloads: list[Download] | None = None
     ) -> None:
+        result = None if downloads is None else {"downloads": [d.model_dump() for d in downloads]}
+
         def tx(db: sqlite3.Connection) -> None:
             cur = db.execute(
                 "UPDATE jobs SET status=?, message=?, result=COALESCE(?, result), updated=? WHERE id=?",

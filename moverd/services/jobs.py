@@ -9,15 +9,13 @@ the job again resumes from the datablocks already committed on the LTS.
 
 from __future__ import annotations
 
-import base64
 import logging
 import posixpath
-import shlex
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 
@@ -26,6 +24,7 @@ from ..errors import NotFoundError, StorageError, UserError
 from ..events import Transfer
 from ..keys import join_key, safe_key
 from ..models import (
+    Download,
     Job,
     JobDataset,
     JobStatus,
@@ -52,8 +51,8 @@ class DatasetOutcome:
     pid: str
     outcome: Outcome
     message: str = ""
-    results: list[dict[str, Any]] = field(default_factory=list)
-    """Retrieve jobs: the ``jobResultObject.result`` entries of this dataset."""
+    downloads: list[Download] = field(default_factory=list)
+    """Retrieve jobs: the links this dataset's retrieval hands out."""
 
 
 @dataclass
@@ -61,7 +60,8 @@ class JobOutcome:
     job: Job
     status: JobStatus
     datasets: list[DatasetOutcome]
-    result: dict[str, Any] = field(default_factory=dict)
+    downloads: list[Download] = field(default_factory=list)
+    """Retrieve jobs: every link, the catalog records them in its own layout."""
 
     @property
     def message(self) -> str:
@@ -118,12 +118,10 @@ async def run_job(
         outcomes.append(await runner(entry.pid, work))
     status = job_status(outcomes, job.type)
     outcome = JobOutcome(job=job, status=status, datasets=outcomes)
-    if job.type is JobType.retrieve:
-        entries = [r for o in outcomes for r in o.results]
-        outcome.result = {"result": entries}
-        if entries:
-            outcome.result["downloadScript"] = download_script(entries)
-    await catalog.set_job_status(job.id, status.value, outcome.message, outcome.result or None)
+    retrieve = job.type is JobType.retrieve
+    if retrieve:
+        outcome.downloads = [d for o in outcomes for d in o.downloads]
+    await catalog.set_job_status(job.id, status.value, outcome.message, outcome.downloads if retrieve else None)
     return outcome
 
 
@@ -161,7 +159,7 @@ async def retrieve_job_dataset(
             async with app.retrieval_lock(pid):
                 results = await _retrieve_for_download(app, pid, entry.files, transfer)
         await catalog.update_lifecycle(pid, LifecycleUpdate(retrieve_status=RetrieveStatus.retrieved, retrievable=True))
-        return DatasetOutcome(pid, "ok", results=results)
+        return DatasetOutcome(pid, "ok", downloads=results)
     except Exception as exc:
         outcome = classify(exc)
         log.warning("retrieving %s failed (%s): %s", pid, outcome, exc)
@@ -173,16 +171,16 @@ async def retrieve_job_dataset(
 
 async def _retrieve_for_download(
     app: App, pid: str, files: list[str], transfer: Transfer
-) -> list[dict[str, Any]]:
+) -> list[Download]:
     """Copy what the job asks for into the retrieval storage (reusing copies already there) and
-    return the ``jobResultObject.result`` entries with their links."""
+    return their download links."""
     retrieval = app.storage("retrieval")
     lts = app.storage("lts")
     prefix = safe_key(app.settings.retrieve.retrieval_prefix.format(pid=pid), allow_empty=True)
     expiry = timedelta(seconds=app.settings.retrieve.url_expiry)
     chosen = select_members(await load_indexes(app, pid), files or None)
     transfer.datablocks_total = len(chosen)
-    results: list[dict[str, Any]] = []
+    results: list[Download] = []
     if files:
         transfer.bytes_total = sum(m.size for _, ms in chosen for m in ms)
         transfer.files_total = sum(len(ms) for _, ms in chosen)
@@ -225,22 +223,9 @@ async def _reuse(storage: Storage, key: str, size: int) -> bool:
 
 
 async def _entry(storage: Storage, key: str, pid: str, name: str, size: int, archive_id: str,
-                 expiry: timedelta) -> dict[str, Any]:
+                 expiry: timedelta) -> Download:
     try:
         url = await storage.presign(key, expiry)
     except NotImplementedError as exc:
         raise StorageError(f"the retrieval storage cannot give download links: {exc}") from None
-    return {"datasetId": pid, "name": name, "size": size, "archiveId": archive_id, "url": url}
-
-
-def download_script(entries: list[dict[str, Any]]) -> str:
-    """A shell script that downloads every link (and unpacks datablocks), base64-encoded as
-    SciCat's job result expects."""
-    lines = ["#!/bin/sh", "# Downloads the retrieved data; links expire (see the job result).", "set -eu"]
-    for e in entries:
-        name = str(e["name"])
-        lines.append(f"mkdir -p {shlex.quote(posixpath.dirname(name) or '.')}")
-        lines.append(f"curl -fL --retry 3 -o {shlex.quote(name)} {shlex.quote(str(e['url']))}")
-        if name.endswith(".tar") and "/" not in name:
-            lines.append(f"tar xf {shlex.quote(name)} && rm {shlex.quote(name)}")
-    return base64.b64encode(("\n".join(lines) + "\n").encode()).decode()
+    return Download(dataset=pid, name=name, size=size, archive_id=archive_id, url=url)

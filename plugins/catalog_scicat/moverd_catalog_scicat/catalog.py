@@ -14,6 +14,7 @@ from moverd import (
     CatalogError,
     Datablock,
     Dataset,
+    Download,
     FileEntry,
     Job,
     LifecycleUpdate,
@@ -78,9 +79,10 @@ class SciCatCatalog(Catalog):
         return mapping.job_from_scicat(job_id, _json(response, f"GET {path}"))
 
     async def set_job_status(
-        self, job_id: str, status: str, message: str = "", result: dict[str, Any] | None = None
+        self, job_id: str, status: str, message: str = "", downloads: list[Download] | None = None
     ) -> None:
         path = self._job_path(job_id)
+        result = None if downloads is None else mapping.job_result(downloads)
         body = mapping.job_status_body(self.opts.job_api, status, message, result)
         response = await self.http.request("PATCH", path, json=body)
         if self._unknown_job(response, job_id):

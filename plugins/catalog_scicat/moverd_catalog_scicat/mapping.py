@@ -9,7 +9,10 @@ Datablock                                Datablock (members from dataFileList; o
 
 from __future__ import annotations
 
+import base64
+import posixpath
 import re
+import shlex
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +23,7 @@ from moverd import (
     CatalogError,
     Datablock,
     Dataset,
+    Download,
     FileEntry,
     Job,
     JobDataset,
@@ -69,6 +73,29 @@ def job_from_scicat(job_id: str, doc: Any) -> Job:
         id=job_id, type=JobType(type_), datasets=datasets, status=str(status),
         result=result if isinstance(result, dict) else {},
     )
+
+
+def job_result(downloads: list[Download]) -> dict[str, Any]:
+    """The ``jobResultObject`` of a retrieve job as SciCat's e-mail template and the facility's
+    users expect it: ``{"result": [{datasetId, name, size, archiveId, url}], "downloadScript":
+    <base64 shell script>}`` (the script only when there is something to download)."""
+    entries = [{"datasetId": d.dataset, "name": d.name, "size": d.size, "archiveId": d.archive_id, "url": d.url}
+               for d in downloads]
+    out: dict[str, Any] = {"result": entries}
+    if entries:
+        out["downloadScript"] = download_script(downloads)
+    return out
+
+
+def download_script(downloads: list[Download]) -> str:
+    """A shell script that downloads every link (and unpacks datablocks), base64-encoded."""
+    lines = ["#!/bin/sh", "# Downloads the retrieved data; links expire (see the job result).", "set -eu"]
+    for d in downloads:
+        lines.append(f"mkdir -p {shlex.quote(posixpath.dirname(d.name) or '.')}")
+        lines.append(f"curl -fL --retry 3 -o {shlex.quote(d.name)} {shlex.quote(d.url)}")
+        if d.name.endswith(".tar") and "/" not in d.name:
+            lines.append(f"tar xf {shlex.quote(d.name)} && rm {shlex.quote(d.name)}")
+    return base64.b64encode(("\n".join(lines) + "\n").encode()).decode()
 
 
 def job_status_body(job_api: str, status: str, message: str, result: dict[str, Any] | None) -> dict[str, Any]:
