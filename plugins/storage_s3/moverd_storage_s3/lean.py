@@ -6,11 +6,11 @@ construction, event hooks, response parsing) and every piece of the body arrives
 server, the event-loop thread is the bottleneck. So reads keep the event loop out of the data
 path, on maintained parts:
 
-* **urllib3** carries the requests: a pool of kept-alive HTTP/1.1 connections (``http://`` and
-  ``https://``, honouring ``verify_tls`` and ``ca_bundle``), connect and read timeouts, and a
-  response whose body is received straight into the caller's buffer (no copy, no ``bytes`` per
-  chunk). Connections the server closed after its answer (moto does) are noticed by the pool
-  before reuse.
+* **urllib3** carries the requests: its HTTP/1.1 connections (``http://`` and ``https://``,
+  honouring ``verify_tls`` and ``ca_bundle``, connect timeouts), kept alive in a small pool of
+  ours (:class:`_Connections`), and its responses, whose body is received straight into the
+  caller's buffer (no copy, no ``bytes`` per chunk). Connections the server closed after its
+  answer (moto does) are noticed before reuse.
 * **botocore** signs (``S3SigV4Auth``, the signature its own clients send) and resolves the
   credentials: static keys, or its default chain (environment, ``~/.aws``, web identity, a
   container or instance role), refreshed when they expire. Each request signs with one frozen
@@ -28,20 +28,22 @@ the aiobotocore path.
 
 Abandoning a blocking call: a task cancelled while its worker thread waits returns at once
 (``abandon_on_cancel=True``); the thread is then stopped by an :class:`Interrupt`, which shuts
-down the socket it waits on (urllib3 hands it over as soon as the connection exists) and cuts its
-backoff sleep short, so that no thread lingers for ``read_timeout``. Until it notices, that
-thread may still write into the buffer it was given.
+down the socket it waits on (tracked from before the request is sent: the wait for the answer's
+head can be stopped as well as the body) and cuts its backoff sleep short, so that no thread
+lingers for ``read_timeout``. Until it notices, that thread may still write into the buffer it
+was given. A TCP or TLS connect in progress is not stopped: it ends within ``connect_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import socket
 import threading
 import time
-import warnings
 import xml.etree.ElementTree as ET
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, TypeVarTuple
@@ -50,8 +52,7 @@ from urllib.parse import quote, unquote_plus, urlsplit
 import anyio
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, InsecureRequestWarning, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.response import HTTPResponse
 
 from moverd import ObjectInfo, StorageError, retry_blocking
@@ -102,7 +103,7 @@ class _DeadlineError(TimeoutError):
 class Interrupt:
     """Stops a blocking call from another thread: shuts down the socket it waits on and wakes its
     backoff sleep. Shutting down (not closing) is what wakes a thread blocked in ``recv``; the
-    connection is then closed by whoever holds it (urllib3, or the reader's body)."""
+    connection is then closed by the thread that holds it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -143,41 +144,46 @@ class Interrupt:
             raise AbandonedError("abandoned")
 
 
-_current = threading.local()
-"""The :class:`Interrupt` of the request the calling worker thread is making (``stop``)."""
+class _Connections:
+    """Idle kept-alive urllib3 connections to one host, for the worker threads to share.
 
+    urllib3's own pool would add its request layer (``urlopen``: retries, redirects, timeouts
+    objects, about 60 µs of CPU per request here) to what this client does itself, and would hide
+    the connection's socket from :class:`Interrupt` until the answer's head has come.
+    """
 
-def _track_connection(conn: HTTPConnection) -> None:
-    stop: Interrupt | None = getattr(_current, "stop", None)
-    if stop is None:
-        return
-    if conn.sock is None:
-        conn.connect()  # here rather than inside the request, so that the wait can be stopped
-    if conn.sock is not None:
-        stop.track(conn.sock)
+    def __init__(self, make: Callable[[], HTTPConnection], most: int) -> None:
+        self._make = make
+        self._most = most
+        self._idle: deque[HTTPConnection] = deque()
+        self._lock = threading.Lock()
 
+    def take(self) -> tuple[HTTPConnection, bool]:
+        """A connection and whether it served a request before; idle ones the server closed
+        meanwhile (moto closes after every answer) are dropped here."""
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._make(), False
+            if conn.is_connected:
+                return conn, True
+            conn.close()
 
-class _Connection(HTTPConnection):
-    """urllib3's connection, showing its socket to the calling thread's :class:`Interrupt` before
-    the request is sent: the wait for the answer's head can then be stopped too."""
+    def give(self, conn: HTTPConnection) -> None:
+        """Keep a connection whose answer was read to its end, for the next request."""
+        if conn.sock is not None:
+            with self._lock:
+                if len(self._idle) < self._most:
+                    self._idle.append(conn)
+                    return
+        conn.close()
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _track_connection(self)
-        super().request(*args, **kwargs)
-
-
-class _TLSConnection(HTTPSConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _track_connection(self)
-        super().request(*args, **kwargs)
-
-
-class _Pool(HTTPConnectionPool):
-    ConnectionCls = _Connection
-
-
-class _TLSPool(HTTPSConnectionPool):
-    ConnectionCls = _TLSConnection
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, deque()
+        for conn in idle:
+            conn.close()
 
 
 class Listed(NamedTuple):
@@ -259,19 +265,19 @@ class LeanClient:
         self.max_connections = opts.max_pool_connections
         self._signer = _Signer(opts)
         host = f"{opts.bucket}.{url.hostname}" if self.virtual else (url.hostname or "127.0.0.1")
-        common: dict[str, Any] = dict(maxsize=opts.max_pool_connections, block=False, retries=False)
-        self._pool: HTTPConnectionPool
+        make: Callable[[], HTTPConnection]
         if url.scheme == "https":
+            port = url.port or 443
             ca = str(opts.ca_bundle) if opts.ca_bundle is not None else _default_ca()
-            if not opts.verify_tls:
-                # Asked for: urllib3 would otherwise warn at every request.
-                warnings.filterwarnings("ignore", category=InsecureRequestWarning)
-            self._pool = _TLSPool(
-                host, url.port or 443, cert_reqs="CERT_REQUIRED" if opts.verify_tls else "CERT_NONE",
-                ca_certs=ca if opts.verify_tls else None, **common,
+            verify = opts.verify_tls
+            make = lambda: HTTPSConnection(  # noqa: E731
+                host, port, cert_reqs="CERT_REQUIRED" if verify else "CERT_NONE",
+                ca_certs=ca if verify else None, assert_hostname=None if verify else False,
             )
         else:
-            self._pool = _Pool(host, url.port or 80, **common)
+            port = url.port or 80
+            make = lambda: HTTPConnection(host, port)  # noqa: E731
+        self._connections = _Connections(make, opts.max_pool_connections)
         self._limiter: anyio.CapacityLimiter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -298,7 +304,7 @@ class LeanClient:
 
     def close(self) -> None:
         """Close the idle connections (those in use close when their reader does)."""
-        self._pool.close()
+        self._connections.close()
 
     # -- one exchange ----------------------------------------------------------------------------
 
@@ -317,30 +323,51 @@ class LeanClient:
         return min(longest, left)
 
     def send(self, method: str, target: str, headers: dict[str, str], stop: Interrupt, deadline: float,
-             *, preload: bool) -> HTTPResponse:
-        """One signed request; the answer's head is read, its body too when ``preload``. The
-        connection's socket stays tracked by ``stop`` until :meth:`Interrupt.untrack_all`."""
+             *, preload: bool) -> tuple[HTTPConnection, HTTPResponse]:
+        """One signed request and its answer's head (its body too when ``preload``), on an idle
+        connection or a new one. The connection's socket is tracked by ``stop`` from before the
+        request is sent until :meth:`Interrupt.untrack_all`; the caller gives the connection
+        back (:meth:`release`) or closes it."""
         signed = self._signer.headers(method, self.origin + target, {"Host": self.netloc, **headers})
-        timeout = urllib3.Timeout(connect=self._wait(self.connect_timeout, deadline),
-                                  read=self._wait(self.read_timeout, deadline))
-        _current.stop = stop
-        try:
-            response = self._pool.urlopen(
-                method, target, headers=signed, retries=False, redirect=False, timeout=timeout,
-                preload_content=preload, decode_content=False, release_conn=preload,
-                assert_same_host=False,
-            )
-        finally:
-            _current.stop = None
-        assert isinstance(response, HTTPResponse)  # what a pool's connections answer with
-        return response
+        while True:
+            conn, reused = self._connections.take()
+            try:
+                if conn.sock is None:
+                    conn.timeout = self._wait(self.connect_timeout, deadline)
+                    try:
+                        conn.connect()
+                    except TimeoutError:  # in the TLS handshake: still connecting
+                        raise ConnectTimeoutError(f"no connection within {conn.timeout:g} s") from None
+                assert conn.sock is not None
+                stop.track(conn.sock)
+                conn.timeout = self._wait(self.read_timeout, deadline)
+                conn.request(method, target, headers=signed, preload_content=preload, decode_content=False)
+                response = conn.getresponse()
+                return conn, response
+            except (ConnectionError, http.client.BadStatusLine):
+                # A kept-alive connection the server dropped just now: not a failed attempt.
+                conn.close()
+                stop.untrack_all()
+                if not reused or stop.fired:
+                    raise
+            except BaseException:
+                conn.close()
+                stop.untrack_all()
+                raise
+
+    def release(self, conn: HTTPConnection, response: HTTPResponse) -> None:
+        """Pool ``conn`` if its answer was read to the end (anything left would be taken for the
+        next request's answer), else close it."""
+        if response.isclosed():
+            self._connections.give(conn)
+        else:
+            conn.close()
 
     def _fetch(self, method: str, target: str, stop: Interrupt, deadline: float) -> HTTPResponse:
         """One request whose answer is read whole; error answers raise :class:`HTTPStatusError`."""
-        try:
-            response = self.send(method, target, {}, stop, deadline, preload=True)
-        finally:
-            stop.untrack_all()
+        conn, response = self.send(method, target, {}, stop, deadline, preload=True)
+        stop.untrack_all()
+        self.release(conn, response)
         if response.status >= 300:
             raise _status_error(response, response.data, bodiless=method == "HEAD")
         return response
@@ -389,29 +416,31 @@ class LeanClient:
             headers["Range"] = f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
         if etag:
             headers["If-Match"] = etag
-        response = self.send("GET", self.object_path(full_key), headers, stop, deadline, preload=False)
-        if response.status not in (200, 206):
-            try:
+        conn, response = self.send("GET", self.object_path(full_key), headers, stop, deadline, preload=False)
+        try:
+            if response.status not in (200, 206):
                 body = response.read(_SMALL_BODY_MAX)
-            finally:
-                _drop(response, stop)
-            raise _status_error(response, body)
-        length_text = response.headers.get("content-length")
-        if length_text is None:
-            _drop(response, stop)
-            raise UnusableAnswerError("S3 answered without Content-Length")
-        length = int(length_text)
-        if response.status == 200 and ranged:
-            if start:  # the server ignored Range: the body starts at byte 0
-                _drop(response, stop)
-                raise UnusableAnswerError("S3 ignored the Range header")
-            if end is not None and end < length:
-                length = end
-        # The body's waits are read_timeout each, whatever was left of request_timeout for the head.
-        sock = getattr(response.connection, "sock", None)
-        if sock is not None:
-            sock.settimeout(self.read_timeout)
-        return LeanBody(response, length, response.headers.get("etag"), stop, response.headers.get("content-range"))
+                stop.untrack_all()
+                self.release(conn, response)
+                raise _status_error(response, body)
+            length_text = response.headers.get("content-length")
+            if length_text is None:
+                raise UnusableAnswerError("S3 answered without Content-Length")
+            length = int(length_text)
+            if response.status == 200 and ranged:
+                if start:  # the server ignored Range: the body starts at byte 0
+                    raise UnusableAnswerError("S3 ignored the Range header")
+                if end is not None and end < length:
+                    length = end
+            # The body's waits are read_timeout each, whatever was left of request_timeout for the head.
+            if conn.sock is not None:
+                conn.sock.settimeout(self.read_timeout)
+        except BaseException:
+            stop.untrack_all()
+            conn.close()
+            raise
+        return LeanBody(self, conn, response, length, response.headers.get("etag"), stop,
+                        response.headers.get("content-range"))
 
     # -- HEAD ------------------------------------------------------------------------------------
 
@@ -477,13 +506,6 @@ def _timed_out(exc: BaseException) -> bool:
     return isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError))
 
 
-def _drop(response: HTTPResponse, stop: Interrupt) -> None:
-    """Close an answer whose body is not read to its end: its connection cannot serve another."""
-    stop.untrack_all()
-    response.close()
-    response.release_conn()
-
-
 def _local(tag: str) -> str:
     return tag.rpartition("}")[2]
 
@@ -547,8 +569,10 @@ class LeanBody:
     until the body is closed; read to its end, the connection goes back to the pool.
     """
 
-    def __init__(self, response: HTTPResponse, length: int, etag: str | None, stop: Interrupt,
-                 content_range: str | None = None) -> None:
+    def __init__(self, client: LeanClient, conn: HTTPConnection, response: HTTPResponse, length: int,
+                 etag: str | None, stop: Interrupt, content_range: str | None = None) -> None:
+        self._client = client
+        self._conn = conn
         self._response: HTTPResponse | None = response
         self._stop = stop
         self.length = length
@@ -584,13 +608,10 @@ class LeanBody:
         if response is None:
             return
         self._stop.untrack_all()
-        # Read to the end of the answer, not just of the range it wanted (a server that ignored
-        # Range sends more): anything left would be taken for the next request's answer.
-        if self.remaining == 0 and not self._stop.fired and response.isclosed():
-            response.release_conn()
+        if self.remaining == 0 and not self._stop.fired:
+            self._client.release(self._conn, response)
         else:
-            response.close()
-            response.release_conn()
+            self._conn.close()
 
 
 class LeanReader:
