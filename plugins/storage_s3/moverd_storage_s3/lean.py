@@ -148,7 +148,7 @@ class _Connections:
     """Idle kept-alive urllib3 connections to one host, for the worker threads to share.
 
     urllib3's own pool would add its request layer (``urlopen``: retries, redirects, timeouts
-    objects, about 60 µs of CPU per request here) to what this client does itself, and would hide
+    objects, 25-40 µs of CPU per request here) to what this client does itself, and would hide
     the connection's socket from :class:`Interrupt` until the answer's head has come.
     """
 
