@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 GlobalSlots = Callable[[str], contextlib.AbstractAsyncContextManager[Any]]
 """Given ``<storage>-read``/``<storage>-write``, a bound held across every process and host (the
 Prefect layer's global concurrency limits)."""
+GlobalLocks = Callable[[str, float], contextlib.AbstractAsyncContextManager[Any]]
+"""Given a name and how long to wait at most, a lock held across every process and host (raises
+``TimeoutError`` when the wait runs out)."""
 
 
 class App:
@@ -41,7 +44,7 @@ class App:
 
     def __init__(
         self, settings: Settings, pm: pluggy.PluginManager | None = None, report: LoadReport | None = None, *,
-        global_slots: GlobalSlots | None = None,
+        global_slots: GlobalSlots | None = None, global_locks: GlobalLocks | None = None,
     ) -> None:
         if pm is None:
             pm, report = load_plugins()
@@ -65,6 +68,9 @@ class App:
         self._catalog: Catalog | None = None
         self._retrievals: dict[str, anyio.Lock] = {}
         self.global_slots = global_slots
+        self.global_locks = global_locks
+        """Locks that hold across processes and hosts (one retrieval of a dataset at a time);
+        None: only this process's."""
         """Limits named ``<storage>-read``/``<storage>-write`` that hold across every process and
         host sharing the Prefect server (None: this process's semaphores are the bound)."""
 
@@ -127,16 +133,27 @@ class App:
 
     @contextlib.asynccontextmanager
     async def retrieval_lock(self, pid: str) -> AsyncIterator[None]:
-        """One retrieval of a dataset at a time in this process: a second job for the same
-        dataset waits (at most ``retrieve.wait_timeout``) and then reuses the first one's copy."""
+        """One retrieval of a dataset at a time, in this process and, with global locks, across
+        every daemon: a second job for the same dataset waits (at most ``retrieve.wait_timeout``
+        in all) and then reuses the first one's copy."""
         lock = self._retrievals.setdefault(pid, anyio.Lock())
         timeout = self.settings.retrieve.wait_timeout
+        deadline = anyio.current_time() + timeout
         with anyio.move_on_after(timeout) as scope:
             await lock.acquire()
         if scope.cancelled_caught:
             raise ServiceError(f"waited {timeout:.0f} s for another retrieval of {pid!r} to finish")
         try:
-            yield
+            async with contextlib.AsyncExitStack() as held:
+                if self.global_locks is not None:
+                    left = max(0.0, deadline - anyio.current_time())
+                    try:
+                        await held.enter_async_context(self.global_locks(f"retrieve {pid}", left))
+                    except TimeoutError:
+                        raise ServiceError(
+                            f"waited {timeout:.0f} s for another daemon's retrieval of {pid!r} to finish"
+                        ) from None
+                yield
         finally:
             lock.release()
 

@@ -35,14 +35,13 @@ def plugin_manager(settings: DaemonSettings) -> tuple[pluggy.PluginManager, Load
 
 def build_app(settings: DaemonSettings, *, observers: Sequence[object] = ()) -> App:
     """The App for ``settings``: every plugin (and ``observers``, registered as plugins too) and,
-    with ``prefect.global_limits``, the cross-host LTS limits."""
+    with ``prefect.global_limits``, the cross-host LTS limits and locks."""
     pm, report = plugin_manager(settings)
     for plugin in observers:
         pm.register(plugin)
-    slots = None
-    if settings.prefect.global_limits:
-        # Imported only then: Prefect costs a second of start-up that most commands never need.
-        from moverd_flows.limits import global_slots
+    if not settings.prefect.global_limits:
+        return App(settings, pm, report)
+    # Imported only then: Prefect costs a second of start-up that most commands never need.
+    from moverd_flows.limits import global_locks, global_slots
 
-        slots = global_slots(settings)
-    return App(settings, pm, report, global_slots=slots)
+    return App(settings, pm, report, global_slots=global_slots(settings), global_locks=global_locks(settings))

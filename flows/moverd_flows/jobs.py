@@ -32,7 +32,7 @@ from moverd.planner import DatablockPlan
 from moverd.services.jobs import DatasetOutcome, JobOutcome, run_job
 
 from .keys import artifact_key
-from .limits import global_slots
+from .limits import global_locks, global_slots
 from .progress import progress_artifact
 
 _transfer: contextvars.ContextVar[Transfer | None] = contextvars.ContextVar("moverd_transfer", default=None)
@@ -96,7 +96,7 @@ async def job_flow(
 def _load(config: str | None) -> App:
     """An App of this flow run's own (a worker that was handed no App), with the global limits."""
     settings: Settings = load_settings(config)
-    return App(settings, global_slots=global_slots(settings))
+    return App(settings, global_slots=global_slots(settings), global_locks=global_locks(settings))
 
 
 async def _run(

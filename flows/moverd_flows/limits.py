@@ -16,15 +16,19 @@ the limit. The lease names the task or flow run that holds it.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import AsyncIterator
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.asyncio import concurrency
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.settings import PREFECT_API_URL
 
 from moverd import ConfigError
-from moverd.app import GlobalSlots
+from moverd.app import GlobalLocks, GlobalSlots
 from moverd.config import Settings
 
 
@@ -55,3 +59,40 @@ def global_slots(settings: Settings) -> GlobalSlots | None:
             yield
 
     return slot
+
+
+LOCK_BUCKETS = 64
+"""Cross-host locks are this many limits of one slot (``moverd-lock-00`` ...), a name hashed to
+one of them: a fixed set the Prefect server keeps, whatever the number of datasets; two names in
+one bucket only wait for each other now and then."""
+
+
+def lock_limit(name: str) -> str:
+    return f"moverd-lock-{zlib.crc32(name.encode()) % LOCK_BUCKETS:02d}"
+
+
+def global_locks(settings: Settings) -> GlobalLocks | None:
+    """Locks across every daemon sharing the Prefect server (``App(..., global_locks=)``): one slot
+    of a limit made on first use, leased like the LTS slots, so a dead holder's lock comes back."""
+    if not settings.prefect.global_limits:
+        return None
+    if not PREFECT_API_URL.value():
+        raise ConfigError("prefect.global_limits needs a Prefect server: set PREFECT_API_URL")
+    lease = settings.prefect.slot_lease
+    made: set[str] = set()
+
+    @contextlib.asynccontextmanager
+    async def lock(name: str, wait: float) -> AsyncIterator[None]:
+        limit = lock_limit(name)
+        if limit not in made:
+            async with get_client() as client:
+                try:
+                    await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+                except ObjectAlreadyExists:
+                    pass
+            made.add(limit)
+        async with concurrency(limit, occupy=1, strict=True, timeout_seconds=wait, lease_duration=lease,
+                               holder=_holder(), raise_on_lease_renewal_failure=True):
+            yield
+
+    return lock
