@@ -9,6 +9,7 @@ the dead holder's lease runs, nobody gets in: the limit holds.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.daemon import daemon_env, wait_for
+from tests.support.daemon import REPO, Daemon, daemon_env, wait_for
+from tests.support.facility import Facility, dataset_files
 from tests.test_scaleout import PrefectServer, prefect_on_postgres  # noqa: F401  (the fixture)
 
 LEASE = 60.0  # the shortest lease Prefect grants
@@ -85,3 +87,41 @@ def test_a_slot_of_a_killed_holder_comes_back_within_the_bound(
     # slot retry (at most a second here).
     assert LEASE - 5 < freed_after < LEASE + 1 + 10
     wait_for(lambda: active_slots(server) == 0, 30, 0.2, "the second holder's slot released")
+
+
+def test_sigterm_while_waiting_for_a_slot_exits_within_the_grace(
+    facility: Facility, prefect_on_postgres: PrefectServer, tmp_path: Path  # noqa: F811
+) -> None:
+    """The only ``lts-write`` slot is held elsewhere; a scale-out daemon's archive job waits for
+    it; SIGTERM with a short grace ends the daemon within the grace, and it leaves no slot taken."""
+    server = prefect_on_postgres
+    settings = facility.settings_dict()
+    settings["prefect"] = {"global_limits": True, "archival_work_pool": "t-archival",
+                           "retrieval_work_pool": "t-retrieval"}
+    settings["server"] = {"poll_interval": 0.5, "shutdown_grace": 2}
+    env = daemon_env(PREFECT_API_URL=server.api)
+    daemon = Daemon.create(tmp_path, settings, env=env, name="waiting")
+    setup = subprocess.run([sys.executable, "-m", "moverd", "prefect", "setup", "--config", str(daemon.config),
+                            "--limit", "lts-write=1", "--json"], env={**env, "PREFECT_HOME": str(tmp_path / "ph")},
+                           cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    other = holder(server, tmp_path, "hold")
+    try:
+        assert other.stdout is not None and other.stdout.readline().startswith("held")
+        daemon.start().wait_ready(180)
+        job = facility.scicat.add_job("archive", [facility.add_dataset(dataset_files(31, n=3))])
+        r = httpx.post(f"{daemon.url}/jobs", json={"id": job, "type": "archive"}, timeout=60)
+        assert r.status_code == 201, r.text
+        wait_for(lambda: facility.scicat.job(job)["statusCode"] == "inProgress", 120, 0.2, "the job to start")
+        time.sleep(2)  # it is waiting for the slot now
+        assert active_slots(server) == 1
+        t0 = time.monotonic()
+        rc = daemon.stop(signal.SIGTERM, timeout=60)
+        stopped_in = time.monotonic() - t0
+        print(f"SIGTERM while waiting for a slot: exit {rc} after {stopped_in:.1f} s (grace 2 s)")
+        assert rc == 0, daemon.log()
+        assert stopped_in < 2 + 15, daemon.log()
+        assert active_slots(server) == 1  # the other holder's, nothing the daemon took
+    finally:
+        other.kill()
+        daemon.stop(signal.SIGKILL)

@@ -16,13 +16,14 @@ the limit. The lease names the task or flow run that holds it.
 from __future__ import annotations
 
 import contextlib
+import time
 import zlib
 from collections.abc import AsyncIterator
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.concurrency.asyncio import concurrency
+from prefect.concurrency.asyncio import AcquireConcurrencySlotTimeoutError, concurrency
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.settings import PREFECT_API_URL
@@ -54,11 +55,34 @@ def global_slots(settings: Settings) -> GlobalSlots | None:
 
     @contextlib.asynccontextmanager
     async def slot(name: str) -> AsyncIterator[None]:
-        async with concurrency(name, occupy=1, strict=True, lease_duration=lease, holder=_holder(),
-                               raise_on_lease_renewal_failure=True):
+        async with contextlib.AsyncExitStack() as held:
+            await _acquire(held, name, lease, None)
             yield
 
     return slot
+
+
+WAIT_STEP = 5.0
+"""A wait for a slot is made of attempts this long. Prefect hands each attempt to a service thread
+that keeps trying until it gets the slot or its time runs out, whatever became of the caller: an
+attempt without an end would keep a stopping daemon alive for as long as the slot stays taken.
+With attempts of a few seconds a cancelled wait (SIGTERM) is over within one."""
+
+
+async def _acquire(held: contextlib.AsyncExitStack, name: str, lease: float, wait: float | None) -> None:
+    """Take one slot of limit ``name`` into ``held``, waiting at most ``wait`` seconds (None: as long
+    as it takes), in attempts of :data:`WAIT_STEP`."""
+    deadline = None if wait is None else time.monotonic() + wait
+    while True:
+        step = WAIT_STEP if deadline is None else max(0.1, min(WAIT_STEP, deadline - time.monotonic()))
+        try:
+            await held.enter_async_context(concurrency(
+                name, occupy=1, strict=True, timeout_seconds=step, lease_duration=lease, holder=_holder(),
+                raise_on_lease_renewal_failure=True))
+            return
+        except AcquireConcurrencySlotTimeoutError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"no slot of {name!r} within {wait:.0f} s") from None
 
 
 LOCK_BUCKETS = 64
@@ -91,8 +115,8 @@ def global_locks(settings: Settings) -> GlobalLocks | None:
                 except ObjectAlreadyExists:
                     pass
             made.add(limit)
-        async with concurrency(limit, occupy=1, strict=True, timeout_seconds=wait, lease_duration=lease,
-                               holder=_holder(), raise_on_lease_renewal_failure=True):
+        async with contextlib.AsyncExitStack() as held:
+            await _acquire(held, limit, lease, wait)
             yield
 
     return lock
