@@ -12,12 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import MOVERD, cli_env, moverd
+from tests.support.cli import MOVERD, cli_env, run
 from tests.support.trees import awkward_tree, read_tree, small_files_tree
-
-
-def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    return moverd(args, env, check=check)
 
 
 @pytest.fixture

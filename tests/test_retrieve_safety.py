@@ -26,12 +26,8 @@ from moverd_storage_lts.writer import TargetExistsError
 
 from moverd.models import Member
 from moverd.services.retrieve import folders_written
-from tests.support.cli import MOVERD, cli_env, moverd
+from tests.support.cli import MOVERD, cli_env, run
 from tests.support.trees import read_tree, write
-
-
-def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    return moverd(args, env, check=check)
 
 
 @pytest.fixture

@@ -26,3 +26,8 @@ def moverd(
     if check and p.returncode != 0:
         raise AssertionError(f"moverd {args} failed ({p.returncode}): {p.stderr}")
     return p
+
+
+def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``moverd ARGS`` that must succeed unless ``check`` is False."""
+    return moverd(args, env, check=check)
