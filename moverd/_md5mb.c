@@ -1,22 +1,28 @@
-/* Multi-buffer MD5: many independent MD5 streams hashed side by side in the 16 lanes of AVX-512.
+/* Multi-buffer MD5: many independent MD5 streams hashed side by side in the 16 lanes of AVX-512,
+ * or the 8 lanes of AVX2 where the CPU has no AVX-512.
  *
  * Why: MD5 is one long dependency chain, so a single stream runs at ~5 cycles per byte however
  * wide the CPU is (OpenSSL's assembly included). An archive hashes hundreds of files at once;
- * putting 16 of them in the lanes of one vector register hashes 16 blocks in the time of one.
+ * putting 16 (or 8) of them in the lanes of one vector register hashes 16 (8) blocks in about the
+ * time of one.
  *
  * The module exposes `md5`, a hashlib-compatible object (its own `update` is a portable scalar
  * implementation), and `update_many(pairs)`, which hashes a list of (hasher, buffer) pairs with
  * the GIL released: pairs of one hasher are hashed in their order, the md5 objects of this module
  * share the vector lanes, any other hasher gets `update(buffer)` called on it.
- * `avx512()` says whether the lanes are used here (else `update_many` hashes one stream at a time).
+ * `lanes()` says how many streams `update_many` hashes at once here: 16, 8, or 1 (no vector kernel
+ * for this CPU). The environment variable MOVERD_MD5MB_LANES, read at import, lowers it (1, 8):
+ * the tests check every kernel the CPU has against hashlib.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
 
+#include <stdlib.h>
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define HAVE_AVX512_KERNEL 1
+#define HAVE_VECTOR_KERNELS 1
 #include <immintrin.h>
 #endif
 
@@ -200,9 +206,9 @@ static void hash_streams_scalar(Stream *streams, Py_ssize_t nstreams, Segment *s
     }
 }
 
-#ifdef HAVE_AVX512_KERNEL
+#ifdef HAVE_VECTOR_KERNELS
 
-static int cpu_has_avx512 = 0;
+static int cpu_lanes = 1; /* 16: AVX-512, 8: AVX2, 1: scalar */
 
 #define AVX512 __attribute__((target("avx512f")))
 
@@ -285,18 +291,92 @@ static void lane_load(uint32_t state[4][LANES], int l, const Md5Object *o) {
     for (int k = 0; k < 4; k++) state[k][l] = o->h[k];
 }
 
-/* Hash every stream to its end, 16 at a time: a lane whose stream ends takes the next one. */
-static void hash_streams_x16(Stream *streams, Py_ssize_t nstreams, Segment *segs) {
+/* ---- AVX2: 8 lanes ----
+ * No ternary logic and no vector rotate here: the round functions take two or three operations
+ * each, and a rotation is two shifts and an or. */
+
+#define AVX2 __attribute__((target("avx2")))
+#define LANES8 8
+
+#define ROTL8(t, s) _mm256_or_si256(_mm256_slli_epi32(t, s), _mm256_srli_epi32(t, 32 - (s)))
+
+#define STEP8(fn, a, b, c, d, i)                                                        \
+    do {                                                                                \
+        __m256i t = _mm256_add_epi32(a, _mm256_add_epi32(w[G[i]], _mm256_set1_epi32((int)K[i]))); \
+        t = _mm256_add_epi32(t, fn);                                                    \
+        a = _mm256_add_epi32(b, ROTL8(t, S[i]));                                        \
+    } while (0)
+
+#define ROUND8(FN, first)                                                  \
+    _Pragma("GCC unroll 4") for (int i = (first); i < (first) + 16; i += 4) { \
+        STEP8(FN(b, c, d), a, b, c, d, i);                                 \
+        STEP8(FN(a, b, c), d, a, b, c, i + 1);                             \
+        STEP8(FN(d, a, b), c, d, a, b, i + 2);                             \
+        STEP8(FN(c, d, a), b, c, d, a, i + 3);                             \
+    }
+
+/* F = d ^ (b & (c ^ d)), G = c ^ (d & (b ^ c)), H = b ^ c ^ d, I = c ^ (b | ~d). */
+#define FF8(b, c, d) _mm256_xor_si256(d, _mm256_and_si256(b, _mm256_xor_si256(c, d)))
+#define GG8(b, c, d) _mm256_xor_si256(c, _mm256_and_si256(d, _mm256_xor_si256(b, c)))
+#define HH8(b, c, d) _mm256_xor_si256(_mm256_xor_si256(b, c), d)
+#define II8(b, c, d) _mm256_xor_si256(c, _mm256_or_si256(b, _mm256_xor_si256(d, ones)))
+
+/* Rows r[l] (8 message words of lane l) to columns (one word of every lane each). */
+AVX2 static inline void transpose8(__m256i r[8]) {
+    __m256i t[8], u[8];
+    _Pragma("GCC unroll 8") for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    _Pragma("GCC unroll 8") for (int j = 0; j < 4; j++) {
+        r[j] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20);
+        r[j + 4] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31);
+    }
+}
+
+/* One block in each of the first 8 lanes; state[k] holds word k of every lane's state. */
+AVX2 static void md5_x8(uint32_t state[4][LANES], const uint8_t *const blocks[LANES]) {
+    __m256i w[16];
+    const __m256i ones = _mm256_set1_epi32(-1);
+    _Pragma("GCC unroll 8") for (int l = 0; l < LANES8; l++) {
+        w[l] = _mm256_loadu_si256((const __m256i *)blocks[l]);
+        w[l + 8] = _mm256_loadu_si256((const __m256i *)(blocks[l] + 32));
+    }
+    transpose8(w);
+    transpose8(w + 8);
+    __m256i a = _mm256_loadu_si256((const __m256i *)state[0]), b = _mm256_loadu_si256((const __m256i *)state[1]);
+    __m256i c = _mm256_loadu_si256((const __m256i *)state[2]), d = _mm256_loadu_si256((const __m256i *)state[3]);
+    const __m256i a0 = a, b0 = b, c0 = c, d0 = d;
+    ROUND8(FF8, 0);
+    ROUND8(GG8, 16);
+    ROUND8(HH8, 32);
+    ROUND8(II8, 48);
+    _mm256_storeu_si256((__m256i *)state[0], _mm256_add_epi32(a, a0));
+    _mm256_storeu_si256((__m256i *)state[1], _mm256_add_epi32(b, b0));
+    _mm256_storeu_si256((__m256i *)state[2], _mm256_add_epi32(c, c0));
+    _mm256_storeu_si256((__m256i *)state[3], _mm256_add_epi32(d, d0));
+}
+
+typedef void (*LaneKernel)(uint32_t state[4][LANES], const uint8_t *const blocks[LANES]);
+
+/* Hash every stream to its end, `nlanes` at a time: a lane whose stream ends takes the next one. */
+static void hash_streams_lanes(Stream *streams, Py_ssize_t nstreams, Segment *segs, int nlanes, LaneKernel kernel) {
     Lane lanes[LANES];
     uint32_t state[4][LANES] __attribute__((aligned(64)));
     const uint8_t *blocks[LANES];
     static const uint8_t idle[64];
     Py_ssize_t next_stream = 0;
     memset(state, 0, sizeof state);
-    for (int l = 0; l < LANES; l++) lanes[l].stream = NULL, lanes[l].segs = segs;
+    for (int l = 0; l < nlanes; l++) lanes[l].stream = NULL, lanes[l].segs = segs;
     for (;;) {
         int active = 0;
-        for (int l = 0; l < LANES; l++) {
+        for (int l = 0; l < nlanes; l++) {
             Lane *lane = &lanes[l];
             const uint8_t *p = NULL;
             while (1) {
@@ -317,8 +397,8 @@ static void hash_streams_x16(Stream *streams, Py_ssize_t nstreams, Segment *segs
         }
         if (active == 0) return;
         if (active == 1) {
-            /* One stream left: the scalar function does one block in a sixteenth of the work. */
-            for (int l = 0; l < LANES; l++) {
+            /* One stream left: the scalar function does one block in a fraction of the work. */
+            for (int l = 0; l < nlanes; l++) {
                 if (lanes[l].stream == NULL) continue;
                 Md5Object *o = lanes[l].stream->obj;
                 lane_save(state, l, o);
@@ -331,15 +411,19 @@ static void hash_streams_x16(Stream *streams, Py_ssize_t nstreams, Segment *segs
             if (next_stream == nstreams) return;
             continue;
         }
-        md5_x16(state, blocks);
+        kernel(state, blocks);
     }
 }
 #endif
 
 static void hash_streams(Stream *streams, Py_ssize_t nstreams, Segment *segs) {
-#ifdef HAVE_AVX512_KERNEL
-    if (cpu_has_avx512 && nstreams > 1) {
-        hash_streams_x16(streams, nstreams, segs);
+#ifdef HAVE_VECTOR_KERNELS
+    if (nstreams > 1 && cpu_lanes == 16) {
+        hash_streams_lanes(streams, nstreams, segs, 16, md5_x16);
+        return;
+    }
+    if (nstreams > 1 && cpu_lanes == 8) {
+        hash_streams_lanes(streams, nstreams, segs, 8, md5_x8);
         return;
     }
 #endif
@@ -530,17 +614,17 @@ done:
     return result;
 }
 
-static PyObject *avx512(PyObject *module, PyObject *Py_UNUSED(ignored)) {
-#ifdef HAVE_AVX512_KERNEL
-    return PyBool_FromLong(cpu_has_avx512);
+static PyObject *lanes(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+#ifdef HAVE_VECTOR_KERNELS
+    return PyLong_FromLong(cpu_lanes);
 #else
-    Py_RETURN_FALSE;
+    return PyLong_FromLong(1);
 #endif
 }
 
 static PyMethodDef module_methods[] = {
     {"update_many", update_many, METH_O, "Hash (hasher, buffer) pairs; md5 streams side by side."},
-    {"avx512", avx512, METH_NOARGS, "Whether update_many() uses the 16 AVX-512 lanes on this CPU."},
+    {"lanes", lanes, METH_NOARGS, "How many md5 streams update_many() hashes at once on this CPU (16, 8 or 1)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -549,9 +633,14 @@ static struct PyModuleDef md5mb_module = {
 };
 
 PyMODINIT_FUNC PyInit__md5mb(void) {
-#ifdef HAVE_AVX512_KERNEL
+#ifdef HAVE_VECTOR_KERNELS
     __builtin_cpu_init();
-    cpu_has_avx512 = __builtin_cpu_supports("avx512f");
+    cpu_lanes = __builtin_cpu_supports("avx512f") ? 16 : __builtin_cpu_supports("avx2") ? 8 : 1;
+    const char *cap = getenv("MOVERD_MD5MB_LANES");
+    if (cap != NULL && *cap != '\0') {
+        int most = atoi(cap);
+        if (most < cpu_lanes) cpu_lanes = most >= 8 ? 8 : 1;
+    }
 #endif
     if (PyType_Ready(&Md5Type) < 0) return NULL;
     PyObject *m = PyModule_Create(&md5mb_module);

@@ -34,10 +34,11 @@ THREAD_HASH_MIN = 256 * 1024
 ones cost less to hash inline than to hand to a thread."""
 
 
-MULTI_BUFFER_MD5: HasherFactory | None = _md5mb.md5 if _md5mb is not None and _md5mb.avx512() else None
-"""md5 whose streams :func:`update_many` hashes 16 at a time in AVX-512 lanes (~4 GiB/s against
-hashlib's ~0.7 on 2 MiB files) where the CPU has AVX-512, else None. The archive pipeline hashes
-files' md5 with it; the registry's ``md5`` stays hashlib's, which is faster for one stream.
+MULTI_BUFFER_MD5: HasherFactory | None = _md5mb.md5 if _md5mb is not None and _md5mb.lanes() > 1 else None
+"""md5 whose streams :func:`update_many` hashes side by side in vector lanes, where the CPU has
+them: 16 with AVX-512 (~4 GiB/s against hashlib's ~0.7 on 2 MiB files), 8 with AVX2; else None.
+The archive pipeline hashes files' md5 with it; the registry's ``md5`` stays hashlib's, which is
+faster for one stream.
 
 MD5 is one long dependency chain, so one stream cannot go faster than ~5 cycles per byte; an
 archive hashes hundreds of files, and those can share the vector lanes."""

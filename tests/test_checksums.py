@@ -6,6 +6,8 @@ import hashlib
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,40 @@ def test_update_many_interleaves_streams_in_order_per_hasher() -> None:
         assert all(mine.digest() == reference.digest() for mine, reference in others)
 
 
+_KERNEL_CHECK = """
+import hashlib, os, random, sys
+from moverd import _md5mb
+assert _md5mb.lanes() == int(sys.argv[1]), _md5mb.lanes()
+rng = random.Random(int(sys.argv[1]))
+for _ in range(40):
+    sizes = [rng.choice([0, 1, 63, 64, 65, 4096, rng.randint(0, 300_000)]) for _ in range(rng.randint(2, 40))]
+    datas = [os.urandom(n) for n in sizes]
+    hashers = [_md5mb.md5() for _ in datas]
+    pos = [0] * len(datas)
+    while any(p < len(d) for p, d in zip(pos, datas)):
+        pairs = []
+        for i, d in enumerate(datas):
+            if pos[i] < len(d) and rng.random() < 0.7:
+                k = rng.randint(1, 70_000)
+                pairs.append((hashers[i], d[pos[i]:pos[i] + k]))
+                pos[i] += k
+        _md5mb.update_many(pairs)
+    for h, d in zip(hashers, datas):
+        assert h.hexdigest() == hashlib.md5(d).hexdigest(), len(d)
+"""
+
+
+@pytest.mark.parametrize("lanes", [16, 8, 1])
+def test_every_kernel_this_cpu_has_matches_hashlib(lanes: int) -> None:
+    """Each vector kernel (16 lanes of AVX-512, 8 of AVX2) and the scalar one, chosen with
+    ``MOVERD_MD5MB_LANES`` in a fresh interpreter: the kernel in use depends on the CPU, so the
+    ones below it would go untested on a machine with a wider one."""
+    if lanes > _md5mb.lanes():
+        pytest.skip(f"this CPU has no {lanes}-lane kernel")
+    env = {**os.environ, "MOVERD_MD5MB_LANES": str(lanes)}
+    subprocess.run([sys.executable, "-c", _KERNEL_CHECK, str(lanes)], env=env, check=True, timeout=120)
+
+
 def test_update_many_rejects_bad_pairs_without_hashing() -> None:
     h = _md5mb.md5(b"abc")
     with pytest.raises(TypeError, match="pairs"):
@@ -102,12 +138,13 @@ def test_a_hasher_in_use_by_another_call_is_refused() -> None:
 
 @pytest.mark.anyio
 async def test_archives_hash_md5_multi_buffer_where_the_cpu_allows(app: App) -> None:
-    """The pipeline's md5 is multi-buffer on AVX-512 (the drain hashes it); the registry's md5,
-    used for single streams such as retrieval, stays hashlib's."""
+    """The pipeline's md5 is multi-buffer on AVX-512 or AVX2 (the drain hashes it); the registry's
+    md5, used for single streams such as retrieval, stays hashlib's."""
     assert app.registry.checksums["md5"] is hashlib.md5
     file_hash = app.pipeline.file_hasher()
-    assert type(file_hash) is (_md5mb.md5 if _md5mb.avx512() else type(hashlib.md5()))
-    assert checksums.hashes_together(file_hash) == _md5mb.avx512()
+    vector = _md5mb.lanes() > 1
+    assert type(file_hash) is (_md5mb.md5 if vector else type(hashlib.md5()))
+    assert checksums.hashes_together(file_hash) == vector
     assert not checksums.hashes_together(hashlib.sha256())
 
 
