@@ -43,6 +43,9 @@ faster for one stream.
 MD5 is one long dependency chain, so one stream cannot go faster than ~5 cycles per byte; an
 archive hashes hundreds of files, and those can share the vector lanes."""
 
+HASH_LANES: int = _md5mb.lanes() if MULTI_BUFFER_MD5 is not None else 1
+"""Streams :func:`update_many` hashes at once: a call with fewer leaves lanes idle."""
+
 
 def hashes_together(hasher: Hasher) -> bool:
     """Whether ``hasher`` gains from :func:`update_many` with other streams: then the pipeline

@@ -53,7 +53,7 @@ class PipelineSettings(_Section):
     """Memory for read-ahead across all files in flight."""
     prefetch_files: int = Field(32, ge=1, le=1024)
     """Files read ahead concurrently (hides S3 request latency for small files)."""
-    prefetch_bytes: ByteSize = Field(16 * 1024**2, ge=64 * 1024)
+    prefetch_bytes: ByteSize = Field(32 * 1024**2, ge=64 * 1024)
     """Bytes of the files read at once (a file counts at most a quarter of it): enough to keep
     a nearby source busy; raise it for a distant one (bandwidth times latency)."""
     checksum: str = "md5"

@@ -35,6 +35,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .buffers import SlabPool, fill, fill_many_and_hash
 from .checksums import (
     DATABLOCK_CHECKSUM,
+    HASH_LANES,
     MULTI_BUFFER_MD5,
     THREAD_HASH_MIN,
     Hasher,
@@ -60,7 +61,7 @@ class PipelineContext:
     hasher: Callable[[str], Hasher]
     checksum: str = "md5"
     prefetch_files: int = 32
-    prefetch_bytes: int = 16 * 1024**2
+    prefetch_bytes: int = 32 * 1024**2
 
     def file_hasher(self) -> Hasher:
         """A new file's checksum: md5 hashes many files at once where the CPU allows (the drain
@@ -156,15 +157,60 @@ of (parts of) them that falls to the drain."""
 _DRAIN_BATCH = 64
 
 
+class _HashBehind:
+    """File hashing that the drain does after writing, several batches at once.
+
+    A drain batch holds few files (the tar's order is one file after another), and the
+    multi-buffer md5 hashes one stream per lane: hashed batch by batch, a 2 MiB-file archive kept
+    ~5 of 16 lanes busy. So the drain writes a batch and keeps its hashing, with the callbacks
+    that give the batch's slabs back, until enough streams wait to fill the lanes, enough bytes
+    wait (a read window's worth: the readers keep the rest of the pool), or the drain would
+    otherwise wait for pieces. The last rule means the drain never sleeps on slabs whose reader
+    may need them back, so the pipeline cannot stall on it.
+    """
+
+    def __init__(self, lanes: int, max_bytes: int) -> None:
+        self.lanes = lanes
+        self.max_bytes = max_bytes
+        self.pairs: _Hashing = []
+        self.written: list[Callable[[], None]] = []
+        self._streams: set[int] = set()
+        self._bytes = 0
+
+    def add(self, batch: list[_Piece]) -> None:
+        """Keep the batch's hashing, and run the written callbacks of its pieces that have none."""
+        for _, written, hashing in batch:
+            for hasher, data in hashing:
+                self.pairs.append((hasher, data))
+                self._streams.add(id(hasher))
+                self._bytes += len(data)
+            if written is not None:
+                if hashing:
+                    self.written.append(written)
+                else:
+                    written()
+
+    @property
+    def full(self) -> bool:
+        return len(self._streams) >= self.lanes or self._bytes >= self.max_bytes
+
+    def take(self) -> tuple[_Hashing, list[Callable[[], None]]]:
+        """What to hash now and the callbacks to run once it is hashed; empties the store."""
+        taken = self.pairs, self.written
+        self.pairs, self.written, self._streams, self._bytes = [], [], set(), 0
+        return taken
+
+
 class TarSink:
     """The tar stream's bytes in order, written behind the consumer by :meth:`drain`.
 
     Small pieces (headers, padding, small files) are coalesced into new ``bytes``; big chunks
-    pass through as views of their slabs, which go back to their reader once written. Data given
-    with a file hasher is hashed by the drain, all of a batch's streams in one call.
+    pass through as views of their slabs, which go back to their reader once written and
+    hashed. Data given with a file hasher is hashed by the drain, many batches' streams in one
+    call (:class:`_HashBehind`).
     """
 
-    def __init__(self, writer: Writer, block_hash: Hasher, max_pending: int) -> None:
+    def __init__(self, writer: Writer, block_hash: Hasher, max_pending: int, hash_behind: int) -> None:
         self.writer = writer
         self.block_hash = block_hash
         self.offset = 0
@@ -174,6 +220,7 @@ class TarSink:
         self._hash_ranges: list[tuple[Hasher, int, int]] = []
         self._send, self._recv = anyio.create_memory_object_stream[_Piece](max_pending)
         self._blocking = writer if isinstance(writer, BlockingWrites) else None
+        self._behind = _HashBehind(HASH_LANES, hash_behind)
 
     async def put_small(self, data: bytes | memoryview, file_hash: Hasher | None = None) -> None:
         n = len(data)
@@ -212,40 +259,56 @@ class TarSink:
     async def drain(self) -> None:
         """Write the pieces in order, each batch of waiting pieces in one worker-thread call when
         the writer can write blocking: the batch grows when the disk or the thread hop is slow,
-        so the hop's cost is spread over more bytes exactly when it matters."""
+        so the hop's cost is spread over more bytes exactly when it matters. The same call
+        hashes what :class:`_HashBehind` kept, once it is due."""
+        behind = self._behind
         async with self._recv:
             while True:
                 try:
-                    batch = [await self._recv.receive()]
+                    batch = [self._recv.receive_nowait()]
+                except anyio.WouldBlock:
+                    await self._write_and_hash([], *behind.take())
+                    try:
+                        batch = [await self._recv.receive()]
+                    except anyio.EndOfStream:
+                        return
                 except anyio.EndOfStream:
+                    await self._write_and_hash([], *behind.take())
                     return
                 while len(batch) < _DRAIN_BATCH:
                     try:
                         batch.append(self._recv.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                if self._blocking is not None:
-                    await anyio.to_thread.run_sync(self._write_batch, self._blocking, batch)
-                else:
-                    if hashing := _hashing(batch):
-                        await anyio.to_thread.run_sync(update_many, hashing)
-                    for data, _, _ in batch:
-                        self.block_hash.update(data)
-                        await self.writer.write(data)
-                for _, written, _ in batch:
-                    if written is not None:
-                        written()
+                hashing, written = behind.take() if behind.full else ([], [])
+                await self._write_and_hash(batch, hashing, written)
+                behind.add(batch)
 
-    def _write_batch(self, writer: BlockingWrites, batch: list[_Piece]) -> None:
-        if hashing := _hashing(batch):
-            update_many(hashing)
+    async def _write_and_hash(
+        self, batch: list[_Piece], hashing: _Hashing, written: list[Callable[[], None]]
+    ) -> None:
+        """Write ``batch``, hash ``hashing``, then run ``written`` (which gives slabs back)."""
+        if not batch and not hashing:
+            for done in written:
+                done()
+            return
+        if self._blocking is not None:
+            await anyio.to_thread.run_sync(self._write_batch, self._blocking, batch, hashing)
+        else:
+            if hashing:
+                await anyio.to_thread.run_sync(update_many, hashing)
+            for data, _, _ in batch:
+                self.block_hash.update(data)
+                await self.writer.write(data)
+        for done in written:
+            done()
+
+    def _write_batch(self, writer: BlockingWrites, batch: list[_Piece], hashing: _Hashing) -> None:
         for data, _, _ in batch:
             self.block_hash.update(data)
             writer.write_blocking(data)
-
-
-def _hashing(batch: list[_Piece]) -> _Hashing:
-    return [pair for _, _, hashing in batch for pair in hashing]
+        if hashing:
+            update_many(hashing)
 
 
 def _views(slabs: list[bytearray], free: MemoryObjectReceiveStream[bytearray], remaining: int) -> list[memoryview]:
@@ -383,7 +446,7 @@ async def write_datablock(
     consumed: list[_Consumed] = []
     taken: set[_FileStream] = set()  # files whose slabs are out: only those in flight
     try:
-        out = TarSink(writer, block_hash, ctx.pool.capacity)
+        out = TarSink(writer, block_hash, ctx.pool.capacity, ctx.prefetch_bytes)
         async with anyio.create_task_group() as tg:
             tg.start_soon(out.drain)
             files_send, files_recv = anyio.create_memory_object_stream[_FileStream](ctx.prefetch_files)

@@ -266,6 +266,34 @@ async def test_read_ahead_is_bounded_by_files_and_by_bytes(
     assert read_tree(tmp_path / "out") == files
 
 
+@pytest.mark.parametrize("pipeline", [
+    # a pool of 16 slabs: the drain must hash what it holds before it waits, or readers starve
+    {"chunk_size": "64KiB", "buffer_budget": "1MiB", "prefetch_bytes": "256KiB"},
+    {},
+])
+async def test_member_checksums_are_each_files_md5_however_the_hashing_is_batched(
+    tmp_path: Path, pipeline: dict[str, Any]
+) -> None:
+    import hashlib
+    import random
+
+    rng = random.Random(7)
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = [0, 1, 63, 64, 65, 65_535, 65_536, 262_144, 300_001, 1_048_577, 2_500_000]
+    sizes += [rng.choice([rng.randint(0, 4096), rng.randint(200_000, 2_200_000)]) for _ in range(40)]
+    expected = {}
+    for i, n in enumerate(sizes):
+        data = rng.randbytes(n)
+        (src / f"f{i:03d}.bin").write_bytes(data)
+        expected[f"f{i:03d}.bin"] = hashlib.md5(data).hexdigest()
+    async with App(make_settings(tmp_path, pipeline={"target_size": "8MiB", **pipeline})) as app:
+        ds, source = await register_folder(app, src)
+        result = await archive_dataset(app, ds.pid, source=source)
+    got = {m.path: m.checksum for block in result.datablocks for m in block.members}
+    assert got == expected
+
+
 @pytest.mark.slow
 async def test_round_trip_of_a_file_over_8_gib(tmp_path: Path) -> None:
     size = 8 * 2**30 + 12345
