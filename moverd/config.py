@@ -59,7 +59,8 @@ class PipelineSettings(_Section):
     checksum: str = "md5"
     """Per-file checksum algorithm recorded in the catalog."""
     datablock_concurrency: int = Field(2, ge=1, le=64)
-    """Datablocks of one dataset in flight at once (one verifies while the next is written)."""
+    """Datablocks of one dataset in flight at once: one streams from the source, the others
+    commit, verify and register meanwhile."""
 
     @model_validator(mode="after")
     def _budget(self) -> PipelineSettings:

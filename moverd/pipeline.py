@@ -426,8 +426,12 @@ class WrittenDatablock:
 async def write_datablock(
     plan: DatablockPlan, source: Storage, prefix: str, sink: Storage, ctx: PipelineContext,
     transfer: Transfer | None = None, listed: Mapping[str, ObjectInfo] | None = None,
+    streamed: Callable[[], None] | None = None,
 ) -> WrittenDatablock:
     """Stream the plan's files from ``source`` into one tar on ``sink`` and commit it.
+
+    ``streamed`` is called once every byte is written, before the commit (which may wait for
+    the disk, and a read-back, to catch up): the next datablock can start reading then.
 
     ``listed`` maps a file's path to the source's listing of it: each file is then read with
     ``expect=`` that listing, so that one that changes while it is read fails the datablock
@@ -459,6 +463,8 @@ async def write_datablock(
                 await out.flush()
             finally:
                 out.close()
+        if streamed is not None:
+            streamed()
         await writer.commit()
     except BaseException:
         with anyio.CancelScope(shield=True):

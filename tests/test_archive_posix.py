@@ -220,6 +220,8 @@ class _CountingReads:
         self._inner = inner
         self.open = 0
         self.peak = 0
+        self.events: list[tuple[str, str]] = []
+        """("open" or "close", key) in the order they happened."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -229,6 +231,7 @@ class _CountingReads:
         counter = self
         counter.open += 1
         counter.peak = max(counter.peak, counter.open)
+        counter.events.append(("open", key))
 
         class Slow:
             def __getattr__(self, name: str) -> Any:
@@ -240,6 +243,7 @@ class _CountingReads:
 
             async def aclose(self) -> None:
                 counter.open -= 1
+                counter.events.append(("close", key))
                 await reader.aclose()
 
         return Slow()
@@ -262,6 +266,26 @@ async def test_read_ahead_is_bounded_by_files_and_by_bytes(
         counting = _CountingReads(src)
         await archive_dataset(app, ds.pid, source=counting)  # type: ignore[arg-type]
         assert counting.peak == peak and counting.open == 0
+        await retrieve_dataset(app, ds.pid, app.local_folder(tmp_path / "out", "out", create=True))
+    assert read_tree(tmp_path / "out") == files
+
+
+async def test_datablocks_of_a_dataset_stream_one_after_another(tmp_path: Path) -> None:
+    """Two in flight (the default), and still each datablock reads its first file only once the
+    one before it read its last: what overlaps is one's commit with the next one's reads."""
+    files = small_files_tree(tmp_path / "src", 24, size=300_000)
+    async with App(make_settings(tmp_path, pipeline={"target_size": "2MiB"})) as app:
+        ds, src = await register_folder(app, tmp_path / "src")
+        counting = _CountingReads(src)
+        result = await archive_dataset(app, ds.pid, source=counting)  # type: ignore[arg-type]
+        assert len(result.datablocks) >= 3 and app.settings.pipeline.datablock_concurrency == 2
+        block_of = {m.path: b.index for b in result.datablocks for m in b.members}
+        of_key = {key: b for path, b in block_of.items() for _, key in counting.events if key.endswith(path)}
+        seen = [(what, of_key[key]) for what, key in counting.events]
+        for index in range(1, len(result.datablocks)):
+            first_open = seen.index(("open", index))
+            last_close_before = max(i for i, (what, b) in enumerate(seen) if what == "close" and b == index - 1)
+            assert last_close_before < first_open, seen
         await retrieve_dataset(app, ds.pid, app.local_folder(tmp_path / "out", "out", create=True))
     assert read_tree(tmp_path / "out") == files
 

@@ -8,7 +8,8 @@ verified and reused instead of written again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
@@ -92,6 +93,25 @@ async def check_source(
     return out, listed
 
 
+@asynccontextmanager
+async def _streaming_turn(lock: anyio.Lock) -> AsyncIterator[Callable[[], None]]:
+    """Wait for the datablock's turn to stream; yields the call that ends the turn early (once
+    its bytes are written), which leaving the block does otherwise."""
+    await lock.acquire()
+    held = True
+
+    def done() -> None:
+        nonlocal held
+        if held:
+            held = False
+            lock.release()
+
+    try:
+        yield done
+    finally:
+        done()
+
+
 def _same_content(block: Datablock, plan: DatablockPlan) -> bool:
     return [(m.path, m.size) for m in block.members] == [(f.path, f.size) for f in plan.files]
 
@@ -133,11 +153,16 @@ async def _archive(
     if removed:
         log.info("removed %d temporary file(s) of an interrupted attempt on %s", removed, pid)
     limiter = anyio.CapacityLimiter(app.settings.pipeline.datablock_concurrency)
+    # One datablock streams from the source at a time, in plan order; the others in flight
+    # commit, verify and register meanwhile. Two streaming at once shared the same CPU and
+    # source and then finished together, leaving both tails (the disk catching up, the
+    # read-back, the catalog) with nothing to overlap.
+    streaming = anyio.Lock()
 
     async def one(plan: DatablockPlan) -> None:
         async def work() -> Datablock:
             return await _archive_block(
-                app, pid, plan, source, prefix, lts, registered, transfer, result, on_source
+                app, pid, plan, source, prefix, lts, registered, transfer, result, on_source, streaming
             )
 
         async with limiter:
@@ -180,7 +205,7 @@ def _same_version(a: ObjectInfo, b: ObjectInfo | None) -> bool:
 async def _archive_block(
     app: App, pid: str, plan: DatablockPlan, source: Storage, prefix: str, lts: Storage,
     registered: dict[str, Datablock], transfer: Transfer, result: ArchiveResult,
-    on_source: dict[str, ObjectInfo],
+    on_source: dict[str, ObjectInfo], streaming: anyio.Lock,
 ) -> Datablock:
     known = registered.get(plan.archive_id)
     if known is not None:
@@ -208,9 +233,9 @@ async def _archive_block(
     else:
         block = None
     if block is None:
-        async with app.slot(lts, "write"):
+        async with _streaming_turn(streaming) as streamed, app.slot(lts, "write"):
             await lts.wait_for_space(plan.packed_size_estimate)
-            written = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer, on_source)
+            written = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer, on_source, streamed)
             block = written.datablock
             # A tar without its index would be written again on resume: never stop in between.
             with anyio.CancelScope(shield=True):
