@@ -172,6 +172,9 @@ class Dispatcher:
                 # would find its landing zone gone; leave it as it is.
                 await self.journal.set_state(entry.job_id, "done" if state == "COMPLETED" else "failed",
                                              f"flow run ended {state} before the daemon stopped")
+                log.info("job %s: its flow run ended %s; not run again", entry.job_id, state)
+                continue
+            if await self._left_to_takeover(entry.job_id, flow_run):
                 continue
             if flow_run is not None and state not in FINAL_STATES:
                 try:
@@ -191,6 +194,11 @@ class Dispatcher:
 
     async def _requeue(self, job_id: str, job_type: str, flow_run: FlowRun | None, state: str | None) -> bool:
         """Embedded: a run still Scheduled never started; queue that same run again."""
+        return False
+
+    async def _left_to_takeover(self, job_id: str, flow_run: FlowRun | None) -> bool:
+        """Scale-out with takeover: the run is, or will be, another daemon's to claim; never run
+        it here but through that claim."""
         return False
 
     # -- running one job -------------------------------------------------------------------------
