@@ -8,13 +8,14 @@ must take the job over and finish it within the bound; no datablock may be commi
 watched LTS storage logs every commit, of both processes); the LTS writers open at once never
 exceed the limit (the dead daemon's writer counts as open to the end: its slot is held until its
 lease runs out); and the killed daemon, restarted with its journal while the job runs elsewhere,
-does not run it again.
+does not run it again. Last, eight claims of one Orphaned run at once: Prefect grants one.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -132,5 +133,27 @@ def test_a_job_of_a_killed_daemon_is_taken_over_and_not_run_again(
     peak, _ = max_concurrent(watch)
     assert peak <= 2, f"at most 2 LTS writers at once (the dead one's counted to the end), saw {peak}"
     assert sampler.peak <= 2, f"the LTS had {sampler.peak} temporary files at once"
+    assert one_claim_wins(prefect_on_postgres) == 1
     print(f"\ntakeover {took:.1f} s after SIGKILL (window {WINDOW:g} s), job finished {finished:.1f} s after it; "
           f"peak writers {peak}")
+
+
+def one_claim_wins(server: PrefectServer, claimants: int = 8) -> int:
+    """Proposals of Pending from the Orphaned state, all at once (as daemons claim): how many
+    Prefect accepted. Run once no daemon serves the pool, so that none of them takes it."""
+    with httpx.Client(base_url=server.api, timeout=30) as prefect:
+        deployment = prefect.get("/deployments/name/moverd-archive-job/archival").json()
+        fr = prefect.post(f"/deployments/{deployment['id']}/create_flow_run",
+                          json={"parameters": {"job_id": "race"}, "name": "race"}).json()
+        orphaned = {"state": {"type": "CRASHED", "name": "Orphaned"}, "force": True}
+        assert prefect.post(f"/flow_runs/{fr['id']}/set_state", json=orphaned).json()["status"] == "ACCEPT"
+
+    def claim(_: int) -> str:
+        with httpx.Client(base_url=server.api, timeout=30) as client:
+            r = client.post(f"/flow_runs/{fr['id']}/set_state", json={"state": {"type": "PENDING"}, "force": False})
+            return str(r.json()["status"])
+
+    with ThreadPoolExecutor(claimants) as pool:
+        answers = list(pool.map(claim, range(claimants)))
+    assert len(answers) == claimants
+    return answers.count("ACCEPT")
