@@ -80,8 +80,9 @@ def test_two_daemons_share_the_work_and_the_lts_limit(
         assert names == {f"{os.uname().nodename}:{d.port}" for d in daemons}, names
         assert limit["limit"] == 2 and limit["active_slots"] == 0
 
-        # A daemon stopped in the middle of a job (SIGTERM twice: no grace) resumes it at its next
-        # start, as a new deployment run that either daemon may take.
+        # A daemon stopped in the middle of a job (SIGTERM twice: no grace) hands it to the pool
+        # (Orphaned): the other daemon takes the same flow run over at once, and resumes it; the
+        # stopped one, started again, does not run it.
         big = {f"big/f{k:02d}.bin": rnd.randbytes(1_000_000) for k in range(30)}
         big_pid = facility.add_dataset(big)
         big_job = facility.scicat.add_job("archive", [big_pid])
@@ -98,11 +99,18 @@ def test_two_daemons_share_the_work_and_the_lts_limit(
             victim.proc.send_signal(signal.SIGTERM)
             time.sleep(0.2)
             assert victim.stop(signal.SIGTERM, timeout=60) == 0, victim.log()
-            assert prefect.get(f"/flow_runs/{first_run}").json()["state"]["type"] == "CRASHED"
-            victim.start().wait_ready(180)
+            heir = next(d for d in daemons if d is not victim)
             wait_for(lambda: facility.scicat.job(big_job)["statusCode"] == "finishedSuccessful", 180, 0.5,
-                     "the resumed big job")
-        assert "resuming archive job" in victim.log()
+                     "the big job, taken over")
+            done = prefect.get(f"/flow_runs/{first_run}").json()
+            assert done["state"]["type"] == "COMPLETED"
+            assert done["labels"]["moverd.daemon"] == f"{os.uname().nodename}:{heir.port}"
+            history = prefect.get("/flow_run_states/", params={"flow_run_id": first_run}).json()
+            assert "Orphaned" in [s["name"] for s in history]
+            victim.start().wait_ready(180)
+            wait_for(lambda: "not run again" in victim.log(), 60, 0.2, "the stopped daemon reading its journal")
+        assert "took over archive job" in heir.log(200_000)
+        assert "resuming archive job" not in victim.log(200_000)
         assert not [p for p in lts.rglob("*") if ".moverd-tmp-" in p.name]
         sampler.stop()
 

@@ -223,6 +223,10 @@ class PoolDispatcher(Dispatcher):
         """Claim the run and start it here; False when another daemon was first."""
         if not await self._claim(fr):
             return False
+        if self._window is not None:
+            # At once: a run claimed here that never starts (this daemon dies, or the next steps
+            # fail) is orphaned too, and goes to another daemon.
+            await self._send_heartbeats([str(fr.id)])
         if orphaned:
             fr = await self.client.read_flow_run(fr.id)
         job_id = str((fr.parameters or {}).get("job_id", ""))
@@ -230,12 +234,29 @@ class PoolDispatcher(Dispatcher):
                      flow_run=fr)
         self.runs[job_id] = run
         await self.journal.record(job_id, spec.job_type, run.flow_run_id, run.flow_run_name, "running")
-        if self._window is not None:
-            await self._send_heartbeats([run.flow_run_id])  # a run that dies before the next beat is seen too
         self._started(run)
         tg.start_soon(self._execute, run, spec.flow)
         log.info("%s %s job %s (flow run %s)", "took over" if orphaned else "took", spec.job_type, job_id, fr.id)
         return True
+
+    async def _mark_crashed(self, run: JobRun) -> None:
+        """A job aborted at a stop goes to the pool at once, as Orphaned, rather than waiting for
+        this daemon's next start (without takeover: Crashed, and resumed at that start)."""
+        from moverd_flows.takeover import ORPHANED
+        from prefect.states import Crashed
+
+        if self._window is None:
+            return await super()._mark_crashed(run)
+        try:
+            current = await self.client.read_flow_run(UUID(run.flow_run_id))
+            state, owner = current.state, (current.labels or {}).get("moverd.daemon")
+            if (state is not None and state.is_final() and not state.is_crashed()) or owner != self.name:
+                return  # it ended, or it is another daemon's now
+            await self.client.set_flow_run_state(UUID(run.flow_run_id), Crashed(
+                name=ORPHANED, message=f"moverd daemon {self.name} stopped; another daemon of the pool "
+                                       "takes the job over"), force=True)
+        except Exception as exc:
+            log.warning("could not hand flow run %s over to the pool: %s", run.flow_run_id, exc)
 
     async def _left_to_takeover(self, job_id: str, flow_run: FlowRun | None) -> bool:
         """A run of the previous process, with takeover on: Orphaned or in the pool, it goes to
