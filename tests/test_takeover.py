@@ -43,9 +43,15 @@ def test_a_job_of_a_killed_daemon_is_taken_over_and_not_run_again(
     watch = tmp_path / "lts-writers.log"
     settings = pool_settings(facility, tmp_path, datablock_concurrency=1, max_jobs=2, takeover_after=f"{WINDOW:g}s")
     env = daemon_env(PREFECT_API_URL=prefect_on_postgres.api)
+    # setup made the automation with the default window; run again, it moves it to this one
+    first_cfg = Daemon.create(tmp_path, {**settings, "server": {**settings["server"], "takeover_after": "90s"}},
+                              env=env, name="setup-default").config
+    assert prefect_setup(first_cfg, env, tmp_path / "ph", "lts-write=2")["takeover_after"] == 90
     cfg = Daemon.create(tmp_path, settings, env=env, name="setup").config
-    report = prefect_setup(cfg, env, tmp_path / "ph", "lts-write=2")
-    assert report["takeover_after"] == WINDOW
+    assert prefect_setup(cfg, env, tmp_path / "ph", "lts-write=2")["takeover_after"] == WINDOW
+    automations = httpx.post(f"{prefect_on_postgres.api}/automations/filter", json={}, timeout=30).json()
+    assert [(a["name"], a["trigger"]["within"], a["trigger"]["posture"]) for a in automations] == [
+        ("moverd-takeover", WINDOW, "Proactive")]
 
     daemons = [Daemon.create(tmp_path, {**settings, "state_dir": str(tmp_path / f"state{i}")}, env=dict(env),
                              name=f"daemon{i}") for i in (1, 2)]
