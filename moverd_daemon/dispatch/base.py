@@ -246,6 +246,7 @@ class Dispatcher:
         self._poke()
 
     async def _execute(self, run: JobRun, flow: Flow[..., Any]) -> None:
+        from prefect.exceptions import Abort
         from prefect.flow_engine import run_flow_async
 
         assert run.flow_run is not None
@@ -257,7 +258,8 @@ class Dispatcher:
             run.transfers.append(t)
             self.metrics.track(t)
 
-        params = {**(run.flow_run.parameters or {}), "job_id": run.job_id, "app": self.app, "on_transfer": report}
+        params = {**(run.flow_run.parameters or {}), "job_id": run.job_id, "app": self.app, "on_transfer": report,
+                  "fence": run.fence}
         if run.job is not None:
             params["job"] = run.job
         try:
@@ -275,6 +277,14 @@ class Dispatcher:
             log.error("%s job %s failed: %s", run.type, run.job_id, run.message)
             with anyio.CancelScope(shield=True):
                 await self.journal.set_state(run.job_id, "failed", run.message[:2000])
+        except Abort as exc:
+            # Stopped here because the flow run is (or may be by now) another daemon's: Prefect
+            # set no state, and nothing of this attempt is touched on the way out.
+            run.state, status = "CRASHED", "interrupted"
+            run.message = f"stopped here: {run.lost or exc}"
+            log.warning("%s job %s %s", run.type, run.job_id, run.message)
+            with anyio.CancelScope(shield=True):
+                await self.journal.set_state(run.job_id, "interrupted", run.message[:2000])
         except BaseException:
             # Cancelled by a shutdown: the journal keeps the job open; it resumes at the next start.
             run.state, run.message, status = "CRASHED", "interrupted: the daemon stopped", "interrupted"

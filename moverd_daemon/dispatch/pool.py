@@ -49,6 +49,7 @@ class PoolDispatcher(Dispatcher):
         self._window: float | None = None
         self._window_read = False
         self._beat_scope = anyio.CancelScope()
+        self._unarmed: set[str] = set()
 
     def queued(self) -> int:
         return self._scheduled
@@ -149,7 +150,10 @@ class PoolDispatcher(Dispatcher):
         self._beat_scope.cancel()
 
     async def _beat(self) -> None:
-        """A heartbeat for every run this daemon executes, ``BEATS_PER_WINDOW`` times per window."""
+        """A heartbeat for every run this daemon executes, ``BEATS_PER_WINDOW`` times per window,
+        and the fence: a run whose heartbeats have not got through for most of the window stops
+        here, before the automation can give it to another daemon (Prefect unreachable from
+        here, or this host frozen and thawed)."""
         from moverd_flows.takeover import heartbeat_interval
 
         with self._beat_scope:
@@ -162,16 +166,47 @@ class PoolDispatcher(Dispatcher):
                     continue
                 if window is None:
                     return
-                await self._send_heartbeats([r.flow_run_id for r in self.runs.values() if r.local and not r.final])
-                await anyio.sleep(heartbeat_interval(window))
+                break
+            interval = heartbeat_interval(window)
+            due = -math.inf
+            while True:
+                now = time.monotonic()
+                self._fence(now, window - interval / 2)
+                if now >= due:
+                    due = now + interval
+                    with anyio.move_on_after(interval / 2):
+                        await self._beat_once()
+                await anyio.sleep(min(1.0, interval / 4))
 
-    async def _send_heartbeats(self, flow_run_ids: list[str]) -> None:
+    def _fence(self, now: float, limit: float) -> None:
+        for run in self.runs.values():
+            if run.local and not run.final and run.lost is None and now - run.beat > limit:
+                run.lost = (f"no heartbeat of its flow run got through for {now - run.beat:.0f} s; it may be "
+                            "another daemon's by now")
+                run.fence.cancel()
+                self._unarmed.add(run.flow_run_id)
+
+    async def _beat_once(self) -> None:
+        live = [r for r in self.runs.values() if r.local and not r.final and r.lost is None]
+        sent = time.monotonic()
+        if await self._send_heartbeats([r.flow_run_id for r in live]):
+            for r in live:
+                r.beat = max(r.beat, sent)
+        # A fenced run gets one more heartbeat, so that the automation orphans it even if none of
+        # its earlier ones reached the server.
+        unarmed = sorted(self._unarmed)
+        if unarmed and await self._send_heartbeats(unarmed):
+            self._unarmed.difference_update(unarmed)
+
+    async def _send_heartbeats(self, flow_run_ids: list[str]) -> bool:
         from moverd_flows.takeover import send_heartbeats
 
         try:
             await send_heartbeats(self.client, flow_run_ids, self.name)
+            return True
         except Exception as exc:
             log.warning("could not send the heartbeats of %d job(s): %s", len(flow_run_ids), exc)
+            return False
 
     async def _heartbeat(self) -> None:
         now = time.monotonic()
