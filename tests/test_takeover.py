@@ -125,15 +125,16 @@ class Pool:
         codes = [d.stop(timeout=60) for d in self.daemons]
         assert codes == [0, 0], "\n".join(d.log() for d in self.daemons)
 
-    def check_ran_once(self, heir_name: str) -> None:
-        """The same flow run, Orphaned on the way, completed by the heir; every datablock
+    def check_ran_once(self, heir_name: str | None) -> None:
+        """The same flow run, Orphaned on the way, completed by the heir (None: by either); every datablock
         committed once and registered; no temporary file left; at most 2 writers at once."""
         with httpx.Client(base_url=self.server.api, timeout=30) as prefect:
             fr = prefect.get(f"/flow_runs/{self.run_id}").json()
             history = prefect.get("/flow_run_states/", params={"flow_run_id": self.run_id}).json()
             tagged = prefect.post("/flow_runs/filter",
                                   json={"flow_runs": {"tags": {"all_": [f"moverd-job:{self.job}"]}}}).json()
-        assert fr["state"]["type"] == "COMPLETED" and fr["labels"]["moverd.daemon"] == heir_name
+        assert fr["state"]["type"] == "COMPLETED" and fr["labels"]["moverd.daemon"] in (
+            [heir_name] if heir_name else self.names)
         assert "Orphaned" in [s["name"] for s in history]
         assert len(tagged) == 1, "no second flow run for the job"
         blocks = self.facility.scicat.datablocks(self.pid)
@@ -228,3 +229,27 @@ def one_claim_wins(server: PrefectServer, claimants: int = 8) -> int:
         answers = list(pool.map(claim, range(claimants)))
     assert len(answers) == claimants
     return answers.count("ACCEPT")
+
+
+def test_a_killed_daemon_back_within_the_window_leaves_its_job_to_the_claim(
+    facility: Facility, prefect_on_postgres: PrefectServer, tmp_path: Path
+) -> None:
+    """Killed and started again at once, before its run is orphaned: the daemon does not resume
+    the run it finds Running under its own name (the other daemon may take it at any moment); it
+    leaves it to the claim, which either daemon may win, and the job runs once."""
+    pool = Pool(facility, prefect_on_postgres, tmp_path)
+    pool.setup()
+    try:
+        victim, _heir, _ = pool.archive_mid_write()
+        victim.kill_group()
+        victim.start(own_group=True).wait_ready(180)
+        pool.finished()
+        time.sleep(3 * 0.5 + 1)
+    finally:
+        pool.stop()
+    pool.check_ran_once(None)
+    restarted = victim.log(200_000).split("===== start 2 =====", 1)[1]
+    assert "its heartbeats stopped with the previous process" in restarted, restarted
+    assert "resuming archive job" not in restarted
+    took = [d for d in pool.daemons if "took over archive job" in d.log(200_000)]
+    assert len(took) == 1, "one daemon took the job over"
