@@ -52,3 +52,6 @@ def test_datablock_task_runs_on_a_shared_server(
             assert {t["state_type"] for t in runs[name]} == {"COMPLETED"}
     finally:
         assert daemon.stop(timeout=60) == 0, daemon.log()
+    # no 'moverd prefect setup' here: jobs run all the same, and the daemon says that there is
+    # no takeover for them
+    assert "no takeover automation on the Prefect server" in daemon.log(200_000)
