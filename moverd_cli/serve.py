@@ -73,7 +73,8 @@ def prefect_setup(
     )] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create work pools, deployments, variables and global concurrency limits on PREFECT_API_URL.
+    """Create work pools, deployments, variables, global concurrency limits and the takeover
+    automation on PREFECT_API_URL.
 
     Safe to run again: it updates what exists.
     """
@@ -92,6 +93,7 @@ def prefect_setup(
         from prefect.client.orchestration import get_client
 
         from moverd_daemon.installation import build_app
+        from moverd_daemon.settings import daemon_settings
 
         async with build_app(load_config(config)) as a:
             limits = {**configured_limits(a), **overrides}
@@ -99,7 +101,8 @@ def prefect_setup(
                 error = await client.api_healthcheck()
                 if error is not None:
                     raise MoverdError(f"Prefect at {client.api_url} does not answer: {error}")
-                return await setup(client, a.settings, limits), str(client.api_url)
+                takeover_after = daemon_settings(a).server.takeover_after
+                return await setup(client, a.settings, limits, takeover_after=takeover_after), str(client.api_url)
 
     try:
         report, url = anyio.run(go)
@@ -108,13 +111,16 @@ def prefect_setup(
         raise AssertionError("unreachable") from None
     if as_json:
         emit_json({"prefect": url, "work_pools_created": report.work_pools_created,
-                   "deployments": report.deployments, "limits": report.limits, "variables": report.variables})
+                   "deployments": report.deployments, "limits": report.limits, "variables": report.variables,
+                   "takeover_after": report.takeover_after})
         return
     out.print(f"Prefect server {url}")
     out.print(f"work pools: {', '.join(report.work_pools_created) or 'already there'}")
     out.print(f"deployments: {', '.join(report.deployments)}")
     out.print("global concurrency limits: " + (", ".join(f"{k}={v}" for k, v in report.limits.items()) or "none"))
     out.print(f"variables: {', '.join(sorted(report.variables))}")
+    out.print(f"takeover: a job without a heartbeat for {report.takeover_after:g} s goes to another daemon "
+              "(automation moverd-takeover)")
     out.print("set prefect.global_limits = true in the daemons' configuration to hold these limits")
 
 

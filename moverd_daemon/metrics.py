@@ -69,6 +69,9 @@ class Metrics:
                                      "Bytes missing for the longest-waiting write on a storage to start "
                                      "(needed + min_free - free); 0 when none waits.", ["storage"], registry=r)
         self._space_waits: dict[str, int] = {}
+        self.taken_over = Counter("moverd_jobs_taken_over",
+                                  "Orphaned jobs (their daemon died, or stopped) this daemon claimed and ran.",
+                                  registry=r)
         self.housekeeping = Counter("moverd_housekeeping_removed",
                                     "Objects removed by housekeeping (stale temp files, expired retrievals).",
                                     ["task"], registry=r)

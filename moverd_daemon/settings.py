@@ -163,6 +163,12 @@ class ServerSettings(BaseModel):
     left; an aborted job resumes at the next start). Keep systemd's TimeoutStopSec above it."""
     poll_interval: PositiveDuration = 2.0
     """With a Prefect server: how often the work pools are polled for deployment runs."""
+    takeover_after: Duration = Field(90.0, ge=10.0)
+    """With a Prefect server: a running job whose daemon sent no heartbeat for this long is marked
+    Orphaned and another daemon of the pool takes it over (at least 10 s, Prefect's shortest
+    window). ``moverd prefect setup`` writes it into the server's ``moverd-takeover`` automation,
+    whose window the daemons then follow; with global limits keep it above ``prefect.slot_lease``,
+    so that a daemon cut off from Prefect has stopped writing before its job moves."""
     metrics_auth: bool = False
     """Put ``/metrics`` behind the same authentication as the job API."""
     docs: bool = True

@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.support.facility",
     "tests.support.mounts",
     "tests.support.daemon",
+    "tests.support.prefectpg",
 ]

@@ -17,9 +17,7 @@ import httpx
 from moverd.planner import archive_id
 from tests.support.daemon import Daemon, daemon_env, dataset_task_runs, wait_for
 from tests.support.facility import Facility, dataset_files
-from tests.test_scaleout import PrefectServer, prefect_on_postgres
-
-__all__ = ["prefect_on_postgres"]  # the fixture, used by name
+from tests.support.prefectpg import PrefectServer
 
 
 def test_datablock_task_runs_on_a_shared_server(
@@ -54,3 +52,6 @@ def test_datablock_task_runs_on_a_shared_server(
             assert {t["state_type"] for t in runs[name]} == {"COMPLETED"}
     finally:
         assert daemon.stop(timeout=60) == 0, daemon.log()
+    # no 'moverd prefect setup' here: jobs run all the same, and the daemon says that there is
+    # no takeover for them
+    assert "no takeover automation on the Prefect server" in daemon.log(200_000)

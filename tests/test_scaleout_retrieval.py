@@ -16,11 +16,11 @@ import httpx
 
 from tests.support.daemon import daemon_env
 from tests.support.facility import Facility, dataset_files
-from tests.test_scaleout import PrefectServer, prefect_on_postgres  # noqa: F401  (the fixture)
+from tests.support.prefectpg import PrefectServer
 
 
 def test_two_processes_retrieving_one_dataset_copy_it_once(
-    facility: Facility, prefect_on_postgres: PrefectServer, tmp_path: Path  # noqa: F811
+    facility: Facility, prefect_on_postgres: PrefectServer, tmp_path: Path
 ) -> None:
     server = prefect_on_postgres
     for name in ("lts-write", "lts-read"):

@@ -20,7 +20,7 @@ import httpx
 
 from tests.support.daemon import REPO, Daemon, daemon_env, wait_for
 from tests.support.facility import Facility, dataset_files
-from tests.test_scaleout import PrefectServer, prefect_on_postgres  # noqa: F401  (the fixture)
+from tests.support.prefectpg import PrefectServer
 
 LEASE = 60.0  # the shortest lease Prefect grants
 
@@ -55,7 +55,7 @@ def active_slots(server: PrefectServer) -> int:
 
 
 def test_a_slot_of_a_killed_holder_comes_back_within_the_bound(
-    prefect_on_postgres: PrefectServer, tmp_path: Path  # noqa: F811
+    prefect_on_postgres: PrefectServer, tmp_path: Path
 ) -> None:
     server = prefect_on_postgres
     r = httpx.post(f"{server.api}/v2/concurrency_limits/", json={"name": "lts-write", "limit": 1}, timeout=30)
@@ -90,7 +90,7 @@ def test_a_slot_of_a_killed_holder_comes_back_within_the_bound(
 
 
 def test_sigterm_while_waiting_for_a_slot_exits_within_the_grace(
-    facility: Facility, prefect_on_postgres: PrefectServer, tmp_path: Path  # noqa: F811
+    facility: Facility, prefect_on_postgres: PrefectServer, tmp_path: Path
 ) -> None:
     """The only ``lts-write`` slot is held elsewhere; a scale-out daemon's archive job waits for
     it; SIGTERM with a short grace ends the daemon within the grace, and it leaves no slot taken."""

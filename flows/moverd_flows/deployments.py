@@ -9,8 +9,10 @@ claim win. Parameters are JSON only: the job id and the path of the configuratio
 then loads its own configuration from that path).
 
 ``moverd prefect setup`` (the seed's prefect-config step) creates the work pools, the deployments,
-a few variables describing the installation, and the global concurrency limits
-``<storage>-write``/``<storage>-read`` that bound LTS writers and readers across every host.
+a few variables describing the installation, the global concurrency limits
+``<storage>-write``/``<storage>-read`` that bound LTS writers and readers across every host, and
+the automation that marks a job whose daemon died Orphaned for another daemon to take over
+(:mod:`.takeover`).
 """
 
 from __future__ import annotations
@@ -184,11 +186,15 @@ class SetupReport:
     deployments: list[str] = field(default_factory=list)
     limits: dict[str, int] = field(default_factory=dict)
     variables: dict[str, Any] = field(default_factory=dict)
+    takeover_after: float | None = None
 
 
-async def setup(client: PrefectClient, settings: Settings, limits: dict[str, int]) -> SetupReport:
+async def setup(client: PrefectClient, settings: Settings, limits: dict[str, int], *,
+                takeover_after: float) -> SetupReport:
     """Everything a Prefect server needs before daemons serve it. Idempotent."""
     from prefect.variables import Variable
+
+    from .takeover import ensure_takeover_automation
 
     report = SetupReport()
     report.work_pools_created = await ensure_work_pools(client, settings)
@@ -197,4 +203,6 @@ async def setup(client: PrefectClient, settings: Settings, limits: dict[str, int
     report.variables = variables(settings, limits)
     for name, value in report.variables.items():
         await Variable.aset(name, value, overwrite=True)
+    await ensure_takeover_automation(client, takeover_after)
+    report.takeover_after = takeover_after
     return report

@@ -21,9 +21,11 @@ import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 from prefect import flow, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import Abort
 
 from moverd import Datablock, Job, JobType, Transfer
 from moverd.app import App
@@ -124,27 +126,33 @@ async def _run(
 
 async def _in_app(
     job_id: str, config: str | None, on_transfer: Callable[[Transfer], None] | None, app: App | None,
-    job: Job | None,
+    job: Job | None, fence: anyio.CancelScope | None,
 ) -> dict[str, Any]:
-    if app is not None:
-        return await _run(job_id, app, on_transfer, job)
-    async with _load(config) as own:
-        return await _run(job_id, own, on_transfer, job)
+    """The job, inside ``fence`` when one is given: the daemon cancels it when the flow run is no
+    longer its own (another daemon takes the job over). The job then stops as at a shutdown, and
+    the flow run ends here with :class:`~prefect.exceptions.Abort`, on which Prefect sets no state:
+    the state is the new owner's."""
+    with fence or anyio.CancelScope():
+        if app is not None:
+            return await _run(job_id, app, on_transfer, job)
+        async with _load(config) as own:
+            return await _run(job_id, own, on_transfer, job)
+    raise Abort(f"job {job_id} stopped here: its flow run was given to another daemon")
 
 
 @flow(name="moverd-archive-job", flow_run_name="archive-job {job_id}", validate_parameters=False)
 async def archive_job_flow(
     job_id: str, config: str | None = None, on_transfer: Callable[[Transfer], None] | None = None,
-    app: App | None = None, job: Job | None = None,
+    app: App | None = None, job: Job | None = None, fence: anyio.CancelScope | None = None,
 ) -> dict[str, Any]:
     """An archive job; ``config`` is the daemon's configuration file (None: its environment)."""
-    return await _in_app(job_id, config, on_transfer, app, job)
+    return await _in_app(job_id, config, on_transfer, app, job, fence)
 
 
 @flow(name="moverd-retrieve-job", flow_run_name="retrieve-job {job_id}", validate_parameters=False)
 async def retrieve_job_flow(
     job_id: str, config: str | None = None, on_transfer: Callable[[Transfer], None] | None = None,
-    app: App | None = None, job: Job | None = None,
+    app: App | None = None, job: Job | None = None, fence: anyio.CancelScope | None = None,
 ) -> dict[str, Any]:
     """A retrieve job; ``config`` as for :func:`archive_job_flow`."""
-    return await _in_app(job_id, config, on_transfer, app, job)
+    return await _in_app(job_id, config, on_transfer, app, job, fence)

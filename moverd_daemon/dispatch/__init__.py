@@ -17,6 +17,8 @@ A second submission of a job that has a run not yet final answers that run. On S
 stops taking jobs, lets running ones go on for the grace period and then cancels them: the core
 aborts half-written datablocks, the flow run is marked Crashed, and the journal keeps the job open
 so that the next start runs it again (:meth:`Dispatcher.pickup`), resuming from what was committed.
+In scale-out the run is marked Orphaned instead, and another daemon of the pool takes it over at
+once, as it takes over the jobs of a daemon that died (:mod:`.pool`).
 
 The pieces: :mod:`.runs` (a job as the daemon knows it), :mod:`.base` (what both modes share),
 :mod:`.embedded` and :mod:`.pool` (each mode); ``GET /jobs``'s response models are the API's

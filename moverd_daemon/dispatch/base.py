@@ -172,6 +172,9 @@ class Dispatcher:
                 # would find its landing zone gone; leave it as it is.
                 await self.journal.set_state(entry.job_id, "done" if state == "COMPLETED" else "failed",
                                              f"flow run ended {state} before the daemon stopped")
+                log.info("job %s: its flow run ended %s; not run again", entry.job_id, state)
+                continue
+            if await self._left_to_takeover(entry.job_id, flow_run):
                 continue
             if flow_run is not None and state not in FINAL_STATES:
                 try:
@@ -191,6 +194,11 @@ class Dispatcher:
 
     async def _requeue(self, job_id: str, job_type: str, flow_run: FlowRun | None, state: str | None) -> bool:
         """Embedded: a run still Scheduled never started; queue that same run again."""
+        return False
+
+    async def _left_to_takeover(self, job_id: str, flow_run: FlowRun | None) -> bool:
+        """Scale-out with takeover: the run is, or will be, another daemon's to claim; never run
+        it here but through that claim."""
         return False
 
     # -- running one job -------------------------------------------------------------------------
@@ -238,6 +246,7 @@ class Dispatcher:
         self._poke()
 
     async def _execute(self, run: JobRun, flow: Flow[..., Any]) -> None:
+        from prefect.exceptions import Abort
         from prefect.flow_engine import run_flow_async
 
         assert run.flow_run is not None
@@ -249,7 +258,8 @@ class Dispatcher:
             run.transfers.append(t)
             self.metrics.track(t)
 
-        params = {**(run.flow_run.parameters or {}), "job_id": run.job_id, "app": self.app, "on_transfer": report}
+        params = {**(run.flow_run.parameters or {}), "job_id": run.job_id, "app": self.app, "on_transfer": report,
+                  "fence": run.fence}
         if run.job is not None:
             params["job"] = run.job
         try:
@@ -267,6 +277,14 @@ class Dispatcher:
             log.error("%s job %s failed: %s", run.type, run.job_id, run.message)
             with anyio.CancelScope(shield=True):
                 await self.journal.set_state(run.job_id, "failed", run.message[:2000])
+        except Abort as exc:
+            # Stopped here because the flow run is (or may be by now) another daemon's: Prefect
+            # set no state, and nothing of this attempt is touched on the way out.
+            run.state, status = "CRASHED", "interrupted"
+            run.message = f"stopped here: {run.lost or exc}"
+            log.warning("%s job %s %s", run.type, run.job_id, run.message)
+            with anyio.CancelScope(shield=True):
+                await self.journal.set_state(run.job_id, "interrupted", run.message[:2000])
         except BaseException:
             # Cancelled by a shutdown: the journal keeps the job open; it resumes at the next start.
             run.state, run.message, status = "CRASHED", "interrupted: the daemon stopped", "interrupted"

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+import anyio
+
 from moverd.events import Transfer
 from moverd.models import Job
 
@@ -59,6 +61,12 @@ class JobRun:
     transfers: list[Transfer] = field(default_factory=list)
     flow_run: FlowRun | None = field(default=None, repr=False)
     job: Job | None = field(default=None, repr=False)
+    fence: anyio.CancelScope = field(default_factory=anyio.CancelScope, repr=False)
+    """Cancelled when the flow run may have become another daemon's: the job stops here."""
+    lost: str | None = None
+    """Why the fence was cancelled."""
+    beat: float = field(default_factory=time.monotonic)
+    """When the last heartbeat of this run that the server took was sent (monotonic)."""
 
     @property
     def final(self) -> bool:

@@ -130,7 +130,9 @@ class Daemon:
     def client(self, auth: Any = None, timeout: float = 30) -> httpx.Client:
         return httpx.Client(base_url=self.url, auth=auth, timeout=timeout)
 
-    def start(self) -> Daemon:
+    def start(self, *, own_group: bool = False) -> Daemon:
+        """Start ``moverd serve``; ``own_group``: in a process group of its own, which
+        :meth:`kill_group` kills as a whole, as a lost host would."""
         assert self.log_path is not None
         self.starts += 1
         log = self.log_path.open("ab")
@@ -139,6 +141,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moverd", "serve", "--config", str(self.config)],
             env=self.env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            process_group=0 if own_group else None,
         )
         log.close()
         return self
@@ -175,6 +178,12 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
             raise RuntimeError(f"moverd serve did not stop within {timeout:.0f} s:\n{self.log()}") from None
+
+    def kill_group(self) -> None:
+        """SIGKILL to the daemon's process group (started with ``own_group``), and reap it."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
 
     def prefect_api(self) -> str:
         """The Prefect API the daemon printed at start (its local server, or the shared one)."""

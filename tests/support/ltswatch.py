@@ -2,7 +2,8 @@
 
 Loaded by ``moverd serve`` through ``server.plugins = ["tests.support.ltswatch"]`` (no patching of
 moverd), it registers the storage type ``watched-posix``: the ``posix`` storage plus one line per
-writer event appended to ``watch_log`` (``<monotonic time> <pid> open|end <key>``). The core opens
+writer event appended to ``watch_log`` (``<monotonic time> <pid> open|commit|end <key>``: a
+committed writer logs ``commit`` before its ``end``). The core opens
 LTS writers only inside its write slot, so the number of writers open at once, across every
 daemon on the host (``CLOCK_MONOTONIC`` is system-wide), is a lower bound of the slots held and
 must never exceed the global limit.
@@ -50,6 +51,7 @@ class WatchedWriter(Writer):
     async def commit(self) -> None:
         try:
             await self.inner.commit()
+            _log(self.log, "commit", self.key)
         finally:
             self._end()
 
@@ -89,6 +91,8 @@ def max_concurrent(log: Path) -> tuple[int, set[int]]:
     for line in log.read_text().splitlines():
         t, pid, event, _key = line.split(" ", 3)
         pids.add(int(pid))
+        if event == "commit":
+            continue
         # at equal times, count an end before an open: touching intervals do not overlap
         events.append((float(t), 1 if event == "open" else 0, 1 if event == "open" else -1))
     peak = current = 0
@@ -96,3 +100,13 @@ def max_concurrent(log: Path) -> tuple[int, set[int]]:
         current += delta
         peak = max(peak, current)
     return peak, pids
+
+
+def commits(log: Path) -> dict[str, list[int]]:
+    """Each key committed in ``log``, with the processes that committed it (once each, if all is well)."""
+    out: dict[str, list[int]] = {}
+    for line in log.read_text().splitlines():
+        _t, pid, event, key = line.split(" ", 3)
+        if event == "commit":
+            out.setdefault(key, []).append(int(pid))
+    return out
