@@ -41,6 +41,7 @@ from .dispatch import Dispatcher, NotAcceptingError, NotServedError
 from .health import Readiness, bounded
 from .ingest.routes import ingest_router, install_error_handler
 from .ingest.service import Ingest
+from .ingest.tokens import TokenExchange
 from .metrics import Metrics
 from .settings import daemon_settings
 from .views import JobList, JobView
@@ -92,6 +93,8 @@ class ApiContext:
     """``starting``, ``running`` or ``draining``."""
     ingest: Ingest | None = None
     """The upload API (``[ingest] enabled``)."""
+    tokens: TokenExchange | None = None
+    """Its ``POST /token``."""
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -287,7 +290,7 @@ def create_api(ctx: ApiContext) -> FastAPI:
     if ctx.ingest is not None:
         service = ctx.ingest
         install_error_handler(api)
-        api.include_router(ingest_router(root, lambda: service, principal))
+        api.include_router(ingest_router(root, lambda: service, principal, ctx.tokens))
     api.add_middleware(RequestLimits, max_body=settings.max_body_size, max_head=settings.max_header_size)
     return api
 

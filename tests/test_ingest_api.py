@@ -6,12 +6,16 @@ arithmetic (single PUT under one chunk, multipart from one chunk up, composite S
 
 import base64
 import hashlib
+import json
 import math
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
 import anyio
 import httpx
@@ -25,6 +29,7 @@ from moverd_daemon.auth import Authenticator, AuthError, Principal
 from moverd_daemon.ingest.quota import IngestState
 from moverd_daemon.ingest.routes import ingest_router, install_error_handler
 from moverd_daemon.ingest.service import GIB, Ingest, composite_sha256
+from moverd_daemon.ingest.tokens import TokenExchange
 from moverd_daemon.settings import AuthSettings, DaemonSettings
 from tests.support.apps import make_settings
 from tests.support.daemon import JWKSServer
@@ -70,6 +75,43 @@ class Env:
         return [u["Key"] for u in self.s3.client().list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])]
 
 
+class TokenEndpoint:
+    """The identity provider's token endpoint: a password grant of the service account."""
+
+    def __init__(self) -> None:
+        self.forms: list[dict[str, list[str]]] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+                endpoint.forms.append(form)
+                ok = form.get("password") == ["svc-password"] and form.get("grant_type") == ["password"]
+                body = json.dumps({"access_token": "svc-access", "refresh_token": "svc-refresh", "expires_in": 300,
+                                   "refresh_expires_in": 1800, "token_type": "Bearer", "not-before-policy": 0,
+                                   "session_state": "s", "scope": "profile email"} if ok else
+                                  {"error": "invalid_grant"}).encode()
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 async def build(tmp_path: Path, s3_server: S3Server, s3_options: dict[str, Any], scicat: SciCatServer,
                 jwks: JWKSServer, **ingest: Any) -> AsyncIterator[Env]:
     settings = make_settings(
@@ -80,7 +122,9 @@ async def build(tmp_path: Path, s3_server: S3Server, s3_options: dict[str, Any],
         archive={"landing_prefix": "openem-network/datasets/{pid}/raw_files"},
         ingest={"enabled": True, **ingest},
     )
-    auth = Authenticator(AuthSettings.model_validate(jwks.auth_settings()), anonymous=False)
+    auth_settings = AuthSettings.model_validate(jwks.auth_settings())
+    auth = Authenticator(auth_settings, anonymous=False)
+    tokens = TokenExchange(settings.ingest, auth_settings, auth)
 
     async def who(authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> Principal:
         try:
@@ -98,11 +142,12 @@ async def build(tmp_path: Path, s3_server: S3Server, s3_options: dict[str, Any],
         async def _api_error(request: Any, exc: ApiError) -> JSONResponse:
             return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
-        api.include_router(ingest_router(ROOT, lambda: service, who))
+        api.include_router(ingest_router(ROOT, lambda: service, who, tokens))
         transport = httpx.ASGITransport(app=api)
         async with httpx.AsyncClient(transport=transport, base_url=f"http://moverd{ROOT}") as client:
             yield Env(client, service, state, s3_server, s3_options["bucket"], scicat, jwks, app)
         state.close()
+        await tokens.aclose()
         await auth.aclose()
 
 
@@ -405,3 +450,37 @@ async def test_unknown_dataset_and_500_bodies(env: Env) -> None:
         "dataset_id": "20.500/nope", "create_archiving_job": True, "owner_group": GROUP, "owner_user": "o",
         "contact_email": "o@example.org"})
     assert r.status_code == 404 and r.json()["dataset_pid"] == "20.500/nope"
+
+
+async def test_token_exchange(tmp_path: Path, s3_server: S3Server, s3_options: dict[str, Any], scicat: SciCatServer,
+                              jwks: JWKSServer) -> None:
+    idp = TokenEndpoint()
+    (tmp_path / "password").write_text("svc-password\n")
+    (tmp_path / "secret").write_text("svc-secret\n")
+    scicat.add_user("ingestor", "ingestor-pw", ["ingestors"])
+    scicat.add_user("stranger", "stranger-pw", ["others"])
+
+    def scicat_token(user: str, password: str) -> str:
+        r = httpx.post(f"{scicat.url}/api/v3/auth/login", json={"username": user, "password": password})
+        return str(r.json()["access_token"])
+
+    try:
+        async for env in build(tmp_path, s3_server, s3_options, scicat, jwks, scicat_url=f"{scicat.url}/api/v3",
+                               ingestor_groups=["ingestors"], token_url=idp.url, client_id="svc-api",
+                               username="svc", password_file=str(tmp_path / "password"),
+                               client_secret_file=str(tmp_path / "secret")):
+            ingestor = scicat_token("ingestor", "ingestor-pw")
+            r = await env.api.post("/token", headers={"Authorization": f"Bearer {ingestor}"})
+            assert r.status_code == 201, r.text
+            body = r.json()
+            assert body["access_token"] == "svc-access" and body["expires_in"] == 300
+            assert body["not-before-policy"] == 0
+            assert idp.forms[-1]["client_secret"] == ["svc-secret"] and idp.forms[-1]["username"] == ["svc"]
+            asked = len(idp.forms)
+            for headers in ({"Authorization": f"Bearer {scicat_token('stranger', 'stranger-pw')}"},
+                            {"Authorization": "Bearer not-a-scicat-token"}, {}):
+                r = await env.api.post("/token", headers=headers)
+                assert r.status_code == 401, r.text
+            assert len(idp.forms) == asked  # no service token for them
+    finally:
+        idp.close()

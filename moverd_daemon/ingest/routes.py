@@ -11,12 +11,12 @@ import base64
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse
 
 from moverd import JobOwner, UploadedPart
 
-from ..auth import Principal
+from ..auth import AuthError, Principal
 from .models import (
     AbortDatasetUploadBody,
     AbortDatasetUploadResp,
@@ -24,6 +24,7 @@ from .models import (
     AbortUploadResp,
     CompleteUploadBody,
     CompleteUploadResp,
+    CreateServiceTokenResp,
     ErrorBody,
     FinalizeDatasetUploadBody,
     FinalizeDatasetUploadResp,
@@ -34,6 +35,7 @@ from .models import (
     UploadRequestUnsuccessfulResp,
 )
 from .service import Ingest, IngestError
+from .tokens import TokenExchange
 
 TAG = "upload"
 
@@ -60,10 +62,27 @@ def install_error_handler(api: FastAPI) -> None:
         return JSONResponse(exc.body(), status_code=exc.status)
 
 
-def ingest_router(root: str, ingest: Callable[[], Ingest], principal: Callable[..., Awaitable[Principal]]) -> APIRouter:
+def ingest_router(root: str, ingest: Callable[[], Ingest], principal: Callable[..., Awaitable[Principal]],
+                  tokens: TokenExchange | None = None) -> APIRouter:
     """The routes under ``root``; ``ingest`` gives the service (built once the app is ready)."""
     router = APIRouter(prefix=root, tags=[TAG])
     Who = Annotated[Principal, Depends(principal)]  # noqa: N806 - a type alias
+
+    @router.post("/token", status_code=201, response_model=CreateServiceTokenResp, response_model_by_alias=True,
+                 response_model_exclude_none=True,
+                 responses={401: {"model": RefusalBody, "description": "Not a SciCat token of an ingestor."},
+                            500: {"model": RefusalBody, "description": "The identity provider failed."}})
+    async def create_service_token(
+            authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> CreateServiceTokenResp:
+        """Exchange the caller's SciCat token (``Authorization: Bearer``) for the service account's
+        tokens: SciCat must know the token and name one of ``ingest.ingestor_groups`` among the
+        caller's access groups (a token of the identity provider itself is checked like any other)."""
+        if tokens is None:
+            raise IngestError(404, "Not found", "the token exchange is not configured here")
+        try:
+            return await tokens.exchange(authorization)
+        except AuthError as exc:
+            raise IngestError(exc.status, "Not authenticated", exc.message) from None
 
     @router.post("/s3/requestDatasetUpload", status_code=201, response_model=UploadRequestSuccessfulResp,
                  responses={**_responses(404, 409), 507: {"model": UploadRequestUnsuccessfulResp,
