@@ -278,9 +278,13 @@ class IngestSettings(Options):
     (the client gave up); its objects stay until an abort or an operator removes them."""
     url_expiry: PositiveDuration = 3600.0
     """How long presigned upload URLs stay valid (the reference's URL_EXPIRATION_SECONDS)."""
-    storage_class: str | None = "GLACIER"
-    """Storage class signed into single-PUT URLs and set on multipart uploads (the facility's
-    client always sends ``x-amz-storage-class: GLACIER``); None signs none."""
+    storage_class: str | None = None
+    """Storage class signed into single-PUT URLs and set on multipart uploads (the reference
+    used ``GLACIER``). None (the default) sets none: the archive reads the landing zone without
+    restoring objects first, and an object of an archive class cannot be read before a restore
+    (S3 answers InvalidObjectState). The facility's client sends ``x-amz-storage-class: GLACIER``
+    anyway; the URLs do not sign it, so where S3 honours the unsigned header its single-PUT
+    objects still land in that class (see docs/ingest.md)."""
     min_part_size: ByteSize = 5 * 1024**2
     """Parts below this (except the last) are refused at complete: S3's own minimum."""
     submit_jobs: bool = True

@@ -17,6 +17,7 @@ class UploadRequestBody(_Body):
 
 class UploadRequestSuccessfulResp(_Body):
     message: str
+    landing_prefix: str | None = Field(None, description="moverd: the folder object names must lie under.")
 
 
 class UploadRequestUnsuccessfulResp(_Body):
@@ -29,6 +30,8 @@ class PresignedUrlBody(_Body):
     dataset_id: StrictStr
     object_name: StrictStr = Field(description="The full object key, under the dataset's landing prefix.")
     parts: StrictInt = Field(ge=1, description="1: one presigned PUT; more: a multipart upload of that many parts.")
+    upload_id: StrictStr | None = Field(None, description="moverd: URLs for the parts of this open upload "
+                                                          "(resuming it) instead of a new one.")
 
 
 class PresignedUrlResp(_Body):
@@ -50,6 +53,37 @@ class CompleteUploadBody(_Body):
     checksum_sha256: StrictStr = Field(
         description="Base64 SHA-256 of the parts' raw SHA-256 digests, concatenated in part order "
                     "(S3's composite checksum; a '-N' suffix is accepted).")
+
+
+class UploadStateBody(_Body):
+    dataset_id: StrictStr
+
+
+class StoredObject(_Body):
+    object_name: str
+    size: int
+
+
+class StoredPart(_Body):
+    part_number: int
+    size: int
+    etag: str
+    checksum_sha256: str | None = None
+
+
+class OpenUploadState(_Body):
+    object_name: str
+    upload_id: str
+    parts: list[StoredPart]
+
+
+class UploadStateResp(_Body):
+    """moverd: what a dataset's upload left so far, for a client that resumes it."""
+
+    dataset_id: str
+    landing_prefix: str
+    objects: list[StoredObject]
+    uploads: list[OpenUploadState]
 
 
 class CompleteUploadResp(_Body):

@@ -28,11 +28,16 @@ from .models import (
     ErrorBody,
     FinalizeDatasetUploadBody,
     FinalizeDatasetUploadResp,
+    OpenUploadState,
     PresignedUrlBody,
     PresignedUrlResp,
+    StoredObject,
+    StoredPart,
     UploadRequestBody,
     UploadRequestSuccessfulResp,
     UploadRequestUnsuccessfulResp,
+    UploadStateBody,
+    UploadStateResp,
 )
 from .service import Ingest, IngestError
 from .tokens import TokenExchange
@@ -90,8 +95,10 @@ def ingest_router(root: str, ingest: Callable[[], Ingest], principal: Callable[.
     async def request_dataset_upload(body: UploadRequestBody, who: Who) -> UploadRequestSuccessfulResp:
         """Reserve landing space for a dataset of ``dataset_size_gib`` GiB (rounded down, so one
         GiB more is reserved). A second request for the same dataset replaces its reservation."""
-        await ingest().request_upload(body.dataset_id, body.dataset_size_gib, who)
-        return UploadRequestSuccessfulResp(message="success")
+        service = ingest()
+        await service.request_upload(body.dataset_id, body.dataset_size_gib, who)
+        return UploadRequestSuccessfulResp(message="success",
+                                           landing_prefix=service.landing.client_key(service.prefix(body.dataset_id)))
 
     @router.post("/s3/presignedUrls", status_code=201, response_model=PresignedUrlResp,
                  responses=_responses(404, 409))
@@ -99,7 +106,8 @@ def ingest_router(root: str, ingest: Callable[[], Ingest], principal: Callable[.
         """``parts = 1``: one presigned PUT (``upload_id`` empty). More: a multipart upload with
         SHA-256 part checksums and one presigned UploadPart URL per part, in part order. Send
         ``x-amz-checksum-sha256`` with every PUT, and ``x-amz-storage-class`` when configured."""
-        upload_id, urls = await ingest().presigned_urls(body.dataset_id, body.object_name, body.parts, who)
+        upload_id, urls = await ingest().presigned_urls(body.dataset_id, body.object_name, body.parts, who,
+                                                        body.upload_id)
         return PresignedUrlResp(upload_id=upload_id, urls=[base64.b64encode(u.encode()).decode() for u in urls])
 
     @router.post("/s3/completeUpload", status_code=201, response_model=CompleteUploadResp,
@@ -129,6 +137,18 @@ def ingest_router(root: str, ingest: Callable[[], Ingest], principal: Callable[.
         owner = JobOwner(user=body.owner_user, group=body.owner_group, email=body.contact_email)
         await ingest().finalize(body.dataset_id, owner, body.create_archiving_job, who)
         return FinalizeDatasetUploadResp(dataset_id=body.dataset_id, message="Dataset upload finalized")
+
+    @router.post("/s3/uploadState", status_code=201, response_model=UploadStateResp, responses=_responses(404))
+    async def upload_state(body: UploadStateBody, who: Who) -> UploadStateResp:
+        """moverd's own (the reference has no listing): the dataset's uploaded objects and its
+        open multipart uploads with the parts S3 has, so that a client resumes where it stopped."""
+        prefix, objects, uploads = await ingest().upload_state(body.dataset_id, who)
+        return UploadStateResp(
+            dataset_id=body.dataset_id, landing_prefix=prefix,
+            objects=[StoredObject(object_name=n, size=s) for n, s in objects],
+            uploads=[OpenUploadState(object_name=n, upload_id=u, parts=[
+                StoredPart(part_number=p.number, size=p.size, etag=p.etag, checksum_sha256=p.checksum_sha256)
+                for p in parts]) for n, u, parts in uploads])
 
     @router.post("/s3/abortDatasetUpload", status_code=201, response_model=AbortDatasetUploadResp,
                  responses=_responses(404, 409))

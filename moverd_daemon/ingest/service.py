@@ -187,7 +187,8 @@ class Ingest:
         log.info("upload of dataset %s granted: %d bytes reserved for %s", pid, size, who.name)
         return usage
 
-    async def presigned_urls(self, pid: str, object_name: str, parts: int, who: Principal) -> tuple[str, list[str]]:
+    async def presigned_urls(self, pid: str, object_name: str, parts: int, who: Principal,
+                             upload_id: str | None = None) -> tuple[str, list[str]]:
         what = "Failed to get presigned urls"
         if parts > MAX_PARTS:
             raise IngestError(422, what, f"{parts} parts asked for; S3 takes at most {MAX_PARTS}")
@@ -195,13 +196,33 @@ class Ingest:
         await self.dataset(pid, who, what)
         await self._reservation_for(pid, what)
         try:
-            if parts == 1:
+            if upload_id:
+                await self.landing.list_parts(key, upload_id)  # it exists, for this key
+            elif parts == 1:
                 return "", [await self.landing.presign_put(key, self.expiry, headers=self.headers)]
-            upload_id = await self.landing.create_upload(key, headers=self.headers)
+            else:
+                upload_id = await self.landing.create_upload(key, headers=self.headers)
             urls = [await self.landing.presign_part(key, upload_id, n, self.expiry) for n in range(1, parts + 1)]
+        except NotFoundError:
+            raise IngestError(422, what, f"no open upload {upload_id!r} of {object_name!r}") from None
         except StorageError as exc:
             raise IngestError(500, what, str(exc)) from None
         return upload_id, urls
+
+    async def upload_state(self, pid: str, who: Principal) -> tuple[str, list[tuple[str, int]],
+                                                                     list[tuple[str, str, list[UploadedPart]]]]:
+        """The dataset's folder, its objects and its open uploads with their parts (for resuming)."""
+        what = "Failed to read the upload's state"
+        await self.dataset(pid, who, what)
+        prefix = self.prefix(pid)
+        try:
+            objects = [(self.landing.client_key(i.key), i.size)
+                       async for i in self.app.storage("landing").list(prefix)]
+            uploads = [(self.landing.client_key(u.key), u.upload_id, await self.landing.list_parts(u.key, u.upload_id))
+                       async for u in self.landing.open_uploads(prefix)]
+        except StorageError as exc:
+            raise IngestError(500, what, str(exc)) from None
+        return self.landing.client_key(prefix), objects, uploads
 
     async def complete(self, pid: str, object_name: str, upload_id: str, parts: list[UploadedPart],
                        checksum: str, who: Principal) -> tuple[str, str]:
