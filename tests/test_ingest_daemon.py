@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.support.cli import MOVERD, cli_env, moverd
@@ -94,6 +95,9 @@ def test_upload_finalize_archive_whole_flow(served: Served, tmp_path: Path) -> N
     archived = {f["path"]: f["size"] for b in blocks for f in b["dataFileList"]}
     assert archived == files
     assert served.landing(pid) == {}  # deleted after the datablocks were verified and registered
+    metrics = httpx.get(f"{served.daemon.url}/metrics").text
+    assert re.search(r'^moverd_landing_bytes\{kind="reserved"\} ', metrics, re.M), metrics[:500]
+    assert re.search(r'^moverd_landing_bytes\{kind="free"\} ', metrics, re.M)
     # finalizing again (a client's retry) makes no second job
     p = moverd(["upload", str(tmp_path / "ds"), "--dataset", pid, "--json"], served.env(tmp_path))
     assert p.returncode == 2 and "finalized" in p.stderr  # the upload is over: a clear refusal
