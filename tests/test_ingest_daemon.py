@@ -141,3 +141,19 @@ def test_sigkill_then_rerun_resumes_without_sending_a_part_twice(served: Served,
     assert again and not again & before  # none of the parts already there was sent again
     assert served.landing(pid) == {f"openem-network/datasets/{pid}/raw_files/big.bin": size}
     assert scicat.lifecycle(pid)["archivable"] is True
+
+
+def test_the_references_job_route_is_served_too(served: Served) -> None:
+    scicat = served.facility.scicat
+    pid = scicat.add_dataset([("a", 0)], owner_group=GROUP)
+    job_id = scicat.add_job("archive", [pid])
+    token = served.idp.mint(expires_in=600)
+    r = httpx.post(f"{served.daemon.url}/archiver/jobs", json={"id": job_id, "type": "archive"},
+                   headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 201, r.text
+    assert set(r.json()) == {"uuid", "name"}
+    # the dataset has nothing in the landing zone: the job runs and ends, whatever its outcome
+    wait_for(lambda: scicat.job(job_id)["statusCode"].startswith("finished"), 60, what="the job to run")
+    spec = httpx.get(f"{served.daemon.url}/openapi.json", headers={"Authorization": f"Bearer {token}"}).json()
+    assert {"/archiver/api/v1/archiver/jobs", "/archiver/api/v1/s3/completeUpload",
+            "/archiver/api/v1/token"} <= set(spec["paths"])
