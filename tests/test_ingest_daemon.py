@@ -157,3 +157,42 @@ def test_the_references_job_route_is_served_too(served: Served) -> None:
     spec = httpx.get(f"{served.daemon.url}/openapi.json", headers={"Authorization": f"Bearer {token}"}).json()
     assert {"/archiver/api/v1/archiver/jobs", "/archiver/api/v1/s3/completeUpload",
             "/archiver/api/v1/token"} <= set(spec["paths"])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow
+def test_measure_upload_throughput_and_daemon_cpu_per_gib(served: Served, tmp_path: Path) -> None:
+    """Not a pass/fail figure (the machine is shared): prints ``moverd upload`` against
+    ``s5cmd cp`` of the same files to the same server, and the daemon's CPU per uploaded GiB."""
+    import shutil
+    import time
+
+    files = {f"f{i:03d}.bin": 2 * MIB for i in range(128)} | {"big.bin": 256 * MIB}
+    total = sum(files.values())
+    scicat = served.facility.scicat
+    pid = scicat.add_dataset(list(files.items()), owner_group=GROUP, lifecycle=UPLOADING)
+    make_files(tmp_path / "ds", files)
+    assert served.daemon.proc is not None
+    cpu0, t0 = _cpu_seconds(served.daemon.proc.pid), time.monotonic()
+    p = moverd(["upload", str(tmp_path / "ds"), "--dataset", pid, "--part-size", "16MiB", "--parallel", "16",
+                "--no-finalize", "--json"], served.env(tmp_path), timeout=600)
+    upload_s, cpu = time.monotonic() - t0, _cpu_seconds(served.daemon.proc.pid) - cpu0
+    assert p.returncode == 0, p.stderr
+    s5cmd = shutil.which("s5cmd") or str(Path(os.sys.executable).with_name("s5cmd"))
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": served.s3.access_key_id,
+           "AWS_SECRET_ACCESS_KEY": served.s3.secret_access_key, "AWS_REGION": served.s3.region}
+    t0 = time.monotonic()
+    done = subprocess.run([s5cmd, "--endpoint-url", served.s3.endpoint_url, "--numworkers", "16", "cp",
+                           f"{tmp_path / 'ds'}/*", f"s3://{served.facility.landing_bucket}/s5cmd-{pid}/"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    s5_s = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr
+    gib = total / 1024**3
+    print(f"\nupload of {gib:.2f} GiB: moverd upload {upload_s:.1f} s, s5cmd cp {s5_s:.1f} s, "
+          f"ratio (s5cmd/moverd) {s5_s / upload_s:.2f}; daemon CPU {cpu:.2f} s = {cpu / gib:.2f} s per GiB")
+    assert cpu / gib < 5  # the bytes do not pass through the daemon

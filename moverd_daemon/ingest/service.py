@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -50,6 +51,10 @@ from .quota import IngestState, LandingQuota, NoLandingSpaceError, Usage
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+DATASET_TTL = 30.0
+"""How long a dataset read from the catalog answers the group check of later requests: a client
+asks for every file and every complete, and the owner and access groups do not change while a
+dataset uploads."""
 MAX_PARTS = 10_000
 """S3's largest part number."""
 _COMPOSITE = re.compile(r"^(?P<value>[A-Za-z0-9+/=]+?)(?:-(?P<parts>\d+))?$")
@@ -124,6 +129,7 @@ class Ingest:
         self.on_usage = on_usage or (lambda usage: None)
         self.expiry = timedelta(seconds=settings.url_expiry)
         self.headers = {"x-amz-storage-class": settings.storage_class} if settings.storage_class else {}
+        self._datasets: dict[str, tuple[float, Dataset]] = {}
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -131,17 +137,28 @@ class Ingest:
         """The dataset ``pid``, when the caller may upload it."""
         if not pid:
             raise IngestError(422, what, "dataset_id is empty")
+        dataset = await self._dataset(pid, what)
+        groups = user_groups(who)
+        if self.settings.check_groups and groups is not None:
+            allowed = {g for g in (dataset.owner_group, *dataset.access_groups) if g}
+            if not groups & allowed:
+                raise IngestError(403, what, f"{who.name} is in none of dataset {pid}'s owner or access groups")
+        return dataset
+
+    async def _dataset(self, pid: str, what: str) -> Dataset:
+        now = time.monotonic()
+        cached = self._datasets.get(pid)
+        if cached is not None and now - cached[0] < DATASET_TTL:
+            return cached[1]
         try:
             dataset = await self.app.catalog.get_dataset(pid)
         except UnknownDatasetError:
             raise IngestError(404, what, f"the catalog has no dataset {pid!r}") from None
         except CatalogError as exc:
             raise IngestError(500, what, f"the catalog failed: {exc}") from None
-        groups = user_groups(who)
-        if self.settings.check_groups and groups is not None:
-            allowed = {g for g in (dataset.owner_group, *dataset.access_groups) if g}
-            if not groups & allowed:
-                raise IngestError(403, what, f"{who.name} is in none of dataset {pid}'s owner or access groups")
+        if len(self._datasets) > 1000:
+            self._datasets = {k: v for k, v in self._datasets.items() if now - v[0] < DATASET_TTL}
+        self._datasets[pid] = (now, dataset)
         return dataset
 
     def prefix(self, pid: str) -> str:
@@ -300,14 +317,13 @@ class Ingest:
         reservation = await self.state.reservation(pid)
         if reservation is None:
             raise IngestError(422, what, f"dataset {pid} has no upload in progress (aborted, finalized or expired)")
-        usage = await self.quota.usage()
-        self.on_usage(usage)
         stored = await self._stored_bytes(pid)
         if stored + size <= reservation.bytes:
             return
         try:
-            await self.quota.reserve(pid, reservation.prefix, stored + size)
+            self.on_usage(await self.quota.reserve(pid, reservation.prefix, stored + size))
         except NoLandingSpaceError as exc:
+            self.on_usage(exc.usage)
             raise IngestError(422, what, f"dataset {pid} outgrew its reservation of {reservation.bytes} bytes and "
                                          f"the landing zone has {exc.usage.free} bytes free") from None
 
