@@ -484,3 +484,28 @@ async def test_token_exchange(tmp_path: Path, s3_server: S3Server, s3_options: d
             assert len(idp.forms) == asked  # no service token for them
     finally:
         idp.close()
+
+
+async def test_an_upload_that_outgrows_a_full_quota_is_refused_at_complete(
+        tmp_path: Path, s3_server: S3Server, s3_options: dict[str, Any], scicat: SciCatServer,
+        jwks: JWKSServer) -> None:
+    a = scicat.add_dataset([("big", 2 * CHUNK)], owner_group=GROUP, lifecycle=UPLOADING)
+    b = scicat.add_dataset([("x", 1)], owner_group=GROUP, lifecycle=UPLOADING)
+    async for env in build(tmp_path, s3_server, s3_options, scicat, jwks, landing_space="2GiB"):
+        auth = env.token()
+        for pid in (a, b):
+            r = await env.api.post("/s3/requestDatasetUpload", json={"dataset_id": pid, "dataset_size_gib": 0},
+                                   headers=auth)
+            assert r.status_code == 201
+        with sqlite3.connect(tmp_path / "ingest.sqlite") as db:  # a said it was tiny; b holds the rest
+            db.execute("UPDATE reservations SET bytes = 100 WHERE pid = ?", (a,))
+            db.execute("UPDATE reservations SET bytes = ? WHERE pid = ?", (2 * GIB - 200, b))
+        r = await ingestor_upload_file(env, auth, a, "big", b"q" * 2 * CHUNK)
+        assert r is not None and r.status_code == 422 and "outgrew its reservation" in r.json()["details"]
+        assert env.objects() == {}
+        with sqlite3.connect(tmp_path / "ingest.sqlite") as db:  # space again: the same upload grows
+            db.execute("UPDATE reservations SET bytes = 100 WHERE pid = ?", (b,))
+        r = await ingestor_upload_file(env, auth, a, "big", b"q" * 2 * CHUNK)
+        assert r is not None and r.status_code == 201, r.text
+        reservation = await env.state.reservation(a)
+        assert reservation is not None and reservation.bytes == 2 * CHUNK
