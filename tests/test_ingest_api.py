@@ -6,13 +6,10 @@ arithmetic (single PUT under one chunk, multipart from one chunk up, composite S
 
 import base64
 import hashlib
-import json
 import math
 import sqlite3
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
@@ -33,6 +30,7 @@ from moverd_daemon.ingest.tokens import TokenExchange
 from moverd_daemon.settings import AuthSettings, DaemonSettings
 from tests.support.apps import make_settings
 from tests.support.daemon import JWKSServer
+from tests.support.jsonhttp import JsonServer
 from tests.support.s3 import S3Server
 from tests.support.scicat import ARCHIVER, SciCatServer
 
@@ -80,36 +78,25 @@ class TokenEndpoint:
 
     def __init__(self) -> None:
         self.forms: list[dict[str, list[str]]] = []
-        endpoint = self
+        self.server = JsonServer(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
-                endpoint.forms.append(form)
-                ok = form.get("password") == ["svc-password"] and form.get("grant_type") == ["password"]
-                body = json.dumps({"access_token": "svc-access", "refresh_token": "svc-refresh", "expires_in": 300,
-                                   "refresh_expires_in": 1800, "token_type": "Bearer", "not-before-policy": 0,
-                                   "session_state": "s", "scope": "profile email"} if ok else
-                                  {"error": "invalid_grant"}).encode()
-                self.send_response(200 if ok else 401)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def _answer(self, method: str, path: str, body: bytes) -> tuple[int, Any] | None:
+        if method != "POST" or path != "/token":
+            return None
+        form = parse_qs(body.decode())
+        self.forms.append(form)
+        if form.get("password") != ["svc-password"] or form.get("grant_type") != ["password"]:
+            return 401, {"error": "invalid_grant"}
+        return 200, {"access_token": "svc-access", "refresh_token": "svc-refresh", "expires_in": 300,
+                     "refresh_expires_in": 1800, "token_type": "Bearer", "not-before-policy": 0,
+                     "session_state": "s", "scope": "profile email"}
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+        return f"{self.server.url}/token"
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 async def build(tmp_path: Path, s3_server: S3Server, s3_options: dict[str, Any], scicat: SciCatServer,
@@ -476,8 +463,12 @@ async def test_token_exchange(tmp_path: Path, s3_server: S3Server, s3_options: d
             assert body["access_token"] == "svc-access" and body["expires_in"] == 300
             assert body["not-before-policy"] == 0
             assert idp.forms[-1]["client_secret"] == ["svc-secret"] and idp.forms[-1]["username"] == ["svc"]
+            # a token of the identity provider itself (it has a kid) is checked as one, not by SciCat
+            r = await env.api.post("/token", headers=env.token())
+            assert r.status_code == 201, r.text
             asked = len(idp.forms)
-            for headers in ({"Authorization": f"Bearer {scicat_token('stranger', 'stranger-pw')}"},
+            stranger = scicat_token("stranger", "stranger-pw")
+            for headers in (env.token(expires_in=-120), {"Authorization": f"Bearer {stranger}"},
                             {"Authorization": "Bearer not-a-scicat-token"}, {}):
                 r = await env.api.post("/token", headers=headers)
                 assert r.status_code == 401, r.text
