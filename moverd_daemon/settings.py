@@ -292,7 +292,9 @@ class IngestSettings(Options):
     ``/jobs`` would; a later call for the same job finds it running)."""
     check_groups: bool = True
     """A Bearer token may upload a dataset only when its ``groups`` claim names the dataset's
-    owner group or one of its access groups."""
+    owner group or one of its access groups. Tokens of the service account (``username``, whose
+    tokens ``POST /token`` hands to every ingestor) are not group-checked: the exchange checked
+    the SciCat user's ingestor groups instead."""
     scicat_url: str | None = None
     """``POST /token``: SciCat's API base (with its prefix, e.g. ``https://scicat/api/v3``), where
     ``/users/my/identity`` checks the caller's SciCat token."""

@@ -473,6 +473,15 @@ async def test_token_exchange(tmp_path: Path, s3_server: S3Server, s3_options: d
                 r = await env.api.post("/token", headers=headers)
                 assert r.status_code == 401, r.text
             assert len(idp.forms) == asked  # no service token for them
+            # the service account uploads any dataset (its tokens are every ingestor's); others only their own
+            pid = scicat.add_dataset([("a", 1)], owner_group="elsewhere", lifecycle=UPLOADING)
+            body = {"dataset_id": pid, "dataset_size_gib": 0}
+            r = await env.api.post("/s3/requestDatasetUpload", json=body,
+                                   headers=env.token(groups=[], preferred_username="someone"))
+            assert r.status_code == 403
+            r = await env.api.post("/s3/requestDatasetUpload", json=body,
+                                   headers=env.token(groups=[], preferred_username="svc"))
+            assert r.status_code == 201, r.text
     finally:
         idp.close()
 
