@@ -276,8 +276,9 @@ class IngestSettings(Options):
     reservation_ttl: PositiveDuration = 7 * 86400.0
     """A reservation that is neither finalized nor aborted is dropped this long after it was made
     (the client gave up); its objects stay until an abort or an operator removes them."""
-    url_expiry: PositiveDuration = 3600.0
-    """How long presigned upload URLs stay valid (the reference's URL_EXPIRATION_SECONDS)."""
+    url_expiry: Annotated[Duration, Field(gt=0, le=7 * 86400)] = 3600.0
+    """How long presigned upload URLs stay valid (the reference's URL_EXPIRATION_SECONDS); at
+    most 7 days, SigV4's limit."""
     storage_class: str | None = None
     """Storage class signed into single-PUT URLs and set on multipart uploads (the reference
     used ``GLACIER``). None (the default) sets none: the archive reads the landing zone without

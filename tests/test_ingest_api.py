@@ -509,3 +509,24 @@ async def test_an_upload_that_outgrows_a_full_quota_is_refused_at_complete(
         assert r is not None and r.status_code == 201, r.text
         reservation = await env.state.reservation(a)
         assert reservation is not None and reservation.bytes == 2 * CHUNK
+
+
+async def test_a_failing_landing_storage_is_a_500_with_details(
+        tmp_path: Path, s3_server: S3Server, s3_options: dict[str, Any], scicat: SciCatServer,
+        jwks: JWKSServer) -> None:
+    from tests.support.faultproxy import FaultProxy
+
+    pid = scicat.add_dataset([("big", 2 * CHUNK)], owner_group=GROUP, lifecycle=UPLOADING)
+    with FaultProxy(s3_server.host, s3_server.port) as proxy:
+        options = {**s3_options, "endpoint_url": proxy.url, "max_attempts": 2}
+        async for env in build(tmp_path, s3_server, options, scicat, jwks, landing_space="3GiB"):
+            auth = env.token()
+            r = await env.api.post("/s3/requestDatasetUpload", json={"dataset_id": pid, "dataset_size_gib": 0},
+                                   headers=auth)
+            assert r.status_code == 201
+            proxy.fail_always(status=500, method="POST")  # CreateMultipartUpload
+            r = await env.api.post("/s3/presignedUrls", headers=auth, json={
+                "dataset_id": pid, "object_name": landing_key(pid, "big"), "parts": 2})
+            assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
+            assert r.json()["message"] == "Failed to get presigned urls" and "InternalError" in r.json()["details"]
+            proxy.clear()
