@@ -530,3 +530,23 @@ async def test_a_failing_landing_storage_is_a_500_with_details(
             assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
             assert r.json()["message"] == "Failed to get presigned urls" and "InternalError" in r.json()["details"]
             proxy.clear()
+
+
+async def test_concurrent_finalizes_make_one_job(env: Env) -> None:
+    pid = env.scicat.add_dataset([("a", 10)], owner_group=GROUP, lifecycle=UPLOADING)
+    auth = env.token()
+    await env.api.post("/s3/requestDatasetUpload", json={"dataset_id": pid, "dataset_size_gib": 0}, headers=auth)
+    await ingestor_upload_file(env, auth, pid, "a", b"a" * 10)
+    statuses: list[int] = []
+
+    async def finalize() -> None:
+        r = await env.api.post("/s3/finalizeDatasetUpload", headers=auth, json={
+            "dataset_id": pid, "create_archiving_job": True, "owner_group": GROUP, "owner_user": "o",
+            "contact_email": "o@example.org"})
+        statuses.append(r.status_code)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(finalize)
+    assert statuses == [201] * 4
+    assert len([j for j in env.scicat.app.store.jobs.values() if j["type"] == "archive"]) == 1

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import anyio
+
 from moverd import (
     CatalogError,
     Dataset,
@@ -130,6 +132,7 @@ class Ingest:
         self.expiry = timedelta(seconds=settings.url_expiry)
         self.headers = {"x-amz-storage-class": settings.storage_class} if settings.storage_class else {}
         self._datasets: dict[str, tuple[float, Dataset]] = {}
+        self._finalizing: dict[str, anyio.Lock] = {}
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -398,6 +401,16 @@ class Ingest:
             await self.dataset(pid, who, what)
         except IngestError as exc:
             raise IngestError(exc.status, exc.message, exc.details, extra) from None
+        lock = self._finalizing.setdefault(pid, anyio.Lock())
+        try:
+            async with lock:  # two finalizes at once (a client's retry) make one job
+                return await self._finalize(pid, owner, create_job, what, extra)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._finalizing.pop(pid, None)
+
+    async def _finalize(self, pid: str, owner: JobOwner, create_job: bool, what: str,
+                        extra: dict[str, Any]) -> str | None:
         done = await self.state.finalized(pid)
         if done is not None and (done[0] is not None or not create_job):
             return done[0]
