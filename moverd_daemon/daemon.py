@@ -300,7 +300,7 @@ class Daemon:
             api, log_config=None, access_log=s.server.access_log, lifespan="off", timeout_graceful_shutdown=5,
             server_header=False, http=LimitedH11Protocol, h11_max_incomplete_event_size=s.server.max_header_size,
         ))
-        housekeeping = Housekeeping(app, dispatcher, journal, metrics)
+        housekeeping = Housekeeping(app, dispatcher, journal, metrics, ingest)
         return dispatcher, housekeeping, server
 
     def _ingest(self, app: App, dispatcher: Dispatcher, metrics: Any, auth: Any,

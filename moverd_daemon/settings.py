@@ -257,7 +257,8 @@ class SchedulerSettings(BaseModel):
     less than the download links' lifetime plus ``retrieval_cleanup_margin``: the retrieval
     cleanup reads the journal."""
     free_space_interval: Duration = 60.0
-    """Publish the free space of the storages (the ``moverd_storage_free_bytes`` metric), this often."""
+    """Publish the free space of the storages (the ``moverd_storage_free_bytes`` metric), and the
+    landing quota of the upload API (``moverd_landing_bytes``), this often."""
     pickup_interrupted: bool = True
     """At start, resume the jobs a crash or a restart interrupted (from the journal)."""
 

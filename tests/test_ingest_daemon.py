@@ -73,6 +73,15 @@ def make_files(root: Path, files: dict[str, int]) -> None:
         p.write_bytes(os.urandom(size))
 
 
+def test_the_landing_quota_is_published_before_any_upload(served: Served) -> None:
+    def published() -> str | None:
+        text = httpx.get(f"{served.daemon.url}/metrics").text
+        return text if 'moverd_landing_bytes{kind="free"} 4.294967296e+09' in text else None
+
+    text = wait_for(published, 30, what="the landing quota in the metrics")
+    assert 'moverd_landing_bytes{kind="reserved"} 0.0' in text
+
+
 def test_upload_finalize_archive_whole_flow(served: Served, tmp_path: Path) -> None:
     files = {"raw/a.tif": 3 * MIB, "raw/b.tif": 12 * MIB + 17, "meta.json": 100}
     scicat = served.facility.scicat
