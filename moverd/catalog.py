@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from .errors import UserError
-from .models import Datablock, Dataset, Download, FileEntry, Job, JobDataset, JobType, LifecycleUpdate
+from .models import Datablock, Dataset, Download, FileEntry, Job, JobDataset, JobOwner, JobType, LifecycleUpdate
 
 
 class Catalog(ABC):
@@ -74,8 +74,9 @@ class Catalog(ABC):
         """Every dataset, oldest first (``moverd datasets``)."""
         raise UserError(f"the {self.type_name or self.name!r} catalog does not list its datasets here; use its own UI")
 
-    async def create_job(self, type_: JobType, datasets: list[JobDataset], job_id: str | None = None) -> Job:
-        """A new job in the catalog (``moverd job create``); SciCat creates its own jobs."""
+    async def create_job(self, type_: JobType, datasets: list[JobDataset], job_id: str | None = None,
+                         owner: JobOwner | None = None) -> Job:
+        """A new job in the catalog (``moverd job create``, the upload API's finalize)."""
         raise UserError(
             f"the {self.type_name or self.name!r} catalog creates its jobs itself (and calls the daemon); "
             "create them there"

@@ -16,7 +16,7 @@ class Transfer:
     person watching progress cares about; tar headers are not counted.
     """
 
-    kind: Literal["archive", "retrieve", "verify"]
+    kind: Literal["archive", "retrieve", "verify", "upload"]
     dataset: str
     bytes_total: int = 0
     bytes_done: int = 0

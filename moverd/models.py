@@ -94,6 +94,8 @@ class Dataset(_Model):
     """Where the data is. For the local catalog: the folder archived from."""
     lifecycle: dict[str, Any] = Field(default_factory=dict)
     owner_group: str | None = None
+    access_groups: list[str] = Field(default_factory=list)
+    """Groups besides the owner group that may see (and, through the upload API, fill) it."""
 
 
 class JobType(StrEnum):
@@ -117,6 +119,14 @@ class JobDataset(_Model):
     """Dataset-relative paths; empty means the whole dataset."""
 
 
+class JobOwner(_Model):
+    """Who a job made by moverd is for (SciCat's ``ownerUser``, ``ownerGroup``, ``contactEmail``)."""
+
+    user: str | None = None
+    group: str | None = None
+    email: str | None = None
+
+
 class Job(_Model):
     id: str
     type: JobType
@@ -128,6 +138,8 @@ class Job(_Model):
 class ArchiveStatus(StrEnum):
     """SciCat's ``archiveStatusMessage`` values moverd sets."""
 
+    created = "datasetCreated"
+    """Uploaded to the landing zone and ready to be archived (the upload API's finalize)."""
     started = "started"
     on_archive_disk = "datasetOnArchiveDisk"
     missing_files = "missingFilesError"

@@ -243,3 +243,67 @@ def read_slot(storage: Storage) -> contextlib.AbstractAsyncContextManager[None]:
 def write_slot(storage: Storage) -> contextlib.AbstractAsyncContextManager[None]:
     """The storage's write semaphore, or nothing when it has none."""
     return storage.write_slots.hold() if storage.write_slots else _no_slot()
+
+
+@dataclass(frozen=True, slots=True)
+class UploadedPart:
+    """One part of an open multipart upload, as the storage recorded it."""
+
+    number: int
+    size: int
+    etag: str
+    checksum_sha256: str | None = None
+    """Base64 SHA-256 the storage stored with the part (None when it kept none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenUpload:
+    """A multipart upload begun and neither completed nor aborted."""
+
+    key: str
+    upload_id: str
+
+
+@runtime_checkable
+class DirectUploads(Protocol):
+    """Optional for storages that clients can write to themselves, through presigned URLs, so
+    that the bytes of an upload never pass through moverd (the daemon's ingest API). Keys are
+    storage-relative, like every other key; :meth:`client_key` and :meth:`storage_key` map them to
+    and from the names clients see (an S3 object key, with the storage's prefix)."""
+
+    def client_key(self, key: str) -> str:
+        """The name a client uses for ``key``."""
+        ...
+
+    def storage_key(self, client_key: str) -> str | None:
+        """The storage key of a client's name, or None when it is outside this storage."""
+        ...
+
+    async def presign_put(self, key: str, expires: timedelta, *, headers: dict[str, str]) -> str:
+        """A URL that writes ``key`` in one PUT; ``headers`` are signed and must be sent."""
+        ...
+
+    async def create_upload(self, key: str, *, headers: dict[str, str]) -> str:
+        """Begin a multipart upload with SHA-256 part checksums; return its id."""
+        ...
+
+    async def presign_part(self, key: str, upload_id: str, number: int, expires: timedelta) -> str:
+        """A URL that uploads part ``number`` (from 1) of the upload."""
+        ...
+
+    async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
+        """The parts uploaded so far, by number; NotFoundError for an unknown upload."""
+        ...
+
+    async def complete_upload(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
+        """Publish the object from ``parts`` (each sent with its ETag and checksum); return its
+        location (URL) as the storage names it."""
+        ...
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        """Discard the upload and its parts; an unknown upload is not an error."""
+        ...
+
+    def open_uploads(self, prefix: str = "") -> AsyncIterator[OpenUpload]:
+        """Every open multipart upload of a key under ``prefix``."""
+        ...

@@ -322,6 +322,72 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+def upload(
+    path: Annotated[Path, typer.Argument(help="The dataset's folder (or one file).")],
+    dataset: Annotated[str, typer.Option("--dataset", help="The dataset's id in the catalog.")],
+    url: Annotated[str, typer.Option("--url", envvar="MOVERD_URL", help="The daemon's API root.")] = (
+        "http://127.0.0.1:8080/archiver/api/v1"),
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", help="A file with the Bearer token (default: $MOVERD_TOKEN).")] = None,
+    part_size: Annotated[str, typer.Option("--part-size", help="Multipart part size (files under it: one PUT).")] = (
+        "64MiB"),
+    parallel: Annotated[int, typer.Option("--parallel", min=1, max=256, help="Parts in flight at once.")] = 8,
+    finalize: Annotated[bool, typer.Option("--finalize/--no-finalize", help="Finalize the dataset at the end.")] = True,
+    archive_job: Annotated[bool, typer.Option("--archive/--no-archive", help="Finalize creates the archive job.")] = (
+        True),
+    owner_user: Annotated[str, typer.Option("--owner-user", help="The archive job's owner.")] = "",
+    owner_group: Annotated[str, typer.Option("--owner-group", help="The archive job's owner group.")] = "",
+    contact_email: Annotated[str, typer.Option("--contact-email", help="The archive job's contact.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a dataset's files into the landing zone through a moverd daemon's upload API, in
+    parallel parts with SHA-256 checksums, and finalize it. Run it again after an interruption:
+    it resumes, sending no part twice."""
+    from moverd.units import parse_size
+
+    from .upload import Uploader
+
+    token = token_file.read_text().strip() if token_file else os.environ.get("MOVERD_TOKEN")
+    try:
+        size = parse_size(part_size)
+    except ValueError as exc:
+        fail(UserError(f"--part-size: {exc}"))
+    if not 5 * 1024**2 <= size <= 5 * 1024**3:
+        fail(UserError("--part-size must be between 5 MiB and 5 GiB (S3's limits)"))
+    owner = {"user": owner_user, "group": owner_group, "email": contact_email}
+
+    async def go() -> Any:
+        client = Uploader(url, token, part_size=size, parallel=parallel)
+        transfer = Transfer(kind="upload", dataset=dataset)
+        try:
+            async with show_progress(transfer, enabled=not as_json):
+                return await client.upload(path, dataset, transfer, finalize=finalize, archive=archive_job,
+                                           owner=owner)
+        finally:
+            await client.aclose()
+
+    t0 = time.monotonic()
+    try:
+        res = anyio.run(go)
+    except MoverdError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        fail(MoverdError("interrupted; run the same command again to resume"), 130)
+    except OSError as exc:
+        fail(MoverdError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")))
+    seconds = time.monotonic() - t0
+    if as_json:
+        emit_json({"dataset": res.dataset, "files": res.files, "bytes": res.bytes, "skipped_files": res.skipped_files,
+                   "parts_sent": res.parts_sent, "parts_resumed": res.parts_resumed, "finalized": res.finalized,
+                   "seconds": round(seconds, 3)})
+    else:
+        resumed = f", {res.parts_resumed} part(s) and {res.skipped_files} file(s) already there" if (
+            res.parts_resumed or res.skipped_files) else ""
+        out.print(f"uploaded [bold]{res.dataset}[/]: {plural(res.files, 'file')}, {format_size(res.bytes)} in "
+                  f"{seconds:.1f} s{resumed}{', finalized' if res.finalized else ''}")
+
+
 def print_table(columns: list[str], rows: list[list[str]]) -> None:
     """A table on a terminal; tab-separated lines, never shortened, when piped (ids to copy)."""
     if not sys.stdout.isatty():

@@ -39,6 +39,9 @@ from moverd.models import Job
 from .auth import Authenticator, AuthError, Principal
 from .dispatch import Dispatcher, NotAcceptingError, NotServedError
 from .health import Readiness, bounded
+from .ingest.routes import ingest_router, install_error_handler
+from .ingest.service import Ingest
+from .ingest.tokens import TokenExchange
 from .metrics import Metrics
 from .settings import daemon_settings
 from .views import JobList, JobView
@@ -88,6 +91,10 @@ class ApiContext:
     readiness: Readiness
     state: Callable[[], str]
     """``starting``, ``running`` or ``draining``."""
+    ingest: Ingest | None = None
+    """The upload API (``[ingest] enabled``)."""
+    tokens: TokenExchange | None = None
+    """Its ``POST /token``."""
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -173,6 +180,8 @@ def create_api(ctx: ApiContext) -> FastAPI:
 
     @router.post("/jobs", status_code=201, response_model=JobAccepted, tags=["jobs"], openapi_extra=job_body,
                  responses=submit_responses)
+    @router.post("/archiver/jobs", status_code=201, response_model=JobAccepted, tags=["jobs"],
+                 openapi_extra=job_body, responses=submit_responses, summary="Submit Job (the reference's path)")
     async def submit_job(request: Request, who: Authed, response: Response) -> JobAccepted:
         """Run catalog job ``id`` asynchronously (SciCat's URL action). A job that already has a run
         not yet over is not started twice: the answer is that run (status 200)."""
@@ -278,6 +287,10 @@ def create_api(ctx: ApiContext) -> FastAPI:
                                 headers={"Cache-Control": "public, max-age=86400"})
 
     api.include_router(router)
+    if ctx.ingest is not None:
+        service = ctx.ingest
+        install_error_handler(api)
+        api.include_router(ingest_router(root, lambda: service, principal, ctx.tokens))
     api.add_middleware(RequestLimits, max_body=settings.max_body_size, max_head=settings.max_header_size)
     return api
 

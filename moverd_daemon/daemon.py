@@ -293,14 +293,41 @@ class Daemon:
         if s.server.anonymous_allowed():
             log.warning("the job API accepts requests without credentials (loopback only, none configured)")
         readiness = Readiness(app, client, timeout=s.server.readiness_timeout)
+        ingest, tokens = self._ingest(app, dispatcher, metrics, auth, stack) if s.ingest.enabled else (None, None)
         api = create_api(ApiContext(app=app, dispatcher=dispatcher, metrics=metrics, auth=auth,
-                                    readiness=readiness, state=lambda: self.state))
+                                    readiness=readiness, state=lambda: self.state, ingest=ingest, tokens=tokens))
         server = uvicorn.Server(uvicorn.Config(
             api, log_config=None, access_log=s.server.access_log, lifespan="off", timeout_graceful_shutdown=5,
             server_header=False, http=LimitedH11Protocol, h11_max_incomplete_event_size=s.server.max_header_size,
         ))
-        housekeeping = Housekeeping(app, dispatcher, journal, metrics)
+        housekeeping = Housekeeping(app, dispatcher, journal, metrics, ingest)
         return dispatcher, housekeeping, server
+
+    def _ingest(self, app: App, dispatcher: Dispatcher, metrics: Any, auth: Any,
+                stack: contextlib.AsyncExitStack) -> tuple[Any, Any]:
+        """The upload API's service: its state next to the journal, new archive jobs handed to
+        the dispatcher (as SciCat's call of ``/jobs`` would), the quota published as metrics."""
+        from moverd.models import Job
+
+        from .ingest.quota import IngestState
+        from .ingest.service import Ingest
+        from .ingest.tokens import TokenExchange
+
+        s = self.settings
+        state = IngestState(s.state_dir / "ingest.sqlite")
+        stack.callback(state.close)
+
+        async def submit(job: Job) -> None:
+            if s.ingest.submit_jobs:
+                await dispatcher.submit(job.id, job.type.value, job)
+
+        try:
+            ingest = Ingest(app, state, s.ingest, submit=submit, on_usage=metrics.landing_usage)
+        except TypeError as exc:
+            raise ConfigError(f"ingest.enabled: {exc}") from None
+        tokens = TokenExchange(s.ingest, s.server.auth, auth)
+        stack.push_async_callback(tokens.aclose)
+        return ingest, tokens
 
     def _endpoints(self, sock: socket.socket) -> Endpoints:
         s = self.settings.server

@@ -52,8 +52,11 @@ class Entry:
     attempts: int
 
 
-class Journal:
-    """A small SQLite table; every call runs in a worker thread (the file may be on slow disk)."""
+class SqliteFile:
+    """A small SQLite file of the daemon's state; every call runs in a worker thread (the file may
+    be on slow disk), one at a time."""
+
+    schema = ""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -61,7 +64,7 @@ class Journal:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(self.schema)
 
     def close(self) -> None:
         with self._lock:
@@ -73,6 +76,12 @@ class Journal:
                 return fn(self._db)
 
         return await anyio.to_thread.run_sync(call)
+
+
+class Journal(SqliteFile):
+    """The jobs this daemon took."""
+
+    schema = _SCHEMA
 
     async def record(self, job_id: str, job_type: str, flow_run_id: str, flow_run_name: str,
                      state: str = "queued", datasets: list[str] | None = None) -> None:

@@ -75,6 +75,10 @@ class Metrics:
         self.housekeeping = Counter("moverd_housekeeping_removed",
                                     "Objects removed by housekeeping (stale temp files, expired retrievals).",
                                     ["task"], registry=r)
+        self.landing = Gauge("moverd_landing_bytes",
+                             "The landing zone's quota as the upload API last computed it: used (stored), "
+                             "reserved (granted and not yet uploaded) and free (for new grants).",
+                             ["kind"], registry=r)
         info = Gauge("moverd_build_info", "moverd version.", ["version"], registry=r)
         info.labels(version=__version__).set(1)
         for kind in KINDS:
@@ -140,6 +144,13 @@ class Metrics:
             self._settled[transfer.kind] = self._settled.get(transfer.kind, 0) + transfer.bytes_done
         if outcome:
             self.transfers.labels(kind=transfer.kind, outcome=outcome).inc()
+
+    def landing_usage(self, usage: Any) -> None:
+        """The landing quota as the upload API computed it last (an ``ingest.quota.Usage``)."""
+        self.landing.labels(kind="used").set(usage.used)
+        self.landing.labels(kind="reserved").set(usage.reserved)
+        if usage.free is not None:
+            self.landing.labels(kind="free").set(usage.free)
 
     def job_finished(self, job_type: str, status: str, seconds: float) -> None:
         self.job_duration.labels(type=job_type, status=status).observe(seconds)

@@ -27,6 +27,7 @@ from moverd.keys import safe_key
 from moverd.models import JobStatus
 
 from .dispatch import Dispatcher, NotAcceptingError
+from .ingest.service import Ingest
 from .journal import Journal
 from .metrics import Metrics
 from .settings import daemon_settings
@@ -41,11 +42,13 @@ JOURNAL_PRUNE_INTERVAL = 86400.0
 
 
 class Housekeeping:
-    def __init__(self, app: App, dispatcher: Dispatcher, journal: Journal, metrics: Metrics) -> None:
+    def __init__(self, app: App, dispatcher: Dispatcher, journal: Journal, metrics: Metrics,
+                 ingest: Ingest | None = None) -> None:
         self.app = app
         self.dispatcher = dispatcher
         self.journal = journal
         self.metrics = metrics
+        self.ingest = ingest
         self.settings = daemon_settings(app).scheduler
 
     async def pickup(self) -> list[str]:
@@ -140,6 +143,8 @@ class Housekeeping:
             free = await self.app.storage(name).free_space()
             if free is not None:
                 self.metrics.free_bytes.labels(storage=name).set(free)
+        if self.ingest is not None:  # the landing quota, also between upload requests
+            self.metrics.landing_usage(await self.ingest.quota.usage())
 
     async def sample(self) -> None:
         self.metrics.sample()

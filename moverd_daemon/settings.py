@@ -31,6 +31,15 @@ JobTypeName = Literal["archive", "retrieve"]
 JOB_TYPES: tuple[JobTypeName, ...] = ("archive", "retrieve")
 
 
+def http_url(v: str | None) -> str | None:
+    """An ``http(s)://`` base URL without its trailing slash; empty is unset."""
+    if not v:
+        return None
+    if not v.startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https://, not {v!r}")
+    return v.rstrip("/")
+
+
 class AuthSettings(Options):
     """Who may call the job API: HTTP Basic, Bearer JWTs of the identity provider, or both.
 
@@ -80,11 +89,7 @@ class AuthSettings(Options):
     @field_validator("idp_url", "issuer", "jwks_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is None or v == "":
-            return None
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https://, not {v!r}")
-        return v.rstrip("/")
+        return http_url(v)
 
     @field_validator("idp_audience")
     @classmethod
@@ -258,9 +263,70 @@ class SchedulerSettings(BaseModel):
     less than the download links' lifetime plus ``retrieval_cleanup_margin``: the retrieval
     cleanup reads the journal."""
     free_space_interval: Duration = 60.0
-    """Publish the free space of the storages (the ``moverd_storage_free_bytes`` metric), this often."""
+    """Publish the free space of the storages (the ``moverd_storage_free_bytes`` metric), and the
+    landing quota of the upload API (``moverd_landing_bytes``), this often."""
     pickup_interrupted: bool = True
     """At start, resume the jobs a crash or a restart interrupted (from the journal)."""
+
+
+class IngestSettings(Options):
+    """The upload API (``/s3/*`` and ``/token``): clients write into the landing storage through
+    presigned URLs, within a quota. Off unless ``enabled``; the landing storage must be one that
+    clients can write to directly (``s3``). Secrets can be given as ``*_file`` keys."""
+
+    enabled: bool = False
+    """Serve the upload routes."""
+    landing_space: ByteSize | None = None
+    """Size of the landing zone, e.g. ``"100TB"``; uploads are granted while what is stored plus
+    what is reserved stays within it. None: the landing storage's own free space, when it can
+    tell, else no limit."""
+    reservation_ttl: PositiveDuration = 7 * 86400.0
+    """A reservation that is neither finalized nor aborted is dropped this long after it was made
+    (the client gave up); its objects stay until an abort or an operator removes them."""
+    url_expiry: Annotated[Duration, Field(gt=0, le=7 * 86400)] = 3600.0
+    """How long presigned upload URLs stay valid (the reference's URL_EXPIRATION_SECONDS); at
+    most 7 days, SigV4's limit."""
+    storage_class: str | None = None
+    """Storage class signed into single-PUT URLs and set on multipart uploads (the reference
+    used ``GLACIER``). None (the default) sets none: the archive reads the landing zone without
+    restoring objects first, and an object of an archive class cannot be read before a restore
+    (S3 answers InvalidObjectState). The facility's client sends ``x-amz-storage-class: GLACIER``
+    anyway; the URLs do not sign it, so where S3 honours the unsigned header its single-PUT
+    objects still land in that class (see docs/ingest.md)."""
+    min_part_size: ByteSize = 5 * 1024**2
+    """Parts below this (except the last) are refused at complete: S3's own minimum."""
+    submit_jobs: bool = True
+    """Run the archive job that finalize creates at once, in this daemon (as SciCat's call of
+    ``/jobs`` would; a later call for the same job finds it running)."""
+    check_groups: bool = True
+    """A Bearer token may upload a dataset only when its ``groups`` claim names the dataset's
+    owner group or one of its access groups. Tokens of the service account (``username``, whose
+    tokens ``POST /token`` hands to every ingestor) are not group-checked: the exchange checked
+    the SciCat user's ingestor groups instead."""
+    scicat_url: str | None = None
+    """``POST /token``: SciCat's API base (with its prefix, e.g. ``https://scicat/api/v3``), where
+    ``/users/my/identity`` checks the caller's SciCat token."""
+    ingestor_groups: list[str] = Field(default_factory=list)
+    """``POST /token``: the caller's SciCat ``accessGroups`` must name one of these (the
+    reference's SCICAT_INGESTOR_GROUPS)."""
+    token_url: str | None = None
+    """``POST /token``: the identity provider's token endpoint for the password grant; default
+    ``{issuer}/protocol/openid-connect/token`` of ``server.auth``."""
+    client_id: str | None = None
+    """The service account's client (IDP_CLIENT_ID)."""
+    client_secret: SecretStr | None = None
+    """Its secret (``client_secret_file``)."""
+    username: str | None = None
+    """The service account (IDP_USERNAME)."""
+    password: SecretStr | None = None
+    """Its password (``password_file``)."""
+    http_timeout: PositiveDuration = 10.0
+    """Bound of each request to SciCat and to the identity provider."""
+
+    @field_validator("scicat_url", "token_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return http_url(v)
 
 
 class DaemonSettings(Settings):
@@ -272,6 +338,8 @@ class DaemonSettings(Settings):
     """``moverd serve``: the job API and job execution."""
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     """``moverd serve``: housekeeping on a timer."""
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    """``moverd serve``: the upload API into the landing zone."""
 
 
 def daemon_settings(app: App) -> DaemonSettings:

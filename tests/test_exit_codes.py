@@ -92,3 +92,17 @@ def test_job_create_on_a_missing_folder_says_the_folder_is_missing(tmp_path: Pat
     assert p.returncode == 2 and "folder './my-dataset' does not exist" in p.stderr, p.stderr
     p = moverd(["job", "create", "archive", "local/no-such-dataset"], env)
     assert p.returncode == 2 and "not found in the local catalog" in p.stderr, p.stderr
+
+
+def test_upload_exit_codes_without_a_daemon(tmp_path: Path, env: dict[str, str]) -> None:
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "a").write_text("a")
+    from tests.support.s3 import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/archiver/api/v1"
+    p = moverd(["upload", str(tmp_path / "ds"), "--dataset", "x", "--url", url, "--part-size", "1MiB"], env)
+    assert p.returncode == 2 and "--part-size" in p.stderr and "Traceback" not in p.stderr
+    p = moverd(["upload", str(tmp_path / "nope"), "--dataset", "x", "--url", url], env)
+    assert p.returncode == 2 and "no such file or folder" in p.stderr
+    p = moverd(["upload", str(tmp_path / "ds"), "--dataset", "x", "--url", url], env)
+    assert p.returncode == 1 and "ConnectError" in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -7,15 +7,14 @@ import moverd
 
 PUBLIC = {
     "ArchiveStatus", "BlockingReads", "BlockingWrites", "ByteSize", "Catalog", "CatalogError", "CatalogType",
-    "ConfigError", "Context", "Datablock", "Dataset", "Download", "Duration", "FileEntry", "Hasher", "HasherFactory",
-    "Job",
-    "JobDataset", "JobStatus", "JobType", "LOCAL_STORAGE_TYPE", "LifecycleUpdate", "Member", "MissingFileError",
-    "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo", "Observers", "OfflineTimeoutError", "Options",
-    "PluginError", "Reader", "RetrieveStatus", "ServiceError", "Slots", "SourceChangedError", "Storage",
-    "StorageError", "StorageType", "Transfer", "UnknownDatasetError", "UnknownJobError", "UnsafePathError",
-    "UserError", "VerificationError", "Writer", "format_size", "hookimpl", "join_key", "parse_duration",
-    "parse_size", "path_safe_id", "read_secret_file", "read_slot", "retry_async", "retry_blocking", "safe_key",
-    "write_slot",
+    "ConfigError", "Context", "Datablock", "Dataset", "DirectUploads", "Download", "Duration", "FileEntry",
+    "Hasher", "HasherFactory", "Job", "JobDataset", "JobOwner", "JobStatus", "JobType", "LOCAL_STORAGE_TYPE",
+    "LifecycleUpdate", "Member", "MissingFileError", "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo",
+    "Observers", "OfflineTimeoutError", "OpenUpload", "Options", "PluginError", "Reader", "RetrieveStatus",
+    "ServiceError", "Slots", "SourceChangedError", "Storage", "StorageError", "StorageType", "Transfer",
+    "UnknownDatasetError", "UnknownJobError", "UnsafePathError", "UploadedPart", "UserError", "VerificationError",
+    "Writer", "format_size", "hookimpl", "join_key", "parse_duration", "parse_size", "path_safe_id",
+    "read_secret_file", "read_slot", "retry_async", "retry_blocking", "safe_key", "write_slot",
 }
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, SecretStr
 from moverd.builtin.local_catalog import LocalCatalogOptions
 from moverd.config import ArchiveSettings, PipelineSettings, PrefectSettings, RetrieveSettings, load_settings
 from moverd_daemon.notify import Notifier
-from moverd_daemon.settings import AuthSettings, DaemonSettings, SchedulerSettings, ServerSettings
+from moverd_daemon.settings import AuthSettings, DaemonSettings, IngestSettings, SchedulerSettings, ServerSettings
 
 PACKAGING = Path(__file__).resolve().parents[1] / "packaging"
 EXAMPLE = PACKAGING / "moverd.example.toml"
@@ -67,7 +67,7 @@ def test_example_config_documents_every_key() -> None:
     keys = documented_keys()
     sections: list[tuple[str, type[BaseModel], set[str]]] = [
         ("", DaemonSettings,
-         {"pipeline", "archive", "retrieve", "prefect", "server", "scheduler", "storages", "catalog"}),
+         {"pipeline", "archive", "retrieve", "prefect", "server", "scheduler", "storages", "catalog", "ingest"}),
         ("pipeline", PipelineSettings, set()),
         ("archive", ArchiveSettings, set()),
         ("retrieve", RetrieveSettings, set()),
@@ -75,6 +75,7 @@ def test_example_config_documents_every_key() -> None:
         ("server", ServerSettings, {"auth"}),
         ("server.auth", AuthSettings, set()),
         ("scheduler", SchedulerSettings, set()),
+        ("ingest", IngestSettings, set()),
         ("storages.lts", PosixOptions, set()),
         ("storages.landing", S3Options, set()),
         ("catalog", SciCatOptions, set()),

@@ -21,7 +21,18 @@ import anyio
 from ..catalog import Catalog
 from ..errors import UnknownDatasetError, UnknownJobError, UserError
 from ..hookspecs import hookimpl
-from ..models import Datablock, Dataset, Download, FileEntry, Job, JobDataset, JobStatus, JobType, LifecycleUpdate
+from ..models import (
+    Datablock,
+    Dataset,
+    Download,
+    FileEntry,
+    Job,
+    JobDataset,
+    JobOwner,
+    JobStatus,
+    JobType,
+    LifecycleUpdate,
+)
 from ..options import Options
 from ..registry import CatalogType, Context
 
@@ -212,7 +223,8 @@ class LocalCatalog(Catalog):
 
     # -- jobs ------------------------------------------------------------------------------------
 
-    async def create_job(self, type_: JobType, datasets: list[JobDataset], job_id: str | None = None) -> Job:
+    async def create_job(self, type_: JobType, datasets: list[JobDataset], job_id: str | None = None,
+                         owner: JobOwner | None = None) -> Job:
         job = Job(id=job_id or str(uuid.uuid4()), type=type_, datasets=datasets)
         now = time.time()
         await self._run(

@@ -118,5 +118,9 @@ def dataset_source(app: App, dataset: Dataset) -> tuple[Storage, str, bool]:
         if (location := parse_location(app, folder)) is not None:
             # Archived from a storage location by hand: its files stay where they are.
             return app.storage(location[0]), location[1], False
-    prefix = safe_key(app.settings.archive.landing_prefix.format(pid=dataset.pid), allow_empty=True)
-    return app.storage("landing"), prefix, True
+    return app.storage("landing"), landing_prefix(app, dataset.pid), True
+
+
+def landing_prefix(app: App, pid: str) -> str:
+    """The folder of the landing storage where dataset ``pid``'s files are uploaded to."""
+    return safe_key(app.settings.archive.landing_prefix.format(pid=pid), allow_empty=True)

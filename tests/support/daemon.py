@@ -22,12 +22,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.support.jsonhttp import JsonServer
 from tests.support.s3 import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -238,31 +237,17 @@ class JWKSServer:
         self.realm = realm
         self.keys: list[Key] = [new_key()]
         self.requests = 0
-        server = self
+        self.server = JsonServer(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path != f"/realms/{server.realm}/protocol/openid-connect/certs":
-                    self.send_error(404)
-                    return
-                server.requests += 1
-                body = json.dumps({"keys": [k.jwk() for k in server.keys]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name="jwks")
-        self.thread.start()
+    def _answer(self, method: str, path: str, body: bytes) -> tuple[int, Any] | None:
+        if method != "GET" or path != f"/realms/{self.realm}/protocol/openid-connect/certs":
+            return None
+        self.requests += 1
+        return 200, {"keys": [k.jwk() for k in self.keys]}
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return self.server.url
 
     @property
     def issuer(self) -> str:
@@ -293,8 +278,7 @@ class JWKSServer:
         return jwt.encode(body, key.private, algorithm="RS256", headers={"kid": kid or key.kid})
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 @pytest.fixture

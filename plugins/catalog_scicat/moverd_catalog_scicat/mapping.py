@@ -131,6 +131,7 @@ def dataset_from_scicat(pid: str, doc: Any) -> Dataset:
         source_folder=doc.get("sourceFolder") if isinstance(doc.get("sourceFolder"), str) else None,
         lifecycle=lifecycle if isinstance(lifecycle, dict) else {},
         owner_group=doc.get("ownerGroup") if isinstance(doc.get("ownerGroup"), str) else None,
+        access_groups=[g for g in doc.get("accessGroups") or [] if isinstance(g, str)],
     )
 
 

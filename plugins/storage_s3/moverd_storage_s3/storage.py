@@ -39,19 +39,18 @@ from .errors import (
 )
 from .options import S3Options
 from .reader import S3Reader, range_header
+from .uploads import MAX_PRESIGN, S3DirectUploads
 from .writer import MultipartWriter
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_PRESIGN = timedelta(days=7)
-"""SigV4 refuses presigned URLs valid for longer than a week."""
 DELETE_BATCH = 1000
 """DeleteObjects takes at most 1000 keys per request."""
 
 
-class S3Storage(Storage):
+class S3Storage(S3DirectUploads, Storage):
     """Objects under ``prefix`` in one bucket; keys are relative to that prefix."""
 
     type_name = "s3"

@@ -407,6 +407,21 @@ def login(app: SciCatApp, req: Req) -> tuple[int, Any]:
     }
 
 
+@route("GET", "/api/v3/users/my/identity")
+def my_identity(app: SciCatApp, req: Req) -> tuple[int, Any]:
+    """users.controller.ts getMyIdentity: the caller's UserIdentity, its groups in
+    ``profile.accessGroups`` (what the reference's token exchange reads)."""
+    assert req.user is not None
+    u = req.user
+    return 200, {
+        "id": f"identity-{u.id}", "authStrategy": "local", "created": now_iso(), "modified": now_iso(),
+        "externalId": u.id, "provider": "local", "userId": u.id,
+        "profile": {"id": u.id, "displayName": u.username, "email": u.email, "username": u.username,
+                    "emails": [{"value": u.email}], "accessGroups": list(u.groups), "thumbnailPhoto": "",
+                    "oidcClaims": {}},
+    }
+
+
 # --- jobs --------------------------------------------------------------------------------------
 
 

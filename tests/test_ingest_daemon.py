@@ -1,0 +1,207 @@
+"""``moverd upload`` against a real ``moverd serve`` with the upload API on: the whole flow
+(upload, finalize, archive job, datablocks registered, landing zone deleted), and a run killed
+with SIGKILL that a second run resumes without sending a part twice (moto's request log is the
+witness)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.cli import MOVERD, cli_env, moverd
+from tests.support.daemon import Daemon, JWKSServer, wait_for
+from tests.support.facility import Facility
+from tests.support.s3 import S3Server
+from tests.support.scicat.fixtures import session_server
+
+MIB = 1024**2
+GROUP = "p12345"
+UPLOADING = {"isOnCentralDisk": False, "archiveStatusMessage": "filesNotYetAvailable", "archivable": False}
+
+
+@dataclass
+class Served:
+    daemon: Daemon
+    facility: Facility
+    idp: JWKSServer
+    s3: S3Server
+
+    def env(self, tmp: Path) -> dict[str, str]:
+        token = self.idp.mint(groups=[f"/{GROUP}"], expires_in=3600)
+        return cli_env(tmp, MOVERD_URL=self.daemon.url, MOVERD_TOKEN=token)
+
+    def landing(self, pid: str) -> dict[str, int]:
+        resp = self.s3.client().list_objects_v2(Bucket=self.facility.landing_bucket,
+                                               Prefix=f"openem-network/datasets/{pid}/")
+        return {o["Key"]: o["Size"] for o in resp.get("Contents", [])}
+
+
+@pytest.fixture(scope="module")
+def served(s3_server: S3Server, prefect_db_template: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("ingest")
+    facility = Facility(scicat=session_server(), s3=s3_server, tmp=tmp, job_api="v4",
+                        landing_bucket=s3_server.create_bucket("landing"),
+                        retrieval_bucket=s3_server.create_bucket("retrieval"))
+    idp = JWKSServer()
+    settings = facility.settings_dict()
+    settings["server"] = {"shutdown_grace": 10, "readiness_timeout": 10, "auth": idp.auth_settings()}
+    settings["ingest"] = {"enabled": True, "landing_space": "4GiB"}
+    daemon = Daemon.create(tmp, settings, template=prefect_db_template, name="ingest")
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        yield Served(daemon, facility, idp, s3_server)
+    finally:
+        daemon.stop(timeout=60)
+        idp.close()
+
+
+def make_files(root: Path, files: dict[str, int]) -> None:
+    for rel, size in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(os.urandom(size))
+
+
+def test_the_landing_quota_is_published_before_any_upload(served: Served) -> None:
+    def published() -> str | None:
+        text = httpx.get(f"{served.daemon.url}/metrics").text
+        return text if 'moverd_landing_bytes{kind="free"} 4.294967296e+09' in text else None
+
+    text = wait_for(published, 30, what="the landing quota in the metrics")
+    assert 'moverd_landing_bytes{kind="reserved"} 0.0' in text
+
+
+def test_upload_finalize_archive_whole_flow(served: Served, tmp_path: Path) -> None:
+    files = {"raw/a.tif": 3 * MIB, "raw/b.tif": 12 * MIB + 17, "meta.json": 100}
+    scicat = served.facility.scicat
+    pid = scicat.add_dataset(list(files.items()), owner_group=GROUP, lifecycle=UPLOADING)
+    make_files(tmp_path / "ds", files)
+    p = moverd(["upload", str(tmp_path / "ds"), "--dataset", pid, "--part-size", "5MiB", "--owner-user", "owner",
+                "--owner-group", GROUP, "--contact-email", "owner@example.org", "--json"], served.env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["finalized"] and res["parts_sent"] == 3 and res["files"] == 3
+    jobs = [j for j in scicat.app.store.jobs.values()
+            if j["type"] == "archive" and any(d["pid"] == pid for d in j["jobParams"]["datasetList"])]
+    assert len(jobs) == 1 and jobs[0]["ownerUser"] == "owner"
+    job_id = str(jobs[0]["id"])
+    wait_for(lambda: scicat.job(job_id)["statusCode"] in ("finishedSuccessful", "finishedUnsuccessful"), 120,
+             what="the archive job")
+    assert scicat.job(job_id)["statusCode"] == "finishedSuccessful", scicat.job(job_id)
+    assert scicat.lifecycle(pid)["archiveStatusMessage"] == "datasetOnArchiveDisk"
+    blocks = [b for b in scicat.app.store.datablocks.values() if b["datasetId"] == pid]
+    archived = {f["path"]: f["size"] for b in blocks for f in b["dataFileList"]}
+    assert archived == files
+    assert served.landing(pid) == {}  # deleted after the datablocks were verified and registered
+    metrics = httpx.get(f"{served.daemon.url}/metrics").text
+    assert re.search(r'^moverd_landing_bytes\{kind="reserved"\} ', metrics, re.M), metrics[:500]
+    assert re.search(r'^moverd_landing_bytes\{kind="free"\} ', metrics, re.M)
+    # finalizing again (a client's retry) makes no second job
+    p = moverd(["upload", str(tmp_path / "ds"), "--dataset", pid, "--json"], served.env(tmp_path))
+    assert p.returncode == 2 and "finalized" in p.stderr  # the upload is over: a clear refusal
+
+
+def test_sigkill_then_rerun_resumes_without_sending_a_part_twice(served: Served, tmp_path: Path) -> None:
+    size = 60 * MIB + 3
+    scicat = served.facility.scicat
+    pid = scicat.add_dataset([("big.bin", size)], owner_group=GROUP, lifecycle=UPLOADING)
+    make_files(tmp_path / "ds", {"big.bin": size})
+    env = served.env(tmp_path)
+    args = ["upload", str(tmp_path / "ds"), "--dataset", pid, "--part-size", "5MiB", "--parallel", "1",
+            "--no-archive", "--json"]
+    proc = subprocess.Popen(MOVERD + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    s3 = served.s3.client()
+    bucket = served.facility.landing_bucket
+
+    def parts_so_far() -> set[int]:
+        uploads = s3.list_multipart_uploads(Bucket=bucket, Prefix=f"openem-network/datasets/{pid}/").get("Uploads")
+        if not uploads:
+            return set()
+        listed = s3.list_parts(Bucket=bucket, Key=uploads[0]["Key"], UploadId=uploads[0]["UploadId"])
+        return {p["PartNumber"] for p in listed.get("Parts", [])}
+
+    try:
+        wait_for(lambda: len(parts_so_far()) >= 4, 120, interval=0.05, what="4 parts uploaded")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    before = parts_so_far()
+    assert 4 <= len(before) < 13, before
+    log_mark = served.s3.log_path.stat().st_size
+    p = moverd(args, env)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["parts_resumed"] == len(before) and res["parts_sent"] == 13 - len(before)
+    with served.s3.log_path.open("rb") as fh:
+        fh.seek(log_mark)
+        later = fh.read().decode(errors="replace")
+    again = {int(n) for n in re.findall(r"PUT /[^ ]*partNumber=(\d+)", later)}
+    assert again and not again & before  # none of the parts already there was sent again
+    assert served.landing(pid) == {f"openem-network/datasets/{pid}/raw_files/big.bin": size}
+    assert scicat.lifecycle(pid)["archivable"] is True
+
+
+def test_the_references_job_route_is_served_too(served: Served) -> None:
+    scicat = served.facility.scicat
+    pid = scicat.add_dataset([("a", 0)], owner_group=GROUP)
+    job_id = scicat.add_job("archive", [pid])
+    token = served.idp.mint(expires_in=600)
+    r = httpx.post(f"{served.daemon.url}/archiver/jobs", json={"id": job_id, "type": "archive"},
+                   headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 201, r.text
+    assert set(r.json()) == {"uuid", "name"}
+    # the dataset has nothing in the landing zone: the job runs and ends, whatever its outcome
+    wait_for(lambda: scicat.job(job_id)["statusCode"].startswith("finished"), 60, what="the job to run")
+    spec = httpx.get(f"{served.daemon.url}/openapi.json", headers={"Authorization": f"Bearer {token}"}).json()
+    assert {"/archiver/api/v1/archiver/jobs", "/archiver/api/v1/s3/completeUpload",
+            "/archiver/api/v1/token"} <= set(spec["paths"])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow
+def test_measure_upload_throughput_and_daemon_cpu_per_gib(served: Served, tmp_path: Path) -> None:
+    """Not a pass/fail figure (the machine is shared): prints ``moverd upload`` against
+    ``s5cmd cp`` of the same files to the same server, and the daemon's CPU per uploaded GiB."""
+    import shutil
+    import time
+
+    files = {f"f{i:03d}.bin": 2 * MIB for i in range(128)} | {"big.bin": 256 * MIB}
+    total = sum(files.values())
+    scicat = served.facility.scicat
+    pid = scicat.add_dataset(list(files.items()), owner_group=GROUP, lifecycle=UPLOADING)
+    make_files(tmp_path / "ds", files)
+    assert served.daemon.proc is not None
+    cpu0, t0 = _cpu_seconds(served.daemon.proc.pid), time.monotonic()
+    p = moverd(["upload", str(tmp_path / "ds"), "--dataset", pid, "--part-size", "16MiB", "--parallel", "16",
+                "--no-finalize", "--json"], served.env(tmp_path), timeout=600)
+    upload_s, cpu = time.monotonic() - t0, _cpu_seconds(served.daemon.proc.pid) - cpu0
+    assert p.returncode == 0, p.stderr
+    s5cmd = shutil.which("s5cmd") or str(Path(os.sys.executable).with_name("s5cmd"))
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": served.s3.access_key_id,
+           "AWS_SECRET_ACCESS_KEY": served.s3.secret_access_key, "AWS_REGION": served.s3.region}
+    t0 = time.monotonic()
+    done = subprocess.run([s5cmd, "--endpoint-url", served.s3.endpoint_url, "--numworkers", "16", "cp",
+                           f"{tmp_path / 'ds'}/*", f"s3://{served.facility.landing_bucket}/s5cmd-{pid}/"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    s5_s = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr
+    gib = total / 1024**3
+    print(f"\nupload of {gib:.2f} GiB: moverd upload {upload_s:.1f} s, s5cmd cp {s5_s:.1f} s, "
+          f"ratio (s5cmd/moverd) {s5_s / upload_s:.2f}; daemon CPU {cpu:.2f} s = {cpu / gib:.2f} s per GiB")
+    assert cpu / gib < 5  # the bytes do not pass through the daemon
