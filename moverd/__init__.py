@@ -49,6 +49,8 @@ from .registry import CatalogType, Context, StorageType
 from .retry import retry_async, retry_blocking
 from .storage import (
     LOCAL_STORAGE_TYPE,
+    VERIFY_READ_BACK,
+    VERIFY_SERVER_CHECKSUM,
     BlockingReads,
     BlockingWrites,
     ObjectInfo,
@@ -63,7 +65,8 @@ from .units import ByteSize, Duration, format_size, parse_duration, parse_size
 __version__ = "0.1.0"
 
 __all__ = [
-    "LOCAL_STORAGE_TYPE", "ArchiveStatus", "BlockingReads", "BlockingWrites", "ByteSize", "Catalog", "CatalogError",
+    "LOCAL_STORAGE_TYPE", "VERIFY_READ_BACK", "VERIFY_SERVER_CHECKSUM",
+    "ArchiveStatus", "BlockingReads", "BlockingWrites", "ByteSize", "Catalog", "CatalogError",
     "CatalogType", "ConfigError", "Context", "Datablock", "Dataset", "Download", "Duration", "FileEntry", "Hasher",
     "HasherFactory", "Job", "JobDataset", "JobStatus", "JobType", "LifecycleUpdate", "Member", "MissingFileError",
     "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo", "Observers", "OfflineTimeoutError", "Options",

@@ -107,6 +107,20 @@ class Writer(ABC):
         """
         return False
 
+    def object_checksum(self) -> str | None:
+        """After :meth:`commit`: the checksum the storage keeps for the object (``<alg>:<value>``
+        in the storage's own notation), computed from the bytes this writer was given. None
+        (the default) where the storage keeps none. The core records it on the datablock and
+        compares it with :meth:`Storage.stored_checksum` where reading back is not possible."""
+        return None
+
+
+VERIFY_READ_BACK = "read-back"
+"""A datablock verified by reading every byte back and comparing the whole-tar checksum."""
+VERIFY_SERVER_CHECKSUM = "server-checksum"
+"""A datablock verified by comparing the checksum computed while streaming it with the one the
+storage reports for the object (a tape-class S3 store, whose objects cannot be read unrestored)."""
+
 
 class Storage(ABC):
     """A place objects live: the landing zone, the LTS share, a retrieval bucket.
@@ -114,6 +128,8 @@ class Storage(ABC):
     Optional capabilities have defaults that say "not supported": :meth:`presign` raises,
     :meth:`free_space` answers None, :meth:`ensure_online` returns at once, and the slots are
     unbounded. ``read_slots``/``write_slots`` are the bounded semaphores of the LTS.
+    :attr:`verification` says how datablocks written here are verified; a storage that answers
+    :data:`VERIFY_SERVER_CHECKSUM` implements :meth:`stored_checksum`.
     """
 
     #: Registered type name (``"posix"``, ``"s3"``) and configured instance name (``"lts"``).
@@ -126,6 +142,9 @@ class Storage(ABC):
     version a reader pinned to the listing would refuse, as a file that is still being written
     can. The archive then lists the source once more at the end and fails if anything changed.
     Object stores whose objects appear only complete and are replaced whole (S3) set False."""
+    verification: str = VERIFY_READ_BACK
+    """How a datablock written here is verified: :data:`VERIFY_READ_BACK`, or
+    :data:`VERIFY_SERVER_CHECKSUM` where objects cannot be read without a restore."""
 
     @abstractmethod
     def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
@@ -184,7 +203,13 @@ class Storage(ABC):
         The default goes through :meth:`open_writer`; storages where that costs several round
         trips per object (a thread hop per call for POSIX) override it.
         """
-        writer = await self.open_writer(key, size_hint=len(data))
+        await self.write_whole(await self.open_writer(key, size_hint=len(data)), data)
+        if mtime is not None or mode is not None:
+            await self.set_metadata(key, mtime=mtime, mode=mode)
+
+    @staticmethod
+    async def write_whole(writer: Writer, data: memoryview | bytes) -> None:
+        """Write ``data`` through a new ``writer`` and commit it, aborting it on any error."""
         try:
             await writer.write(data)
             await writer.commit()
@@ -192,8 +217,13 @@ class Storage(ABC):
             with anyio.CancelScope(shield=True):
                 await writer.abort()
             raise
-        if mtime is not None or mode is not None:
-            await self.set_metadata(key, mtime=mtime, mode=mode)
+
+    async def put_index(self, key: str, data: memoryview | bytes) -> None:
+        """Write a small object the core must be able to read at any time: a datablock's member
+        index, which says what to restore and which byte ranges to read. A storage whose
+        datablocks go to a class that cannot be read unrestored keeps these in a readable one;
+        the default is :meth:`put`."""
+        await self.put(key, data)
 
     async def remove_stale_temp_files(self, older_than: float, prefix: str = "") -> int:
         """Remove what interrupted writers left (temporary files) under ``prefix`` that is older
@@ -208,6 +238,11 @@ class Storage(ABC):
     async def presign(self, key: str, expires: timedelta) -> str:
         """A URL that downloads ``key`` without credentials until it expires."""
         raise NotImplementedError(f"storage {self.name!r} ({self.type_name}) cannot presign URLs")
+
+    async def stored_checksum(self, key: str) -> str | None:
+        """The checksum the storage reports for the object, in :meth:`Writer.object_checksum`'s
+        notation, without reading its bytes; None when it reports none."""
+        return None
 
     async def free_space(self) -> int | None:
         """Bytes free for new objects, or None when the storage cannot tell."""

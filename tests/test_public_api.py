@@ -13,7 +13,8 @@ PUBLIC = {
     "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo", "Observers", "OfflineTimeoutError", "Options",
     "PluginError", "Reader", "RetrieveStatus", "ServiceError", "Slots", "SourceChangedError", "Storage",
     "StorageError", "StorageType", "Transfer", "UnknownDatasetError", "UnknownJobError", "UnsafePathError",
-    "UserError", "VerificationError", "Writer", "format_size", "hookimpl", "join_key", "parse_duration",
+    "UserError", "VERIFY_READ_BACK", "VERIFY_SERVER_CHECKSUM", "VerificationError", "Writer", "format_size",
+    "hookimpl", "join_key", "parse_duration",
     "parse_size", "path_safe_id", "read_secret_file", "read_slot", "retry_async", "retry_blocking", "safe_key",
     "write_slot",
 }

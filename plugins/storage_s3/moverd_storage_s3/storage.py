@@ -16,6 +16,8 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from moverd import (
+    VERIFY_READ_BACK,
+    VERIFY_SERVER_CHECKSUM,
     Context,
     NotFoundError,
     ObjectInfo,
@@ -25,7 +27,7 @@ from moverd import (
     safe_key,
 )
 
-from . import lean
+from . import crc, lean
 from .client import S3Clients
 from .errors import (
     Waits,
@@ -68,6 +70,10 @@ class S3Storage(Storage):
         self._fast = lean.LeanClient(options) if options.fast_get else None
         self._bucket_ready = not options.create_bucket
         self.waits = Waits(options.connect_timeout, options.read_timeout, options.max_attempts)
+        if options.verification == "auto":
+            self.verification = VERIFY_SERVER_CHECKSUM if options.cold else VERIFY_READ_BACK
+        else:
+            self.verification = options.verification
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -250,13 +256,35 @@ class S3Storage(Storage):
     # -- writing ----------------------------------------------------------------------------
 
     async def open_writer(self, key: str, size_hint: int | None = None) -> MultipartWriter:
+        return await self._writer(key, size_hint, self.options.storage_class)
+
+    async def _writer(self, key: str, size_hint: int | None, storage_class: str | None) -> MultipartWriter:
         await self._client()  # fail early (unreachable endpoint, missing bucket creation)
         return MultipartWriter(
             client=self._client, bucket=self.bucket, key=key, full_key=self._full(key),
             endpoint=self.clients.endpoint, part_size=self.options.part_size,
             concurrency=self.options.upload_concurrency, size_hint=size_hint,
-            deadline=self.options.request_timeout, waits=self.waits,
+            deadline=self.options.request_timeout, waits=self.waits, storage_class=storage_class,
+            checksum_type=self.options.checksum_type,
         )
+
+    async def put_index(self, key: str, data: memoryview | bytes) -> None:
+        """In ``index_storage_class`` (STANDARD by default), readable without a restore."""
+        await self.write_whole(await self._writer(key, len(data), self.options.index_storage_class), data)
+
+    async def stored_checksum(self, key: str) -> str | None:
+        """The CRC32 the server keeps for the object (HEAD with checksum mode), which needs no
+        restore: ``crc32:<base64>``, with ``-N`` for a COMPOSITE multipart value."""
+        client = await self._client()
+        full = self._full(key)
+        try:
+            resp = await self._bounded(
+                client.head_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED"), "HEAD", full
+            )
+        except Exception as exc:
+            raise self._error(exc, key, request=f"HEAD {self.bucket}/{full}") from exc
+        value = resp.get("ChecksumCRC32")
+        return f"{crc.PREFIX}{value}" if value else None
 
     async def delete(self, key: str) -> None:
         client = await self._client()
@@ -337,6 +365,9 @@ class S3Storage(Storage):
             "region": self.options.region,
             "bucket": self.bucket,
             "prefix": self.prefix,
+            "storage_class": self.options.storage_class,
+            "index_storage_class": self.options.index_storage_class,
+            "verification": self.verification,
         }
 
 
