@@ -167,6 +167,9 @@ class LifecycleUpdate(_Model):
     retrieve_status: RetrieveStatus | None = None
     archivable: bool | None = None
     retrievable: bool | None = None
+    retrieve_return_message: dict[str, Any] | None = None
+    """Free-form details of a retrieval in progress (SciCat's ``retrieveReturnMessage``): the
+    restore counts per state while a retrieval waits for a tape-class LTS."""
 
     def fields(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True, mode="json")

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -122,6 +123,27 @@ VERIFY_SERVER_CHECKSUM = "server-checksum"
 storage reports for the object (a tape-class S3 store, whose objects cannot be read unrestored)."""
 
 
+class RestoreState(StrEnum):
+    """Where an object of a storage that keeps objects offline (:attr:`Storage.needs_restore`)
+    stands. Storages report ``archived``, ``in_progress`` or ``available``; ``requested`` is
+    moverd's own: asked for by this run, not yet seen running."""
+
+    archived = "archived"
+    requested = "requested"
+    in_progress = "in_progress"
+    available = "available"
+
+
+@dataclass(frozen=True, slots=True)
+class RestorePolicy:
+    """How long a retrieval waits for restores, and how often it looks."""
+
+    timeout: float
+    poll: float
+    """The first wait between two looks; it doubles up to ``poll_max``."""
+    poll_max: float
+
+
 class Storage(ABC):
     """A place objects live: the landing zone, the LTS share, a retrieval bucket.
 
@@ -129,7 +151,10 @@ class Storage(ABC):
     :meth:`free_space` answers None, :meth:`ensure_online` returns at once, and the slots are
     unbounded. ``read_slots``/``write_slots`` are the bounded semaphores of the LTS.
     :attr:`verification` says how datablocks written here are verified; a storage that answers
-    :data:`VERIFY_SERVER_CHECKSUM` implements :meth:`stored_checksum`.
+    :data:`VERIFY_SERVER_CHECKSUM` implements :meth:`stored_checksum`. A storage whose objects
+    must be restored before they are read sets :attr:`needs_restore` and :attr:`restore_policy`
+    and implements :meth:`restore_state` and :meth:`request_restore`; the core requests each
+    restore once (under a cross-host lock) and waits, bounded, before it reads.
     """
 
     #: Registered type name (``"posix"``, ``"s3"``) and configured instance name (``"lts"``).
@@ -143,6 +168,9 @@ class Storage(ABC):
     can. The archive then lists the source once more at the end and fails if anything changed.
     Object stores whose objects appear only complete and are replaced whole (S3) set False."""
     verification: str = VERIFY_READ_BACK
+    needs_restore: bool = False
+    """Whether objects (datablocks) must be restored before they are read (a tape-class store)."""
+    restore_policy: RestorePolicy = RestorePolicy(timeout=0.0, poll=5.0, poll_max=300.0)
     """How a datablock written here is verified: :data:`VERIFY_READ_BACK`, or
     :data:`VERIFY_SERVER_CHECKSUM` where objects cannot be read without a restore."""
 
@@ -243,6 +271,16 @@ class Storage(ABC):
         """The checksum the storage reports for the object, in :meth:`Writer.object_checksum`'s
         notation, without reading its bytes; None when it reports none."""
         return None
+
+    async def restore_state(self, key: str) -> RestoreState:
+        """``archived`` (no restore requested, or it expired), ``in_progress`` or ``available``
+        (readable now). The default: always available."""
+        return RestoreState.available
+
+    async def request_restore(self, key: str) -> None:
+        """Ask for ``key`` to be restored (once: the core checks :meth:`restore_state` first,
+        under a cross-host lock). A restore already running is not an error."""
+        raise NotImplementedError(f"storage {self.name!r} ({self.type_name}) has no restores")
 
     async def free_space(self) -> int | None:
         """Bytes free for new objects, or None when the storage cannot tell."""

@@ -14,7 +14,8 @@ are, one upstream connection per request. Rules, consumed in order, make it misb
   ``name``, replaces its value (an S3 server that reports another checksum, or a restore that is
   still running: ``x-amz-restore: ongoing-request="true"``), until ``clear()``.
 
-``seen`` lists every request's method and target, in order (to count RestoreObject calls).
+``seen`` lists every request's method, target and Range header, in order (to count
+RestoreObject calls, and to see which byte ranges were read).
 
 Each rule may be limited to one HTTP ``method`` (``"GET"``, ``"PUT"``...). It runs its own event
 loop in a daemon thread, so sync and async tests (and any client library) can use it; the rule
@@ -82,7 +83,7 @@ class FaultProxy:
         self.upstream = (upstream_host, upstream_port)
         self._rules: list[Rule] = []
         self._rewrites: dict[str, tuple[str, str | None]] = {}
-        self.seen: list[tuple[str, str]] = []
+        self.seen: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
         self.requests = 0
         self.faults = 0
@@ -206,7 +207,7 @@ class FaultProxy:
                     return
                 req = _parse_request(head)
                 self.requests += 1
-                self.seen.append((req.method, req.target))
+                self.seen.append((req.method, req.target, req.header("range")))
                 rule = self._take(req.method)
                 if rule is not None and rule.kind == "fail":
                     # Answered before the body is read: the connection cannot be reused.

@@ -21,13 +21,15 @@ from moverd import (
     Context,
     NotFoundError,
     ObjectInfo,
+    RestorePolicy,
+    RestoreState,
     Storage,
     StorageError,
     join_key,
     safe_key,
 )
 
-from . import crc, lean
+from . import crc, lean, restore
 from .client import S3Clients
 from .errors import (
     Waits,
@@ -74,6 +76,10 @@ class S3Storage(Storage):
             self.verification = VERIFY_SERVER_CHECKSUM if options.cold else VERIFY_READ_BACK
         else:
             self.verification = options.verification
+        self.needs_restore = options.cold
+        self.restore_policy = RestorePolicy(
+            timeout=options.restore_timeout, poll=options.restore_poll, poll_max=options.restore_poll_max
+        )
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -272,6 +278,29 @@ class S3Storage(Storage):
         """In ``index_storage_class`` (STANDARD by default), readable without a restore."""
         await self.write_whole(await self._writer(key, len(data), self.options.index_storage_class), data)
 
+    async def restore_state(self, key: str) -> RestoreState:
+        client = await self._client()
+        full = self._full(key)
+        try:
+            resp = await self._bounded(client.head_object(Bucket=self.bucket, Key=full), "HEAD", full)
+        except Exception as exc:
+            raise self._error(exc, key, request=f"HEAD {self.bucket}/{full}") from exc
+        return restore.state_of(resp.get("Restore"), resp.get("StorageClass"), self.options.cold_classes)
+
+    async def request_restore(self, key: str) -> None:
+        """RestoreObject with ``restore_days`` and ``restore_tier``; one already running is fine."""
+        client = await self._client()
+        full = self._full(key)
+        request = {"Days": self.options.restore_days, "GlacierJobParameters": {"Tier": self.options.restore_tier}}
+        try:
+            await self._bounded(
+                client.restore_object(Bucket=self.bucket, Key=full, RestoreRequest=request), "RestoreObject", full
+            )
+        except Exception as exc:
+            if client_error_code(exc) == "RestoreAlreadyInProgress":
+                return
+            raise self._error(exc, key, "restore", f"POST {self.bucket}/{full}?restore") from exc
+
     async def stored_checksum(self, key: str) -> str | None:
         """The CRC32 the server keeps for the object (HEAD with checksum mode), which needs no
         restore: ``crc32:<base64>``, with ``-N`` for a COMPOSITE multipart value."""
@@ -368,6 +397,8 @@ class S3Storage(Storage):
             "storage_class": self.options.storage_class,
             "index_storage_class": self.options.index_storage_class,
             "verification": self.verification,
+            "restore": {"tier": self.options.restore_tier, "days": self.options.restore_days,
+                        "timeout": self.options.restore_timeout} if self.needs_restore else None,
         }
 
 
