@@ -49,7 +49,7 @@ def objects(s3: S3Server, bucket: str) -> dict[str, dict[str, Any]]:
 async def test_archive_to_glacier_is_verified_by_server_checksum(facility: Facility) -> None:
     files = dataset_files(31, n=6, big=6_000_000)  # the big file's datablock is a multipart upload
     pid = facility.add_dataset(files)
-    bucket = tape_lts(facility)
+    bucket = tape_lts(facility, write_limit=1, read_limit=2)
     job_id = facility.scicat.add_job("archive", [pid])
     async with facility.app() as app:
         res = await run_job(app, job_id)
@@ -80,6 +80,9 @@ async def test_archive_to_glacier_is_verified_by_server_checksum(facility: Facil
         assert index["object_checksum"] == "crc32:" + base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
         checked = await verify_dataset(app, pid)
         assert not checked.failed and set(checked.verified_by.values()) == {VERIFY_SERVER_CHECKSUM}
+        lts = app.storage("lts")
+        assert lts.write_slots is not None and lts.write_slots.peak_holders == 1  # the LTS write limit
+        assert lts.read_slots is not None and lts.read_slots.limit == 2
     assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "datasetOnArchiveDisk"
 
 

@@ -60,6 +60,11 @@ class S3Options(Options):
     received straight into moverd's buffers, no botocore import. False: aiobotocore for every
     request. TLS endpoints, uploads, deletes and presigning always use aiobotocore."""
 
+    read_limit: int | None = Field(default=None, ge=1)
+    """Concurrent datablock reads (LTS_READ_LIMIT) when this storage is the LTS; None: unbounded
+    (a landing zone or retrieval bucket). With ``prefect.global_limits`` it holds across hosts."""
+    write_limit: int | None = Field(default=None, ge=1)
+    """Concurrent datablock writes (LTS_WRITE_LIMIT), as ``read_limit``."""
     storage_class: str | None = None
     """The S3 storage class of datablocks (``GLACIER``, ``DEEP_ARCHIVE``, ``GLACIER_IR``,
     ``STANDARD``, or whatever the endpoint accepts); None: the bucket's default. In a cold class

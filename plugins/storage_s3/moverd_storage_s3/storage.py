@@ -23,6 +23,7 @@ from moverd import (
     ObjectInfo,
     RestorePolicy,
     RestoreState,
+    Slots,
     Storage,
     StorageError,
     join_key,
@@ -77,6 +78,10 @@ class S3Storage(Storage):
         else:
             self.verification = options.verification
         self.needs_restore = options.cold
+        if options.read_limit is not None:
+            self.read_slots = Slots(f"{name}.read", options.read_limit)
+        if options.write_limit is not None:
+            self.write_slots = Slots(f"{name}.write", options.write_limit)
         self.restore_policy = RestorePolicy(
             timeout=options.restore_timeout, poll=options.restore_poll, poll_max=options.restore_poll_max
         )
