@@ -174,3 +174,26 @@ async def test_partial_retrieval_of_two_files_restores_and_reads_only_them(
     assert sorted(e["name"] for e in entries) == sorted(wanted)
     for e in entries:
         assert httpx.get(e["url"]).raise_for_status().content == files[e["name"]]
+
+
+async def test_retrieve_to_a_folder_waits_for_the_restores(
+    facility: Facility, s3_fault_proxy: FaultProxy, tmp_path: Any,
+) -> None:
+    """``moverd retrieve`` (the service, without a job) restores and waits the same way."""
+    from moverd.services import retrieve_dataset
+    from tests.support.trees import read_tree
+
+    pid, files = await archived_on_tape(facility, s3_fault_proxy, 45)
+    s3_fault_proxy.rewrite_header("x-amz-restore", ONGOING, method="HEAD")
+    timer = later(0.5, lambda: s3_fault_proxy.stop_rewriting("x-amz-restore"))
+    wanted = ["raw/frame_003.tiff", "empty.log"]
+    try:
+        async with facility.app() as app:
+            transfer = Transfer(kind="retrieve", dataset=pid)
+            out = app.local_folder(tmp_path / "out", "out", create=True)
+            result = await retrieve_dataset(app, pid, out, files=wanted, transfer=transfer)
+    finally:
+        timer.cancel()
+    assert sorted(m.path for m in result.files) == sorted(wanted)
+    assert read_tree(tmp_path / "out") == {w: files[w] for w in wanted}
+    assert transfer.restores["available"] == len(restore_requests(s3_fault_proxy)) >= 1
