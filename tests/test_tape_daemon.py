@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from moverd_flows.keys import artifact_key
 
 from moverd.services.jobs import run_job
 from tests.support.daemon import Daemon, wait_for
@@ -63,6 +64,14 @@ def test_sigkill_mid_wait_then_restart_resumes_the_wait(
         assert facility.scicat.lifecycle(pid)["retrieveReturnMessage"] == {
             "restores": {"requested": 0, "in_progress": n_blocks, "available": 0}}
         assert facility.scicat.job(job_id)["statusCode"] == "inProgress"
+
+        def described() -> list[str]:
+            found = httpx.post(f"{daemon.prefect_api()}/artifacts/filter", timeout=30, json={
+                "artifacts": {"key": {"any_": [artifact_key("retrieve", pid)]}}}).json()
+            return [str(a.get("description")) for a in found if a["type"] == "progress"]
+
+        wanted = f"retrieve of {pid}; restores: 0 requested, {n_blocks} in progress, 0 available"
+        wait_for(lambda: wanted in described(), 30, 0.2, "the progress artifact to show the restores")
     finally:
         daemon.stop(signal.SIGKILL)
     assert len(restore_requests(s3_fault_proxy)) == n_blocks
