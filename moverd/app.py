@@ -162,6 +162,10 @@ class App:
                 yield
         finally:
             lock.release()
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                # One lock per name would pile up (a restore's is per datablock): nobody holds
+                # this one (a waiter it was handed to would) or waits for it.
+                self._locks.pop(name, None)
 
     async def aclose(self) -> None:
         for storage in [*self._storages.values(), *self._adhoc]:

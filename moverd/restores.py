@@ -25,6 +25,8 @@ from .storage import RestoreState, Storage
 log = logging.getLogger(__name__)
 
 TIMED_OUT = "timed_out"
+LOOKS_AT_ONCE = 8
+"""Restore states looked up at once in a round (a HEAD each on S3)."""
 FAILED = "failed"
 
 
@@ -84,6 +86,7 @@ async def restore_datablocks(
             raise
     start = anyio.current_time()
     delay = policy.poll
+    limiter = anyio.CapacityLimiter(LOOKS_AT_ONCE)
     while pending := [k for k, s in states.items() if s is not RestoreState.available]:
         await tell()
         waited = anyio.current_time() - start
@@ -99,12 +102,18 @@ async def restore_datablocks(
             )
         await anyio.sleep(min(delay, policy.timeout - waited))
         delay = min(delay * 2, policy.poll_max)
-        for key in pending:
-            state = await storage.restore_state(key)
-            if state is RestoreState.archived:
-                # Not restored and nothing running: the restore expired or was lost. Ask again.
-                log.warning("the restore of %s on %s is neither running nor done; requesting it again",
-                            key, storage.name)
-                state = await _request_once(app, storage, key)
-            moved(key, state)
+
+        async def look(key: str) -> None:
+            async with limiter:
+                state = await storage.restore_state(key)
+                if state is RestoreState.archived:
+                    # Not restored and nothing running: the restore expired or was lost. Ask again.
+                    log.warning("the restore of %s on %s is neither running nor done; requesting it again",
+                                key, storage.name)
+                    state = await _request_once(app, storage, key)
+                moved(key, state)
+
+        async with anyio.create_task_group() as tg:
+            for key in pending:
+                tg.start_soon(look, key)
     await tell()
