@@ -26,7 +26,8 @@ class Transfer:
     datablocks_done: int = 0
     job_id: str | None = None
     restores: dict[str, int] = field(default_factory=dict)
-    """Datablocks this transfer waits to be restored (a tape-class LTS), counted per state:
+    """Objects this transfer waits to be restored (a tape-class LTS's datablocks, or the files of
+    a landing zone in a cold class), counted per state:
     ``requested``, ``in_progress``, ``available`` (:class:`moverd.RestoreState`). Empty when
     none needed a restore."""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)

@@ -37,28 +37,36 @@ def _count(transfer: Transfer, states: dict[str, RestoreState]) -> None:
     }
 
 
-async def _request_once(app: App, storage: Storage, key: str) -> RestoreState:
+async def _request_once(app: App, storage: Storage, key: str, locked: bool) -> RestoreState:
     """The object's state, after requesting its restore if none is under way."""
+    if not locked:
+        return await _request(storage, key)
     # Another run holds it for a look-up and a request; the wait is the retrieval lock's, as
     # cross-host locks share a few Prefect limits and this one may be a retrieval's.
     async with app.cross_host_lock(f"restore {storage.name} {key}", f"restore request of {key!r}",
                                    wait=app.settings.retrieve.wait_timeout):
-        state = await storage.restore_state(key)
-        if state is RestoreState.archived:
-            await storage.request_restore(key)
-            log.info("requested the restore of %s on %s", key, storage.name)
-            return RestoreState.requested
-        return state
+        return await _request(storage, key)
+
+
+async def _request(storage: Storage, key: str) -> RestoreState:
+    state = await storage.restore_state(key)
+    if state is RestoreState.archived:
+        await storage.request_restore(key)
+        log.info("requested the restore of %s on %s", key, storage.name)
+        return RestoreState.requested
+    return state
 
 
 async def restore_datablocks(
     app: App, storage: Storage, keys: Sequence[str], transfer: Transfer,
-    on_counts: Callable[[dict[str, int]], Awaitable[None]] | None = None,
+    on_counts: Callable[[dict[str, int]], Awaitable[None]] | None = None, *, locked: bool = True,
 ) -> None:
     """Return once every object of ``keys`` on ``storage`` is readable, restoring those that are
     not; :class:`~moverd.OfflineTimeoutError` (a system error) after the restore timeout.
     ``on_counts`` hears the counts per state whenever they changed after a round of looks (the
-    catalog's lifecycle); its errors are the caller's to swallow."""
+    catalog's lifecycle); its errors are the caller's to swallow. ``locked=False`` requests
+    without the cross-host lock, for many objects only one archive reads (a landing zone's
+    files): a duplicate request of a restore under way is harmless, a lock per file is not."""
     if not storage.needs_restore or not keys:
         return
     policy = storage.restore_policy
@@ -78,15 +86,21 @@ async def restore_datablocks(
             told = dict(transfer.restores)
             await on_counts(told)
 
-    for key in dict.fromkeys(keys):
-        try:
-            moved(key, await _request_once(app, storage, key))
-        except Exception:
-            app.observers.restore_changed(transfer=transfer, storage=storage.name, key=key, state=FAILED)
-            raise
+    limiter = anyio.CapacityLimiter(LOOKS_AT_ONCE)
+
+    async def first(key: str) -> None:
+        async with limiter:
+            try:
+                moved(key, await _request_once(app, storage, key, locked))
+            except Exception:
+                app.observers.restore_changed(transfer=transfer, storage=storage.name, key=key, state=FAILED)
+                raise
+
+    async with anyio.create_task_group() as tg:
+        for key in dict.fromkeys(keys):
+            tg.start_soon(first, key)
     start = anyio.current_time()
     delay = policy.poll
-    limiter = anyio.CapacityLimiter(LOOKS_AT_ONCE)
     while pending := [k for k, s in states.items() if s is not RestoreState.available]:
         await tell()
         waited = anyio.current_time() - start
@@ -110,7 +124,7 @@ async def restore_datablocks(
                     # Not restored and nothing running: the restore expired or was lost. Ask again.
                     log.warning("the restore of %s on %s is neither running nor done; requesting it again",
                                 key, storage.name)
-                    state = await _request_once(app, storage, key)
+                    state = await _request_once(app, storage, key, locked)
                 moved(key, state)
 
         async with anyio.create_task_group() as tg:

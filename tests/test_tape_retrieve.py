@@ -197,3 +197,29 @@ async def test_retrieve_to_a_folder_waits_for_the_restores(
     assert sorted(m.path for m in result.files) == sorted(wanted)
     assert read_tree(tmp_path / "out") == {w: files[w] for w in wanted}
     assert transfer.restores["available"] == len(restore_requests(s3_fault_proxy)) >= 1
+
+
+async def test_landing_zone_in_glacier_is_restored_before_it_is_read(facility: Facility) -> None:
+    """The ingestor's uploads in GLACIER (as the facility's do): an archive with ``restore_reads``
+    on the landing zone restores each file, waits, then reads it."""
+    from tests.support.facility import LANDING_PREFIX
+
+    files = dataset_files(46, n=4)
+    pid = facility.add_dataset(files, upload=False)
+    client = facility.s3.client()
+    for path, data in files.items():
+        client.put_object(Bucket=facility.landing_bucket, Key=f"{LANDING_PREFIX.format(pid=pid)}/{path}", Body=data,
+                          StorageClass="GLACIER")
+    storages = facility.settings_dict()["storages"]
+    facility.overrides["storages"] = {**storages, "landing": {**storages["landing"], "restore_reads": True,
+                                                               "restore_poll": 0.05, "restore_timeout": 20}}
+    seen = Restores()
+    facility.plugins.append(seen)
+    async with facility.app() as app:
+        res = await run_job(app, facility.scicat.add_job("archive", [pid]))
+    assert res.status.value == "finishedSuccessful", res.datasets
+    log = facility.s3.log_path.read_text(errors="replace")
+    restores = [line for line in log.splitlines() if f'"POST /{facility.landing_bucket}/' in line and "restore" in line]
+    assert len(restores) == len(files)
+    assert {s for k, s in seen.events} == {"requested", "available"}
+    assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "datasetOnArchiveDisk"

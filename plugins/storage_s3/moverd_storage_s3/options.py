@@ -75,6 +75,10 @@ class S3Options(Options):
     resume needs no restore to find the datablocks. None: the bucket's default."""
     cold_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_COLD_CLASSES))
     """Storage classes whose objects cannot be read before a restore."""
+    restore_reads: bool = False
+    """Objects here may be in a cold class though moverd did not write them (a landing zone the
+    ingestor fills in GLACIER): each one's restore state is looked up before it is read, and it is
+    restored first if it needs it."""
     checksum_type: Literal["FULL_OBJECT", "COMPOSITE"] = "FULL_OBJECT"
     """The whole-object CRC32 of multipart uploads: FULL_OBJECT (a digest of the object's bytes)
     where the server supports it, else COMPOSITE (a digest of the parts' digests)."""

@@ -77,7 +77,7 @@ class S3Storage(Storage):
             self.verification = VERIFY_SERVER_CHECKSUM if options.cold else VERIFY_READ_BACK
         else:
             self.verification = options.verification
-        self.needs_restore = options.cold
+        self.needs_restore = options.cold or options.restore_reads
         if options.read_limit is not None:
             self.read_slots = Slots(f"{name}.read", options.read_limit)
         if options.write_limit is not None:
