@@ -6,6 +6,8 @@
 2. Peak RSS of moverd archive for 1 GiB against 4 GiB.
 3. ``moverd verify`` against ``md5sum`` over the same datablock files, page cache dropped
    before every run of either.
+4. (``--only tape``) moverd archive of the 1 GiB set into an S3 LTS in GLACIER (verified by the
+   server's checksum) against ``s5cmd cp`` of the same tars to the same server, with CPU s/GiB.
 
 Every tool runs as a subprocess; warm-up once, then ``--runs`` rounds (7 on the 1 GiB set, 3 on
 the 20,000-file set) that rotate the tools' order (A B C, B C A, ...), median and spread.
@@ -27,9 +29,20 @@ from . import data, procs
 from .data import KIB, MIB, DataSet
 from .report import Ratio, Series, ratio_lines, table, write_json
 from .s3server import KEY_BUFFER_SIZE, MotoServer
-from .tools import Ctx, Md5sum, MoverdArchive, MoverdVerify, RawAioboto3, Result, S5cmd
+from .tools import (
+    Ctx,
+    Md5sum,
+    MoverdArchive,
+    MoverdArchiveTape,
+    MoverdVerify,
+    RawAioboto3,
+    Result,
+    S5cmd,
+    S5cmdUpload,
+)
 
 BUCKET = "moverd-bench"
+TAPE_BUCKET = "moverd-bench-tape"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -76,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the LTS, downloads and the S3 server's spool go (emptied first)")
     p.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
     p.add_argument("--only", default="archive,rss,verify",
-                   help="comma-separated parts: archive, rss, verify (default: all)")
+                   help="comma-separated parts: archive, rss, verify, tape (default: the first three)")
     p.add_argument("--sets", default="big,small",
                    help="data sets of the archive and verify parts: big (1 GiB of 2 MiB files), small "
                         "(20,000 x 8 KiB); default both")
@@ -152,6 +165,34 @@ def main(argv: list[str] | None = None) -> int:
                                "moverd_seconds": moverd_s.median},
                     )
                     ratio_of[f"{moverd_s.tool}|{ds.name}"] = rname
+
+            if "tape" in parts:
+                data.create_bucket(s3.endpoint_url, TAPE_BUCKET)
+                posix = archives.get(big.name)
+                if posix is None:
+                    posix = archives[big.name] = MoverdArchive(ctx, big, build(big, 16))
+                if not posix.tar_files():
+                    log(f"archiving {big.name} once to the POSIX LTS (the reference's tars)")
+                    posix.run()
+                tars = posix.tar_files()
+                tape = MoverdArchiveTape(ctx, big, posix.catalog_file, TAPE_BUCKET)
+                ttools: list[Tool] = [tape, S5cmdUpload(ctx, big, tars, TAPE_BUCKET, a.s5cmd_workers)]
+                log(f"archive into GLACIER vs s5cmd upload of the same {len(tars)} tar(s): {big.describe()}")
+                ser = [Series(t.name, big.name, big.total, big.count) for t in ttools]
+                side_by_side(ttools, ser, runs_for(big), warmup)
+                all_series.extend(ser)
+                mt, up = ser
+                gib = big.total / 1024**3
+                rname = f"archive {big.name} to tape / s5cmd upload"
+                ratios[rname] = Ratio(
+                    rname, up.median / mt.median, 0.8,
+                    detail=f"s5cmd {up.median:.2f} s, moverd {mt.median:.2f} s; CPU s/GiB: moverd "
+                           f"{mt.runs[0].measured.cpu / gib:.2f}, s5cmd {up.runs[0].measured.cpu / gib:.2f}",
+                    extra={"moverd_seconds": mt.median, "s5cmd_seconds": up.median,
+                           "moverd_cpu_s_per_gib": [round(r.measured.cpu / gib, 2) for r in mt.runs],
+                           "s5cmd_cpu_s_per_gib": [round(r.measured.cpu / gib, 2) for r in up.runs]},
+                )
+                ratio_of[f"{mt.tool}|{big.name}"] = rname
 
             if "verify" in parts:
                 for ds in (big, small):

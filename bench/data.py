@@ -70,8 +70,10 @@ async def _create_bucket(endpoint: str, bucket: str) -> None:
 
 
 async def _delete_prefix(endpoint: str, bucket: str, prefix: str) -> None:
+    """Delete the objects under the folder ``prefix`` ("": the whole bucket)."""
     async with session().client("s3", endpoint_url=endpoint) as client:
-        async for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        folder = f"{prefix}/" if prefix else ""
+        async for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
                 await client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
@@ -87,6 +89,10 @@ def upload(endpoint: str, bucket: str, ds: DataSet, concurrency: int = 16) -> No
 
 def delete(endpoint: str, bucket: str, ds: DataSet) -> None:
     asyncio.run(_delete_prefix(endpoint, bucket, ds.name))
+
+
+def empty(endpoint: str, bucket: str) -> None:
+    asyncio.run(_delete_prefix(endpoint, bucket, ""))
 
 
 def moverd_env(state_dir: Path, endpoint: str, bucket: str, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -92,6 +92,54 @@ class MoverdArchive:
         return sorted((self.state / "lts").rglob("*.tar"))
 
 
+class MoverdArchiveTape(MoverdArchive):
+    """moverd archive from the S3 landing zone into an S3 LTS in a tape class (GLACIER): verified
+    by server checksum, member indexes in STANDARD. The LTS bucket is emptied before every run."""
+
+    name = "moverd archive tape"
+
+    def __init__(self, ctx: Ctx, ds: DataSet, catalog_file: Path, tape_bucket: str) -> None:
+        super().__init__(ctx, ds, catalog_file, tag="-tape")
+        self.tape_bucket = tape_bucket
+
+    def env(self) -> dict[str, str]:
+        from .s3server import ACCESS_KEY, REGION, SECRET_KEY
+
+        lts = {"TYPE": "s3", "ENDPOINT_URL": self.ctx.endpoint, "BUCKET": self.tape_bucket, "REGION": REGION,
+               "ACCESS_KEY_ID": ACCESS_KEY, "SECRET_ACCESS_KEY": SECRET_KEY, "STORAGE_CLASS": "GLACIER",
+               "PART_SIZE": "64MiB", "WRITE_LIMIT": "4", "READ_LIMIT": "4"}
+        return {**super().env(), **{f"MOVERD_STORAGES__LTS__{k}": v for k, v in lts.items()}}
+
+    def prepare(self) -> None:
+        from .data import empty
+
+        empty(self.ctx.endpoint, self.tape_bucket)
+        super().prepare()
+
+
+class S5cmdUpload:
+    """``s5cmd cp`` of the same datablock tars (moverd's, from a POSIX archive of the same set)
+    into the same kind of bucket, in GLACIER: the reference for the tape-class archive."""
+
+    name = "s5cmd cp (upload)"
+
+    def __init__(self, ctx: Ctx, ds: DataSet, tars: list[Path], bucket: str, workers: int = 64) -> None:
+        self.ctx, self.ds, self.tars, self.bucket, self.workers = ctx, ds, tars, bucket, workers
+        self.runs = 0
+
+    def run(self) -> Result:
+        from .data import empty
+
+        empty(self.ctx.endpoint, self.bucket)
+        self.runs += 1
+        folder = self.tars[0].parent
+        cmd = [s5cmd_exe(), "--endpoint-url", self.ctx.endpoint, "--numworkers", str(self.workers),
+               "cp", "--storage-class", "GLACIER", f"{folder}/*.tar", f"s3://{self.bucket}/ref/"]
+        m = run_measured(cmd, env=self.ctx.s3_env(), logdir=self.ctx.logdir,
+                         name=f"s5cmd-upload-{self.ds.name}-{self.runs}")
+        return Result(self.name, m, {"tars": len(self.tars), "bytes": sum(t.stat().st_size for t in self.tars)})
+
+
 class S5cmd:
     name = "s5cmd cp"
 

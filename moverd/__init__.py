@@ -50,12 +50,16 @@ from .registry import CatalogType, Context, StorageType
 from .retry import retry_async, retry_blocking
 from .storage import (
     LOCAL_STORAGE_TYPE,
+    VERIFY_READ_BACK,
+    VERIFY_SERVER_CHECKSUM,
     BlockingReads,
     BlockingWrites,
     DirectUploads,
     ObjectInfo,
     OpenUpload,
     Reader,
+    RestorePolicy,
+    RestoreState,
     Storage,
     UploadedPart,
     Writer,
@@ -67,11 +71,12 @@ from .units import ByteSize, Duration, format_size, parse_duration, parse_size
 __version__ = "0.1.0"
 
 __all__ = [
-    "LOCAL_STORAGE_TYPE", "ArchiveStatus", "BlockingReads", "BlockingWrites", "ByteSize", "Catalog", "CatalogError",
-    "CatalogType", "ConfigError", "Context", "Datablock", "Dataset", "DirectUploads", "Download", "Duration",
-    "FileEntry", "Hasher", "HasherFactory", "Job", "JobDataset", "JobOwner", "JobStatus", "JobType", "LifecycleUpdate",
-    "Member", "MissingFileError", "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo", "Observers",
-    "OfflineTimeoutError", "OpenUpload", "Options", "PluginError", "Reader", "RetrieveStatus", "ServiceError", "Slots",
+    "LOCAL_STORAGE_TYPE", "VERIFY_READ_BACK", "VERIFY_SERVER_CHECKSUM", "ArchiveStatus", "BlockingReads",
+    "BlockingWrites", "ByteSize", "Catalog", "CatalogError", "CatalogType", "ConfigError", "Context", "Datablock",
+    "Dataset", "DirectUploads", "Download", "Duration", "FileEntry", "Hasher", "HasherFactory", "Job", "JobDataset",
+    "JobOwner", "JobStatus", "JobType", "LifecycleUpdate", "Member", "MissingFileError", "MoverdError",
+    "NoSpaceError", "NotFoundError", "ObjectInfo", "Observers", "OfflineTimeoutError", "OpenUpload", "Options",
+    "PluginError", "Reader", "RestorePolicy", "RestoreState", "RetrieveStatus", "ServiceError", "Slots",
     "SourceChangedError", "Storage", "StorageError", "StorageType", "Transfer", "UnknownDatasetError",
     "UnknownJobError", "UnsafePathError", "UploadedPart", "UserError", "VerificationError", "Writer", "format_size",
     "hookimpl", "join_key", "parse_duration", "parse_size", "path_safe_id", "read_secret_file", "read_slot",

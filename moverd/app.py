@@ -66,7 +66,7 @@ class App:
         self._storages: dict[str, Storage] = {}
         self._adhoc: list[Storage] = []
         self._catalog: Catalog | None = None
-        self._retrievals: dict[str, anyio.Lock] = {}
+        self._locks: dict[str, anyio.Lock] = {}
         self.global_slots = global_slots
         self.global_locks = global_locks
         """Locks that hold across processes and hosts (one retrieval of a dataset at a time);
@@ -136,26 +136,36 @@ class App:
         """One retrieval of a dataset at a time, in this process and, with global locks, across
         every daemon: a second job for the same dataset waits (at most ``retrieve.wait_timeout``
         in all) and then reuses the first one's copy."""
-        lock = self._retrievals.setdefault(pid, anyio.Lock())
-        timeout = self.settings.retrieve.wait_timeout
+        async with self.cross_host_lock(f"retrieve {pid}", f"retrieval of {pid!r}",
+                                        wait=self.settings.retrieve.wait_timeout):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def cross_host_lock(self, name: str, what: str, *, wait: float) -> AsyncIterator[None]:
+        """The lock ``name``, held in this process and, with global locks, across every daemon;
+        :class:`~moverd.ServiceError` naming ``what`` after ``wait`` seconds of waiting."""
+        timeout = wait
+        lock = self._locks.setdefault(name, anyio.Lock())
         deadline = anyio.current_time() + timeout
         with anyio.move_on_after(timeout) as scope:
             await lock.acquire()
         if scope.cancelled_caught:
-            raise ServiceError(f"waited {timeout:.0f} s for another retrieval of {pid!r} to finish")
+            raise ServiceError(f"waited {timeout:.0f} s for another {what} to finish")
         try:
             async with contextlib.AsyncExitStack() as held:
                 if self.global_locks is not None:
                     left = max(0.0, deadline - anyio.current_time())
                     try:
-                        await held.enter_async_context(self.global_locks(f"retrieve {pid}", left))
+                        await held.enter_async_context(self.global_locks(name, left))
                     except TimeoutError:
-                        raise ServiceError(
-                            f"waited {timeout:.0f} s for another daemon's retrieval of {pid!r} to finish"
-                        ) from None
+                        raise ServiceError(f"waited {timeout:.0f} s for another daemon's {what} to finish") from None
                 yield
         finally:
             lock.release()
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                # One lock per name would pile up (a restore's is per datablock): nobody holds
+                # this one (a waiter it was handed to would) or waits for it.
+                self._locks.pop(name, None)
 
     async def aclose(self) -> None:
         for storage in [*self._storages.values(), *self._adhoc]:

@@ -20,11 +20,11 @@ from .checksums import THREAD_HASH_MIN, Hasher
 from .errors import NotFoundError, VerificationError
 from .events import Transfer
 from .models import Datablock, Member, index_key
-from .storage import BlockingReads, Reader, Storage
+from .storage import VERIFY_READ_BACK, VERIFY_SERVER_CHECKSUM, BlockingReads, Reader, Storage
 
 
 async def write_index(sink: Storage, datablock: Datablock) -> None:
-    await sink.put(index_key(datablock.archive_id), datablock.model_dump_json(exclude={"catalog_id"}).encode())
+    await sink.put_index(index_key(datablock.archive_id), datablock.model_dump_json(exclude={"catalog_id"}).encode())
 
 
 async def read_index(storage: Storage, archive_id: str) -> Datablock | None:
@@ -199,15 +199,19 @@ async def _checksum_blocking(
 async def verify_datablock(
     storage: Storage, datablock: Datablock, hasher: Callable[[str], Hasher], pool: SlabPool,
     transfer: Transfer | None = None,
-) -> None:
+) -> str:
     """Read the tar back around the page cache and compare it with its recorded checksum.
 
     On a mismatch the members are checked one by one so that the error names the damaged file.
-    The caller holds the storage's read slot.
+    A storage that verifies by server checksum (objects unreadable until restored) is not read:
+    the checksum it reports for the object must be the one recorded when it was streamed.
+    Returns how it was verified (:data:`~moverd.storage.VERIFY_READ_BACK` or
+    :data:`~moverd.storage.VERIFY_SERVER_CHECKSUM`). The caller holds the storage's read slot.
     """
     alg, _, expected = datablock.datablock_checksum.partition(":")
     key = datablock.archive_id
-    await storage.ensure_online(key)
+    if storage.verification != VERIFY_SERVER_CHECKSUM:
+        await storage.ensure_online(key)
     try:
         info = await storage.stat(key)
     except NotFoundError:
@@ -216,17 +220,35 @@ async def verify_datablock(
         raise VerificationError(
             f"datablock {key!r} has {info.size} bytes on {storage.name!r}, expected {datablock.packed_size}"
         )
+    if storage.verification == VERIFY_SERVER_CHECKSUM:
+        await _compare_stored_checksum(storage, datablock)
+        return VERIFY_SERVER_CHECKSUM
     actual = await checksum_range(
         storage, key, 0, info.size, alg, hasher, pool, uncached=True, transfer=transfer
     )
     if actual == expected:
-        return
+        return VERIFY_READ_BACK
     member = await _find_damaged_member(storage, datablock, hasher, pool)
     where = f" in member {member.path!r}" if member else " (in tar headers or padding)"
     raise VerificationError(
         f"datablock {key!r} on {storage.name!r} is corrupt{where}: {alg} {actual} != {expected}",
         member=member.path if member else None,
     )
+
+
+async def _compare_stored_checksum(storage: Storage, datablock: Datablock) -> None:
+    key = datablock.archive_id
+    if not datablock.object_checksum:
+        raise VerificationError(
+            f"datablock {key!r} on {storage.name!r} cannot be read back without a restore and has no "
+            "recorded object checksum to compare with the storage's"
+        )
+    reported = await storage.stored_checksum(key)
+    if reported != datablock.object_checksum:
+        raise VerificationError(
+            f"datablock {key!r} on {storage.name!r} does not match the checksum computed while it was "
+            f"written: the storage reports {reported or 'none'}, moverd computed {datablock.object_checksum}"
+        )
 
 
 async def _find_damaged_member(

@@ -25,6 +25,11 @@ class Transfer:
     datablocks_total: int = 0
     datablocks_done: int = 0
     job_id: str | None = None
+    restores: dict[str, int] = field(default_factory=dict)
+    """Objects this transfer waits to be restored (a tape-class LTS's datablocks, or the files of
+    a landing zone in a cold class), counted per state:
+    ``requested``, ``in_progress``, ``available`` (:class:`moverd.RestoreState`). Empty when
+    none needed a restore."""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.monotonic)
 

@@ -104,6 +104,21 @@ def transfer_failed(transfer: Transfer, error: BaseException) -> None:
 
 
 @hookspec
+def restore_changed(transfer: Transfer, storage: str, key: str, state: str) -> None:
+    """A datablock's restore (tape-class LTS) or HSM recall (POSIX LTS) moved on. Called once per
+    object and state: ``requested`` (moverd asked for it), ``in_progress`` (first seen running,
+    also when another run had asked), ``available`` (readable), ``timed_out`` (not available
+    within the storage's restore timeout: the transfer fails), ``failed`` (the recall itself
+    failed). ``transfer.restores`` holds the counts per state.
+
+    :param transfer: the retrieval (or verify) waiting for it; read it, do not change it.
+    :param storage: the configured name of the storage (``lts``).
+    :param key: the object's key (the datablock's archive id).
+    :param state: ``requested``, ``in_progress``, ``available``, ``timed_out`` or ``failed``.
+    """
+
+
+@hookspec
 def storage_space_wait(storage: str, needed: int, free: int, min_free: int, waited: float, waiting: bool) -> None:
     """A write started or stopped waiting for free space. Called at once when the wait starts,
     so that a full share shows in monitoring.

@@ -70,6 +70,12 @@ class Datablock(_Model):
     datablock_checksum: str
     """``<alg>:<hex>`` of the whole tar, for read-back verification."""
     members: list[Member]
+    object_checksum: str | None = None
+    """The checksum the storage keeps for the tar (``crc32:<base64>`` on S3), as moverd computed it
+    while streaming: what a datablock that cannot be read back is verified against."""
+    verified_by: str | None = None
+    """How the datablock is verified: ``read-back`` or ``server-checksum`` (None: written before
+    moverd recorded it, i.e. read back)."""
     version: str = "1"
     catalog_id: str | None = None
     """Id the catalog gave the registered datablock (None before registration)."""
@@ -173,6 +179,9 @@ class LifecycleUpdate(_Model):
     retrieve_status: RetrieveStatus | None = None
     archivable: bool | None = None
     retrievable: bool | None = None
+    retrieve_return_message: dict[str, Any] | None = None
+    """Free-form details of a retrieval in progress (SciCat's ``retrieveReturnMessage``): the
+    restore counts per state while a retrieval waits for a tape-class LTS."""
 
     def fields(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True, mode="json")

@@ -48,6 +48,9 @@ class Observers:
     def transfer_failed(self, transfer: Transfer, error: BaseException) -> None:
         self._call("transfer_failed", transfer=transfer, error=error)
 
+    def restore_changed(self, transfer: Transfer, storage: str, key: str, state: str) -> None:
+        self._call("restore_changed", transfer=transfer, storage=storage, key=key, state=state)
+
     def storage_space_wait(
         self, storage: str, needed: int, free: int, min_free: int, waited: float, waiting: bool
     ) -> None:

@@ -479,7 +479,8 @@ async def write_datablock(
     block = Datablock(
         archive_id=plan.archive_id, index=plan.index, size=plan.size, packed_size=out.offset,
         checksum_alg=ctx.checksum, datablock_checksum=f"{DATABLOCK_CHECKSUM}:{digest}",
-        members=[c.member() for c in consumed],
+        members=[c.member() for c in consumed], object_checksum=writer.object_checksum(),
+        verified_by=sink.verification,
     )
     return WrittenDatablock(block, read_back=(read_back.hexdigest() == digest) if reads_back else None)
 

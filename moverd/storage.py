@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -107,6 +108,41 @@ class Writer(ABC):
         """
         return False
 
+    def object_checksum(self) -> str | None:
+        """After :meth:`commit`: the checksum the storage keeps for the object (``<alg>:<value>``
+        in the storage's own notation), computed from the bytes this writer was given. None
+        (the default) where the storage keeps none. The core records it on the datablock and
+        compares it with :meth:`Storage.stored_checksum` where reading back is not possible."""
+        return None
+
+
+VERIFY_READ_BACK = "read-back"
+"""A datablock verified by reading every byte back and comparing the whole-tar checksum."""
+VERIFY_SERVER_CHECKSUM = "server-checksum"
+"""A datablock verified by comparing the checksum computed while streaming it with the one the
+storage reports for the object (a tape-class S3 store, whose objects cannot be read unrestored)."""
+
+
+class RestoreState(StrEnum):
+    """Where an object of a storage that keeps objects offline (:attr:`Storage.needs_restore`)
+    stands. Storages report ``archived``, ``in_progress`` or ``available``; ``requested`` is
+    moverd's own: asked for by this run, not yet seen running."""
+
+    archived = "archived"
+    requested = "requested"
+    in_progress = "in_progress"
+    available = "available"
+
+
+@dataclass(frozen=True, slots=True)
+class RestorePolicy:
+    """How long a retrieval waits for restores, and how often it looks."""
+
+    timeout: float
+    poll: float
+    """The first wait between two looks; it doubles up to ``poll_max``."""
+    poll_max: float
+
 
 class Storage(ABC):
     """A place objects live: the landing zone, the LTS share, a retrieval bucket.
@@ -114,6 +150,11 @@ class Storage(ABC):
     Optional capabilities have defaults that say "not supported": :meth:`presign` raises,
     :meth:`free_space` answers None, :meth:`ensure_online` returns at once, and the slots are
     unbounded. ``read_slots``/``write_slots`` are the bounded semaphores of the LTS.
+    :attr:`verification` says how datablocks written here are verified; a storage that answers
+    :data:`VERIFY_SERVER_CHECKSUM` implements :meth:`stored_checksum`. A storage whose objects
+    must be restored before they are read sets :attr:`needs_restore` and :attr:`restore_policy`
+    and implements :meth:`restore_state` and :meth:`request_restore`; the core requests each
+    restore once (under a cross-host lock) and waits, bounded, before it reads.
     """
 
     #: Registered type name (``"posix"``, ``"s3"``) and configured instance name (``"lts"``).
@@ -126,6 +167,12 @@ class Storage(ABC):
     version a reader pinned to the listing would refuse, as a file that is still being written
     can. The archive then lists the source once more at the end and fails if anything changed.
     Object stores whose objects appear only complete and are replaced whole (S3) set False."""
+    verification: str = VERIFY_READ_BACK
+    needs_restore: bool = False
+    """Whether objects (datablocks) must be restored before they are read (a tape-class store)."""
+    restore_policy: RestorePolicy = RestorePolicy(timeout=0.0, poll=5.0, poll_max=300.0)
+    """How a datablock written here is verified: :data:`VERIFY_READ_BACK`, or
+    :data:`VERIFY_SERVER_CHECKSUM` where objects cannot be read without a restore."""
 
     @abstractmethod
     def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
@@ -184,7 +231,13 @@ class Storage(ABC):
         The default goes through :meth:`open_writer`; storages where that costs several round
         trips per object (a thread hop per call for POSIX) override it.
         """
-        writer = await self.open_writer(key, size_hint=len(data))
+        await self.write_whole(await self.open_writer(key, size_hint=len(data)), data)
+        if mtime is not None or mode is not None:
+            await self.set_metadata(key, mtime=mtime, mode=mode)
+
+    @staticmethod
+    async def write_whole(writer: Writer, data: memoryview | bytes) -> None:
+        """Write ``data`` through a new ``writer`` and commit it, aborting it on any error."""
         try:
             await writer.write(data)
             await writer.commit()
@@ -192,8 +245,13 @@ class Storage(ABC):
             with anyio.CancelScope(shield=True):
                 await writer.abort()
             raise
-        if mtime is not None or mode is not None:
-            await self.set_metadata(key, mtime=mtime, mode=mode)
+
+    async def put_index(self, key: str, data: memoryview | bytes) -> None:
+        """Write a small object the core must be able to read at any time: a datablock's member
+        index, which says what to restore and which byte ranges to read. A storage whose
+        datablocks go to a class that cannot be read unrestored keeps these in a readable one;
+        the default is :meth:`put`."""
+        await self.put(key, data)
 
     async def remove_stale_temp_files(self, older_than: float, prefix: str = "") -> int:
         """Remove what interrupted writers left (temporary files) under ``prefix`` that is older
@@ -208,6 +266,21 @@ class Storage(ABC):
     async def presign(self, key: str, expires: timedelta) -> str:
         """A URL that downloads ``key`` without credentials until it expires."""
         raise NotImplementedError(f"storage {self.name!r} ({self.type_name}) cannot presign URLs")
+
+    async def stored_checksum(self, key: str) -> str | None:
+        """The checksum the storage reports for the object, in :meth:`Writer.object_checksum`'s
+        notation, without reading its bytes; None when it reports none."""
+        return None
+
+    async def restore_state(self, key: str) -> RestoreState:
+        """``archived`` (no restore requested, or it expired), ``in_progress`` or ``available``
+        (readable now). The default: always available."""
+        return RestoreState.available
+
+    async def request_restore(self, key: str) -> None:
+        """Ask for ``key`` to be restored (once: the core checks :meth:`restore_state` first,
+        under a cross-host lock). A restore already running is not an error."""
+        raise NotImplementedError(f"storage {self.name!r} ({self.type_name}) has no restores")
 
     async def free_space(self) -> int | None:
         """Bytes free for new objects, or None when the storage cannot tell."""

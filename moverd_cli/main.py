@@ -302,7 +302,8 @@ def verify(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Read every datablock of a dataset back from the LTS and check it."""
+    """Check every datablock of a dataset on the LTS: read back, or, where the LTS cannot be read
+    without a restore (a tape-class S3 store), its reported checksum against the one recorded."""
     from moverd.services import verify_dataset
 
     async def go(a: App) -> Any:
@@ -312,10 +313,10 @@ def verify(
 
     res = run(go, config)
     if as_json:
-        emit_json({"dataset": res.pid, "ok": res.ok, "failed": res.failed})
+        emit_json({"dataset": res.pid, "ok": res.ok, "failed": res.failed, "verified_by": res.verified_by})
     else:
         for archive_id in res.ok:
-            out.print(f"[green]ok[/]      {archive_id}")
+            out.print(f"[green]ok[/]      {archive_id} ({res.verified_by[archive_id]})")
         for archive_id, why in res.failed.items():
             out.print(f"[red]CORRUPT[/] {archive_id}: {why}")
     if res.failed:

@@ -72,6 +72,13 @@ class Metrics:
         self.taken_over = Counter("moverd_jobs_taken_over",
                                   "Orphaned jobs (their daemon died, or stopped) this daemon claimed and ran.",
                                   registry=r)
+        self.restores = Counter("moverd_restores",
+                                "Restores of datablocks (tape-class LTS) and HSM recalls, by storage and event: "
+                                "requested by this daemon, done, timed_out, failed.", ["storage", "event"], registry=r)
+        self.restores_in_progress = Gauge("moverd_restores_in_progress",
+                                          "Datablocks this daemon waits to be restored or recalled now.",
+                                          ["storage"], registry=r)
+        self._restoring: dict[tuple[str, str], str] = {}
         self.housekeeping = Counter("moverd_housekeeping_removed",
                                     "Objects removed by housekeeping (stale temp files, expired retrievals).",
                                     ["task"], registry=r)
@@ -127,6 +134,21 @@ class Metrics:
             self.space_shortfall.labels(storage=storage).set(max(needed + min_free - free, 0))
         elif count == 0:
             self.space_shortfall.labels(storage=storage).set(0)
+
+    @hookimpl
+    def restore_changed(self, transfer: Transfer, storage: str, key: str, state: str) -> None:
+        event = {"requested": "requested", "available": "done", "timed_out": "timed_out", "failed": "failed"}
+        with self._lock:
+            known = (storage, key) in self._restoring
+            if state in ("requested", "in_progress"):
+                self._restoring[(storage, key)] = state
+            else:
+                self._restoring.pop((storage, key), None)
+            waiting = sum(1 for s, _ in self._restoring if s == storage)
+        # "done" counts the restores this daemon waited for, not objects that needed none.
+        if state in event and (state == "requested" or known):
+            self.restores.labels(storage=storage, event=event[state]).inc()
+        self.restores_in_progress.labels(storage=storage).set(waiting)
 
     # -- what the dispatcher reports -------------------------------------------------------------
 

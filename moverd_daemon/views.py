@@ -25,6 +25,14 @@ def _percent(done: int, total: int) -> float:
     return round(min(100.0, 100.0 * done / total), 2) if total else 0.0
 
 
+def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for state, n in c.items():
+            out[state] = out.get(state, 0) + n
+    return out
+
+
 class DatasetProgress(BaseModel):
     pid: str
     kind: str
@@ -35,12 +43,16 @@ class DatasetProgress(BaseModel):
     datablocks_total: int
     datablocks_done: int
     percent: float
+    restores: dict[str, int] = {}
+    """Datablocks waited for to be restored (tape-class LTS) or recalled (HSM), per state:
+    ``requested``, ``in_progress``, ``available``; empty when none needed it."""
 
     @classmethod
     def of(cls, t: Transfer) -> DatasetProgress:
         return cls(pid=t.dataset, kind=t.kind, bytes_total=t.bytes_total, bytes_done=t.bytes_done,
                    files_total=t.files_total, files_done=t.files_done, datablocks_total=t.datablocks_total,
-                   datablocks_done=t.datablocks_done, percent=_percent(t.bytes_done, t.bytes_total))
+                   datablocks_done=t.datablocks_done, percent=_percent(t.bytes_done, t.bytes_total),
+                   restores=dict(t.restores))
 
 
 class JobProgress(BaseModel):
@@ -54,6 +66,8 @@ class JobProgress(BaseModel):
     files_done: int
     datablocks_total: int
     datablocks_done: int
+    restores: dict[str, int] = {}
+    """The datasets' restore counts per state, summed."""
     datasets: list[DatasetProgress]
 
 
@@ -93,6 +107,7 @@ class JobView(BaseModel):
             files_total=sum(t.files_total for t in transfers), files_done=sum(t.files_done for t in transfers),
             datablocks_total=sum(t.datablocks_total for t in transfers),
             datablocks_done=sum(t.datablocks_done for t in transfers),
+            restores=_summed([t.restores for t in transfers]),
             datasets=[DatasetProgress.of(t) for t in transfers],
         )
         # The catalog holds the job's status; the run's own is the fallback when the catalog is

@@ -265,3 +265,41 @@ def test_tracing_plugins_writes_every_hook_call() -> None:
                        env={**env, "MOVERD_TRACE_PLUGINS": "1"}, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "register_storages" in p.stderr and "finish register_storages" in p.stderr
+
+
+class RestoreWatcher:
+    """An observer of restores and recalls, as a monitoring plugin would write it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str, dict[str, int]]] = []
+
+    @hookimpl
+    def restore_changed(self, transfer: Transfer, storage: str, key: str, state: str) -> None:
+        self.calls.append((storage, key, state, dict(transfer.restores)))
+
+
+@pytest.mark.anyio
+async def test_restore_changed_reaches_observers(tmp_path: Path) -> None:
+    """An HSM recall (the posix storage's recall command) is told as a restore, with its counts."""
+    import os
+
+    from moverd.restores import restore_datablocks
+
+    pm, report = load_plugins()
+    watcher = RestoreWatcher()
+    pm.register(watcher, name="restore-watcher")
+    app = App(make_settings(tmp_path), pm, report)
+    root = tmp_path / "hsm"
+    root.mkdir()
+    with open(root / "block.tar", "wb") as f:
+        os.truncate(f.fileno(), 4096)  # offline: the full size, no block on disk
+    if (root / "block.tar").stat().st_blocks:
+        pytest.skip("this file system allocates blocks for sparse files: cannot fake an offline file")
+    lts = app.local_folder(root, "lts", recall_command=["sh", "-c", 'printf data > "$0"', "{path}"],
+                           offline_poll=0.05, offline_timeout=5)
+    transfer = Transfer(kind="retrieve", dataset="p")
+    async with app:
+        await restore_datablocks(app, lts, ["block.tar"], transfer)
+    assert [c[2] for c in watcher.calls] == ["requested", "available"]
+    assert watcher.calls[0][:2] == ("lts", "block.tar")
+    assert watcher.calls[-1][3] == {"requested": 0, "in_progress": 0, "available": 1}

@@ -10,11 +10,12 @@ PUBLIC = {
     "ConfigError", "Context", "Datablock", "Dataset", "DirectUploads", "Download", "Duration", "FileEntry",
     "Hasher", "HasherFactory", "Job", "JobDataset", "JobOwner", "JobStatus", "JobType", "LOCAL_STORAGE_TYPE",
     "LifecycleUpdate", "Member", "MissingFileError", "MoverdError", "NoSpaceError", "NotFoundError", "ObjectInfo",
-    "Observers", "OfflineTimeoutError", "OpenUpload", "Options", "PluginError", "Reader", "RetrieveStatus",
-    "ServiceError", "Slots", "SourceChangedError", "Storage", "StorageError", "StorageType", "Transfer",
-    "UnknownDatasetError", "UnknownJobError", "UnsafePathError", "UploadedPart", "UserError", "VerificationError",
-    "Writer", "format_size", "hookimpl", "join_key", "parse_duration", "parse_size", "path_safe_id",
-    "read_secret_file", "read_slot", "retry_async", "retry_blocking", "safe_key", "write_slot",
+    "Observers", "OfflineTimeoutError", "OpenUpload", "Options", "PluginError", "Reader", "RestorePolicy",
+    "RestoreState", "RetrieveStatus", "ServiceError", "Slots", "SourceChangedError", "Storage", "StorageError",
+    "StorageType", "Transfer", "UnknownDatasetError", "UnknownJobError", "UnsafePathError", "UploadedPart",
+    "UserError", "VERIFY_READ_BACK", "VERIFY_SERVER_CHECKSUM", "VerificationError", "Writer", "format_size",
+    "hookimpl", "join_key", "parse_duration", "parse_size", "path_safe_id", "read_secret_file", "read_slot",
+    "retry_async", "retry_blocking", "safe_key", "write_slot",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,11 +19,12 @@ from tests.support.daemon import daemon_env
 from tests.support.facility import Facility, dataset_files
 from tests.support.prefectpg import PrefectServer
 
+JobRun = Callable[[str], "subprocess.Popen[str]"]
 
-def test_two_processes_retrieving_one_dataset_copy_it_once(
-    facility: Facility, prefect_on_postgres: PrefectServer, tmp_path: Path
-) -> None:
-    server = prefect_on_postgres
+
+def job_runner(facility: Facility, server: PrefectServer, tmp_path: Path) -> JobRun:
+    """``moverd job run <id>`` as a process on the facility, with global limits on ``server``
+    (the LTS limits created first)."""
     for name in ("lts-write", "lts-read"):
         r = httpx.post(f"{server.api}/v2/concurrency_limits/", json={"name": name, "limit": 4}, timeout=30)
         assert r.status_code in (200, 201), r.text
@@ -34,12 +36,26 @@ def test_two_processes_retrieving_one_dataset_copy_it_once(
         return subprocess.Popen([sys.executable, "-m", "moverd", "job", "run", job_id, "-c", str(config), "--json"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    pid = facility.add_dataset(dataset_files(21, n=8))
+    return job_run
+
+
+def archived(facility: Facility, job_run: JobRun, seed: int) -> tuple[str, int]:
+    """A dataset archived by a job run process, and its number of datablocks (at least 2)."""
+    pid = facility.add_dataset(dataset_files(seed, n=8))
     archive = job_run(facility.scicat.add_job("archive", [pid]))
     _, err = archive.communicate(timeout=300)
     assert archive.returncode == 0, err[-3000:]
     n_blocks = len(facility.scicat.datablocks(pid))
     assert n_blocks >= 2
+    return pid, n_blocks
+
+
+def test_two_processes_retrieving_one_dataset_copy_it_once(
+    facility: Facility, prefect_on_postgres: PrefectServer, tmp_path: Path
+) -> None:
+    job_run = job_runner(facility, prefect_on_postgres, tmp_path)
+    server = prefect_on_postgres
+    pid, n_blocks = archived(facility, job_run, 21)
 
     jobs = [facility.scicat.add_job("retrieve", [pid]) for _ in range(2)]
     procs = [job_run(j) for j in jobs]

@@ -99,7 +99,8 @@ def test_registered_through_entry_point(s3_options: dict[str, Any], tmp_path: Pa
     info = storage.describe()
     assert info == {
         "type": "s3", "name": "landing", "endpoint": s3_options["endpoint_url"], "external_endpoint": None,
-        "region": "us-east-1", "bucket": s3_options["bucket"], "prefix": "",
+        "region": "us-east-1", "bucket": s3_options["bucket"], "prefix": "", "storage_class": None,
+        "index_storage_class": "STANDARD", "verification": "read-back", "restore": None,
     }
     assert "testing" not in repr(storage.options)
 

@@ -14,6 +14,14 @@ from moverd import Transfer
 POLL_SECONDS = 0.5
 
 
+def description(t: Transfer) -> str:
+    """What the artifact says besides its percentage: the restores waited for, if any."""
+    text = f"{t.kind} of {t.dataset}"
+    if t.restores:
+        text += "; restores: " + ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in t.restores.items())
+    return text
+
+
 def percent(t: Transfer) -> float:
     if t.bytes_total:
         return min(100.0, 100.0 * t.bytes_done / t.bytes_total)
@@ -23,18 +31,18 @@ def percent(t: Transfer) -> float:
 @contextlib.asynccontextmanager
 async def progress_artifact(transfer: Transfer, key: str | None = None) -> AsyncIterator[None]:
     """Publish the transfer's progress while the body runs: one update per whole percent at most,
-    never one per file or chunk."""
-    artifact: UUID = await acreate_progress_artifact(
-        0.0, key=key, description=f"{transfer.kind} of {transfer.dataset}"
-    )
+    never one per file or chunk, and one per change of its restore counts."""
+    artifact: UUID = await acreate_progress_artifact(0.0, key=key, description=description(transfer))
     last = 0
+    said = description(transfer)
 
     async def push(force: bool = False) -> None:
-        nonlocal last
+        nonlocal last, said
         now = int(percent(transfer))
-        if now > last or (force and percent(transfer) > last):
-            last = now
-            await aupdate_progress_artifact(artifact, float(percent(transfer)))
+        text = description(transfer)
+        if now > last or (force and percent(transfer) > last) or text != said:
+            last, said = now, text
+            await aupdate_progress_artifact(artifact, float(percent(transfer)), description=text)
 
     async with anyio.create_task_group() as tg:
         async def poll() -> None:

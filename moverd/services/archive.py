@@ -18,9 +18,11 @@ from ..app import App
 from ..datablocks import read_index, verify_datablock, write_index
 from ..errors import MissingFileError, ServiceError, SourceChangedError, VerificationError
 from ..events import Transfer
+from ..keys import join_key
 from ..models import Datablock, FileEntry
 from ..pipeline import write_datablock
 from ..planner import DatablockPlan, check_file_list, dataset_folder, plan_datablocks
+from ..restores import restore_datablocks
 from ..storage import ObjectInfo, Storage
 from .observed import observed
 
@@ -141,6 +143,8 @@ async def _archive(
     lts = app.storage("lts")
     listed = list(files) if files is not None else await catalog.list_files(pid)
     checked, on_source = await check_source(source, prefix, listed)
+    # A landing zone in a cold class (the ingestor's uploads in GLACIER): restored before read.
+    await restore_datablocks(app, source, [join_key(prefix, e.path) for e in checked], transfer, locked=False)
     plans = plan_datablocks(pid, checked, app.settings.pipeline.target_size)
     transfer.bytes_total = sum(p.size for p in plans)
     transfer.files_total = len(checked)

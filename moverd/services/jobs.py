@@ -24,6 +24,7 @@ from ..errors import NotFoundError, StorageError, UserError
 from ..events import Transfer
 from ..keys import join_key, safe_key
 from ..models import (
+    Datablock,
     Download,
     Job,
     JobDataset,
@@ -33,6 +34,7 @@ from ..models import (
     Member,
     RetrieveStatus,
 )
+from ..restores import restore_datablocks
 from ..storage import Storage
 from .archive import BlockRunner
 from .archive import _direct as _direct_block
@@ -40,6 +42,8 @@ from .lifecycle import archive_with_lifecycle, best_effort
 from .observed import observed
 from .retrieve import load_indexes, retrieve_members, select_members
 from .transfer import copy_datablock
+
+Chosen = list[tuple[Datablock, list[Member]]]
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +160,18 @@ async def retrieve_job_dataset(
     try:
         await catalog.update_lifecycle(pid, LifecycleUpdate(retrieve_status=RetrieveStatus.started))
         with observed(app, transfer):
+            chosen = select_members(await load_indexes(app, pid), entry.files or None)
+            # Outside the retrieval lock: a second job for the dataset waits for the same
+            # restores (requested once) rather than for the lock.
+            lts = app.storage("lts")
+            async def told(counts: dict[str, int]) -> None:
+                await best_effort(catalog.update_lifecycle(pid, LifecycleUpdate(
+                    retrieve_return_message={"restores": counts})), f"lifecycle of {pid}")
+
+            await restore_datablocks(app, lts, await _to_restore(app, pid, chosen, bool(entry.files)), transfer,
+                                     told)
             async with app.retrieval_lock(pid):
-                results = await _retrieve_for_download(app, pid, entry.files, transfer)
+                results = await _retrieve_for_download(app, pid, chosen, bool(entry.files), transfer)
         await catalog.update_lifecycle(pid, LifecycleUpdate(retrieve_status=RetrieveStatus.retrieved, retrievable=True))
         return DatasetOutcome(pid, "ok", downloads=results)
     except Exception as exc:
@@ -169,24 +183,45 @@ async def retrieve_job_dataset(
         return DatasetOutcome(pid, outcome, str(exc))
 
 
+def _retrieval_keys(app: App, pid: str) -> tuple[Callable[[Member], str], Callable[[Datablock], str]]:
+    """Where a retrieved file, and a retrieved whole datablock, go in the retrieval storage."""
+    prefix = safe_key(app.settings.retrieve.retrieval_prefix.format(pid=pid), allow_empty=True)
+
+    def file_key(m: Member) -> str:
+        return join_key(prefix, join_key("files", m.path))
+
+    def block_key(b: Datablock) -> str:
+        return join_key(prefix, posixpath.basename(b.archive_id))
+
+    return file_key, block_key
+
+
+async def _to_restore(app: App, pid: str, chosen: Chosen, files: bool) -> list[str]:
+    """The datablocks the retrieval will read: those with something not already copied."""
+    retrieval = app.storage("retrieval")
+    file_key, block_key = _retrieval_keys(app, pid)
+    out = []
+    for block, members in chosen:
+        wanted = [(file_key(m), m.size) for m in members] if files else [(block_key(block), block.packed_size)]
+        if not all([await _present(retrieval, key, size) for key, size in wanted]):
+            out.append(block.archive_id)
+    return out
+
+
 async def _retrieve_for_download(
-    app: App, pid: str, files: list[str], transfer: Transfer
+    app: App, pid: str, chosen: Chosen, files: bool, transfer: Transfer
 ) -> list[Download]:
     """Copy what the job asks for into the retrieval storage (reusing copies already there) and
     return their download links."""
     retrieval = app.storage("retrieval")
     lts = app.storage("lts")
-    prefix = safe_key(app.settings.retrieve.retrieval_prefix.format(pid=pid), allow_empty=True)
+    key_of, block_key = _retrieval_keys(app, pid)
     expiry = timedelta(seconds=app.settings.retrieve.url_expiry)
-    chosen = select_members(await load_indexes(app, pid), files or None)
     transfer.datablocks_total = len(chosen)
     results: list[Download] = []
     if files:
         transfer.bytes_total = sum(m.size for _, ms in chosen for m in ms)
         transfer.files_total = sum(len(ms) for _, ms in chosen)
-        def key_of(m: Member) -> str:
-            return join_key(prefix, join_key("files", m.path))
-
         for block, members in chosen:
             missing = [m for m in members if not await _reuse(retrieval, key_of(m), m.size)]
             if missing:
@@ -198,7 +233,7 @@ async def _retrieve_for_download(
         return results
     transfer.bytes_total = sum(b.packed_size for b, _ in chosen)
     for block, _ in chosen:
-        key = join_key(prefix, posixpath.basename(block.archive_id))
+        key = block_key(block)
         if not await _reuse(retrieval, key, block.packed_size):
             async with app.slot(lts, "read"):
                 await copy_datablock(app, lts, block, retrieval, key, transfer)
@@ -210,13 +245,18 @@ async def _retrieve_for_download(
     return results
 
 
+async def _present(storage: Storage, key: str, size: int) -> bool:
+    """Is a copy of ``size`` bytes already there?"""
+    try:
+        return (await storage.stat(key)).size == size
+    except NotFoundError:
+        return False
+
+
 async def _reuse(storage: Storage, key: str, size: int) -> bool:
     """Is a copy of ``size`` bytes already there? Then it is reused, its age reset so that the
     expired-links cleanup counts from the new link (where the storage keeps mtimes)."""
-    try:
-        if (await storage.stat(key)).size != size:
-            return False
-    except NotFoundError:
+    if not await _present(storage, key, size):
         return False
     await storage.set_metadata(key, mtime=time.time())
     return True

@@ -26,6 +26,7 @@ from ..errors import NotFoundError, ServiceError, StorageError, UserError, Verif
 from ..events import Transfer
 from ..keys import safe_key
 from ..models import Datablock, Member
+from ..restores import restore_datablocks
 from ..storage import Storage
 from .observed import observed
 
@@ -282,6 +283,7 @@ async def retrieve_dataset(
         transfer.bytes_total = sum(m.size for _, ms in chosen for m in ms)
         transfer.files_total = sum(len(ms) for _, ms in chosen)
         transfer.datablocks_total = len(chosen)
+        await restore_datablocks(app, lts, [b.archive_id for b, _ in chosen], transfer)
         for block, members in chosen:
             async with app.slot(lts, "read"):
                 await lts.ensure_online(block.archive_id)

@@ -1,4 +1,5 @@
-"""Verify a dataset in place: every datablock read back from the LTS and checked."""
+"""Verify a dataset in place: every datablock read back from the LTS and checked, or, on an LTS
+that cannot be read without a restore, its reported checksum compared with the recorded one."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ class VerifyResult:
     ok: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     """archive id → what is wrong (naming the damaged member when it can)."""
+    verified_by: dict[str, str] = field(default_factory=dict)
+    """archive id → how it was verified: ``read-back`` or ``server-checksum``."""
 
 
 async def verify_dataset(app: App, pid: str, transfer: Transfer | None = None) -> VerifyResult:
@@ -31,11 +34,12 @@ async def verify_dataset(app: App, pid: str, transfer: Transfer | None = None) -
     for block in blocks:
         try:
             async with app.slot(lts, "read"):
-                await verify_datablock(lts, block, app.registry.hasher, app.pool, transfer)
+                how = await verify_datablock(lts, block, app.registry.hasher, app.pool, transfer)
         except VerificationError as exc:
             result.failed[block.archive_id] = str(exc)
         else:
             result.ok.append(block.archive_id)
+            result.verified_by[block.archive_id] = how
             app.observers.datablock_verified(transfer=transfer, datablock=block)
         transfer.datablocks_done += 1
     if result.failed:

@@ -9,7 +9,13 @@ are, one upstream connection per request. Rules, consumed in order, make it misb
   bytes of the response body (with a TCP RST, or a plain close with ``rst=False``);
 * ``drop_next(n)`` reads the next ``n`` matching requests, body included, then resets the
   connection without any answer (a server that died mid-request);
-* ``fail_always(status)`` until ``clear()``.
+* ``fail_always(status)`` until ``clear()``;
+* ``rewrite_header(name, value)`` forwards requests but, in responses that carry header
+  ``name``, replaces its value (an S3 server that reports another checksum, or a restore that is
+  still running: ``x-amz-restore: ongoing-request="true"``), until ``clear()``.
+
+``seen`` lists every request's method, target and Range header, in order (to count
+RestoreObject calls, and to see which byte ranges were read).
 
 Each rule may be limited to one HTTP ``method`` (``"GET"``, ``"PUT"``...). It runs its own event
 loop in a daemon thread, so sync and async tests (and any client library) can use it; the rule
@@ -76,6 +82,8 @@ class FaultProxy:
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self.upstream = (upstream_host, upstream_port)
         self._rules: list[Rule] = []
+        self._rewrites: dict[str, tuple[str, str | None]] = {}
+        self.seen: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
         self.requests = 0
         self.faults = 0
@@ -111,9 +119,25 @@ class FaultProxy:
         """Read the next ``n`` matching requests, then reset the connection without answering."""
         self._add(Rule("drop", n, method))
 
+    def rewrite_header(self, name: str, value: str, *, method: str | None = None) -> None:
+        """In responses (to ``method`` requests, or any) that carry header ``name``, give it
+        ``value`` instead, until :meth:`clear` or :meth:`stop_rewriting`."""
+        with self._lock:
+            self._rewrites[name.lower()] = (value, method)
+
+    def stop_rewriting(self, name: str) -> None:
+        with self._lock:
+            self._rewrites.pop(name.lower(), None)
+
     def clear(self) -> None:
         with self._lock:
             self._rules.clear()
+            self._rewrites.clear()
+
+    def _rewritten(self, method: str, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        with self._lock:
+            rewrites = {k: v for k, (v, m) in self._rewrites.items() if m is None or m == method}
+        return [(k, rewrites.get(k.lower(), v)) for k, v in headers]
 
     def _add(self, rule: Rule) -> None:
         with self._lock:
@@ -183,6 +207,7 @@ class FaultProxy:
                     return
                 req = _parse_request(head)
                 self.requests += 1
+                self.seen.append((req.method, req.target, req.header("range")))
                 rule = self._take(req.method)
                 if rule is not None and rule.kind == "fail":
                     # Answered before the body is read: the connection cannot be reused.
@@ -260,6 +285,7 @@ class FaultProxy:
             await up_writer.drain()
             head = await up_reader.readuntil(b"\r\n\r\n")
             status_line, resp_headers = _parse_headers(head)
+            resp_headers = self._rewritten(req.method, resp_headers)
             framed = any(k.lower() in ("content-length", "transfer-encoding") for k, _ in resp_headers)
             out = [status_line] + [f"{k}: {v}" for k, v in resp_headers if k.lower() != "connection"]
             keep = framed and (req.header("connection") or "").lower() != "close"

@@ -140,6 +140,7 @@ _LIFECYCLE_FIELDS = {
     "retrieve_status": "retrieveStatusMessage",
     "archivable": "archivable",
     "retrievable": "retrievable",
+    "retrieve_return_message": "retrieveReturnMessage",
 }
 
 

@@ -36,6 +36,19 @@ class PosixOptions(Options):
     )
     offline_timeout: Duration = Field(default=3600.0, description="How long to wait for an HSM recall.")
     offline_poll: PositiveDuration = Field(default=5.0, description="HSM recall polling interval.")
+    offline_poll_max: PositiveDuration = Field(
+        default=60.0, description="With a recall_command: the polling interval doubles up to this."
+    )
+    recall_command: list[str] | None = Field(
+        default=None,
+        description="Command that asks the HSM to recall an offline file, '{path}' standing for its real "
+        "path (e.g. [\"dmget\", \"{path}\"], or [\"dd\", \"if={path}\", \"of=/dev/null\", \"bs=1\", "
+        "\"count=1\"] where the HSM recalls on a read). Set: a retrieval runs it for every offline "
+        "datablock first and shows the recalls as restores; unset: moverd only waits for the recall.",
+    )
+    recall_timeout: PositiveDuration = Field(
+        default=600.0, description="Longest the recall command may run before it is killed (a system error)."
+    )
     fsync: bool = Field(
         default=True,
         description="fsync each file and its directory on commit (durability; only tests turn it off).",

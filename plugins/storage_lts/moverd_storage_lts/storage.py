@@ -23,6 +23,8 @@ from moverd import (
     NotFoundError,
     ObjectInfo,
     OfflineTimeoutError,
+    RestorePolicy,
+    RestoreState,
     Slots,
     Storage,
     StorageError,
@@ -35,6 +37,7 @@ from .options import PosixOptions
 from .oserrors import map_os_error
 from .paths import Confined
 from .reader import PosixReader
+from .recall import recall_argv, run_recall
 from .space import free_bytes
 from .waiting import poll_until
 from .writer import PosixWriter, remove_dead_temps
@@ -69,6 +72,15 @@ class PosixStorage(Storage):
         # written yet: four concurrent writers must not each take the same free space for theirs.
         # Weak: a writer dropped without commit/abort must not hold a reservation forever.
         self._writers: weakref.WeakSet[PosixWriter] = weakref.WeakSet()
+        # With a recall command, offline datablocks are recalled before a retrieval reads them,
+        # and the recall is waited for and shown as a restore.
+        self.needs_restore = options.recall_command is not None
+        self.restore_policy = RestorePolicy(
+            timeout=options.offline_timeout, poll=options.offline_poll,
+            poll_max=max(options.offline_poll, options.offline_poll_max),
+        )
+        self._recalled: set[str] = set()
+        """Keys whose recall this storage triggered: offline ones are then in progress."""
 
     # -- root ---------------------------------------------------------------------------------
 
@@ -299,19 +311,10 @@ class PosixStorage(Storage):
         opts = self.options
         path = key
 
-        def resident() -> bool:
-            nonlocal path
-            path = self._real_path(key)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                raise NotFoundError(f"{self._where}: {key!r} not found") from None
-            except OSError as exc:
-                raise map_os_error(exc, path, "stat", self._where) from exc
-            return not is_offline(st)
-
         async def online() -> bool:
-            return await anyio.to_thread.run_sync(resident)
+            nonlocal path
+            resident, path = await self._resident(key)
+            return resident
 
         met, waited = await poll_until(online, within=opts.offline_timeout, poll=opts.offline_poll)
         if not met:
@@ -319,6 +322,39 @@ class PosixStorage(Storage):
                 f"{self._where}: {key!r} ({path}) is offline (HSM: no data blocks on disk) and was "
                 f"not recalled within {opts.offline_timeout:g} s (offline_timeout); waited {waited:.1f} s"
             )
+
+    async def _resident(self, key: str) -> tuple[bool, str]:
+        """Whether ``key`` has data on disk, and its real path."""
+        key = safe_key(key)
+
+        def look() -> tuple[bool, str]:
+            path = self._real_path(key)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise NotFoundError(f"{self._where}: {key!r} not found") from None
+            except OSError as exc:
+                raise map_os_error(exc, path, "stat", self._where) from exc
+            return not is_offline(st), path
+
+        return await anyio.to_thread.run_sync(look)
+
+    async def restore_state(self, key: str) -> RestoreState:
+        online, _ = await self._resident(key)
+        if online:
+            self._recalled.discard(key)
+            return RestoreState.available
+        return RestoreState.in_progress if key in self._recalled else RestoreState.archived
+
+    async def request_restore(self, key: str) -> None:
+        """Run ``recall_command`` for the file, within ``recall_timeout``."""
+        command = self.options.recall_command
+        if command is None:
+            return await super().request_restore(key)
+        _, path = await self._resident(key)
+        await run_recall(recall_argv(command, path), bound=self.options.recall_timeout, where=self._where,
+                         key=key)
+        self._recalled.add(key)
 
     # -- misc -----------------------------------------------------------------------------------
 
@@ -334,6 +370,7 @@ class PosixStorage(Storage):
             "min_free": o.min_free,
             "free_space_timeout": o.free_space_timeout,
             "offline_timeout": o.offline_timeout,
+            "recall_command": o.recall_command,
             "fsync": o.fsync,
             "direct_io": o.direct_io,
         }

@@ -144,9 +144,14 @@ class TransientHTTPError(HTTPStatusError):
 
 
 def _loaded(module: str, *names: str) -> tuple[type[BaseException], ...]:
-    """The named exception classes of ``module`` if it is imported, else none."""
+    """The named exception classes of ``module`` if it is imported, else none. A module that
+    another thread is still importing (aiobotocore's first client opens while lean reads run in
+    worker threads) may lack some yet: those are left out, as nothing can have raised them."""
     mod = sys.modules.get(module)
-    return tuple(getattr(mod, name) for name in names) if mod is not None else ()
+    if mod is None:
+        return ()
+    found = (getattr(mod, name, None) for name in names)
+    return tuple(cls for cls in found if isinstance(cls, type) and issubclass(cls, BaseException))
 
 
 def client_error_code(exc: BaseException) -> str | None:

@@ -20,6 +20,10 @@ MAX_PART_SIZE = 5 * 1024**3
 """...and above 5 GiB."""
 
 
+DEFAULT_COLD_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+"""Classes whose objects need a RestoreObject before a GET (GLACIER_IR is read directly)."""
+
+
 class S3Options(Options):
     """Where the bucket is, how to authenticate, and how hard to push the connection."""
 
@@ -56,6 +60,44 @@ class S3Options(Options):
     received straight into moverd's buffers, no botocore import. False: aiobotocore for every
     request. TLS endpoints, uploads, deletes and presigning always use aiobotocore."""
 
+    read_limit: int | None = Field(default=None, ge=1)
+    """Concurrent datablock reads (LTS_READ_LIMIT) when this storage is the LTS; None: unbounded
+    (a landing zone or retrieval bucket). With ``prefect.global_limits`` it holds across hosts."""
+    write_limit: int | None = Field(default=None, ge=1)
+    """Concurrent datablock writes (LTS_WRITE_LIMIT), as ``read_limit``."""
+    storage_class: str | None = None
+    """The S3 storage class of datablocks (``GLACIER``, ``DEEP_ARCHIVE``, ``GLACIER_IR``,
+    ``STANDARD``, or whatever the endpoint accepts); None: the bucket's default. In a cold class
+    (:data:`COLD_CLASSES`) objects are restored before they are read."""
+    index_storage_class: str | None = "STANDARD"
+    """The class of the member indexes beside the datablocks: readable without a restore, so a
+    retrieval knows what to restore and which byte ranges to read, and a verify or an archive
+    resume needs no restore to find the datablocks. None: the bucket's default."""
+    cold_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_COLD_CLASSES))
+    """Storage classes whose objects cannot be read before a restore."""
+    restore_reads: bool = False
+    """Objects here may be in a cold class though moverd did not write them (a landing zone the
+    ingestor fills in GLACIER): each one's restore state is looked up before it is read, and it is
+    restored first if it needs it."""
+    checksum_type: Literal["FULL_OBJECT", "COMPOSITE"] = "FULL_OBJECT"
+    """The whole-object CRC32 of multipart uploads: FULL_OBJECT (a digest of the object's bytes)
+    where the server supports it, else COMPOSITE (a digest of the parts' digests)."""
+    verification: Literal["auto", "read-back", "server-checksum"] = "auto"
+    """How datablocks written here are verified: ``read-back`` reads every byte back,
+    ``server-checksum`` compares the CRC32 moverd computed while streaming with the one the
+    server reports (HEAD with checksum mode). ``auto``: server-checksum for a cold class, where
+    reads need a restore, read-back otherwise."""
+    restore_days: int = Field(default=7, ge=1)
+    """How long a restored copy stays readable (RestoreObject ``Days``)."""
+    restore_tier: Literal["Expedited", "Standard", "Bulk"] = "Standard"
+    restore_timeout: Duration = 12 * 3600.0
+    """Longest a retrieval waits for a datablock's restore; then it fails (a system error) and a
+    later run resumes the wait without requesting the restore again."""
+    restore_poll: Duration = 5.0
+    """First wait between two looks at a restore's progress (HEAD); it doubles up to
+    ``restore_poll_max``."""
+    restore_poll_max: Duration = 300.0
+
     @field_validator("endpoint_url", "external_endpoint_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -82,7 +124,7 @@ class S3Options(Options):
             raise ValueError(f"must be at most 5 GiB ({MAX_PART_SIZE} bytes): S3 refuses bigger parts")
         return value
 
-    @field_validator("connect_timeout", "read_timeout", "request_timeout")
+    @field_validator("connect_timeout", "read_timeout", "request_timeout", "restore_poll", "restore_poll_max")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:
@@ -95,6 +137,13 @@ class S3Options(Options):
         if value is not None and not value.expanduser().is_file():
             raise ValueError(f"CA bundle {str(value)!r} does not exist")
         return value.expanduser() if value is not None else None
+
+    @property
+    def cold(self) -> bool:
+        """Whether datablocks go to a class that needs a restore before a read."""
+        return self.storage_class is not None and self.storage_class.upper() in {
+            c.upper() for c in self.cold_classes
+        }
 
     @model_validator(mode="after")
     def _credentials_pair(self) -> S3Options:

@@ -6,6 +6,11 @@ reused from a pool of ``upload_concurrency + 1``, so memory stays at that many p
 object's size. A part is sent only when the next byte arrives, so an object that fits in one
 part is written with a single PutObject and no multipart upload at all.
 
+Every part carries its CRC32 (``x-amz-checksum-crc32``, computed in a worker thread beside the
+other parts' uploads), which the server checks on receipt, and the upload declares a
+full-object checksum (or COMPOSITE, for servers without one), which :meth:`object_checksum`
+gives after the commit: see :mod:`.crc`. The storage class, if configured, is set on the object.
+
 Background uploads are plain asyncio tasks because the writer's life spans several calls from
 its owner (``write``... ``commit``) and aiobotocore runs on asyncio anyway. Every path that
 does not commit ends in :meth:`abort`, which cancels them and aborts the upload so that no
@@ -22,6 +27,7 @@ from typing import Any, TypeVar
 
 from moverd import StorageError, Writer
 
+from . import crc
 from .errors import Waits, to_storage_error, within
 from .reader import ClientGetter
 
@@ -109,7 +115,8 @@ class MultipartWriter(Writer):
     def __init__(
         self, *, client: ClientGetter, bucket: str, key: str, full_key: str, endpoint: str,
         part_size: int, concurrency: int, size_hint: int | None,
-        deadline: float = 120.0, waits: Waits | None = None,
+        deadline: float = 120.0, waits: Waits | None = None, storage_class: str | None = None,
+        checksum_type: str = "FULL_OBJECT",
     ) -> None:
         self._client = client
         self._bucket = bucket
@@ -131,6 +138,11 @@ class MultipartWriter(Writer):
         self._upload_id: str | None = None
         self._next_part = 1
         self._etags: dict[int, str] = {}
+        self._crcs: dict[int, tuple[int, int]] = {}
+        """Part number → (CRC32, size) of the parts uploaded."""
+        self._class = {"StorageClass": storage_class} if storage_class else {}
+        self._checksum_type = checksum_type
+        self._object_checksum: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._failure: BaseException | None = None
         self._state = "open"
@@ -191,17 +203,35 @@ class MultipartWriter(Writer):
                         f"s3 {self._bucket}/{self._key}: {self._next_part - 1 - len(self._etags)} "
                         "part(s) did not finish (upload aborted)"
                     )
-                parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
+                numbers = sorted(self._etags)
+                parts = [
+                    {"PartNumber": n, "ETag": self._etags[n], "ChecksumCRC32": crc.encode(self._crcs[n][0])}
+                    for n in numbers
+                ]
+                sums = [self._crcs[n] for n in numbers]
+                whole: dict[str, str] = {}
+                if self._checksum_type == "FULL_OBJECT":
+                    value = crc.encode(crc.full_object(sums))
+                    whole = {"ChecksumCRC32": value, "ChecksumType": "FULL_OBJECT"}
+                    checksum = crc.PREFIX + value
+                else:
+                    checksum = crc.PREFIX + crc.composite(sums)
                 await self._bounded(client.complete_multipart_upload(
                     Bucket=self._bucket, Key=self._full_key, UploadId=self._upload_id,
-                    MultipartUpload={"Parts": parts},
+                    MultipartUpload={"Parts": parts}, **whole,
                 ), "CompleteMultipartUpload")
+                self._object_checksum = checksum
         except StorageError as exc:
             await self._abort_quietly()
             raise exc
         except Exception as exc:
             raise await self._fail(exc, "upload") from exc
         self._state = "committed"
+
+    def object_checksum(self) -> str | None:
+        """``crc32:<base64>`` (``-N`` appended when COMPOSITE) as S3 reports it for the committed
+        object, computed from the bytes this writer was given."""
+        return self._object_checksum if self._state == "committed" else None
 
     async def abort(self) -> None:
         if self._state in ("committed", "aborted"):
@@ -211,13 +241,23 @@ class MultipartWriter(Writer):
     async def _put_single(self, client: Any, buf: bytearray | None) -> None:
         """The whole object fits in one part: one PutObject, no multipart upload."""
         if buf is None or self._fill == 0:
-            await self._bounded(client.put_object(Bucket=self._bucket, Key=self._full_key, Body=b""), "PUT")
+            await self._bounded(client.put_object(
+                Bucket=self._bucket, Key=self._full_key, Body=b"", ChecksumAlgorithm=crc.ALGORITHM,
+                ChecksumCRC32=crc.encode(0), **self._class,
+            ), "PUT")
+            self._object_checksum = crc.PREFIX + crc.encode(0)
             return
-        body = PartBody(memoryview(buf)[: self._fill])
+        view = memoryview(buf)[: self._fill]
+        value = crc.encode(await _crc_of(view))
+        body = PartBody(view)
         try:
-            await self._bounded(client.put_object(Bucket=self._bucket, Key=self._full_key, Body=body), "PUT")
+            await self._bounded(client.put_object(
+                Bucket=self._bucket, Key=self._full_key, Body=body, ChecksumAlgorithm=crc.ALGORITHM,
+                ChecksumCRC32=value, **self._class,
+            ), "PUT")
         finally:
             body.release()
+        self._object_checksum = crc.PREFIX + value
 
     async def _start_part(self, buf: bytearray, size: int) -> None:
         """Start uploading a full buffer as the next part (waiting for a free upload slot)."""
@@ -225,7 +265,10 @@ class MultipartWriter(Writer):
         client = await self._client()
         if self._upload_id is None:
             resp = await self._bounded(
-                client.create_multipart_upload(Bucket=self._bucket, Key=self._full_key), "CreateMultipartUpload"
+                client.create_multipart_upload(
+                    Bucket=self._bucket, Key=self._full_key, ChecksumAlgorithm=crc.ALGORITHM,
+                    ChecksumType=self._checksum_type, **self._class,
+                ), "CreateMultipartUpload"
             )
             self._upload_id = str(resp["UploadId"])
         await self._slots.acquire()
@@ -238,12 +281,15 @@ class MultipartWriter(Writer):
         self.parts_in_flight_peak = max(self.parts_in_flight_peak, self._in_flight)
 
     async def _upload_part(self, client: Any, number: int, buf: bytearray, size: int) -> None:
-        body = PartBody(memoryview(buf)[:size])
+        view = memoryview(buf)[:size]
+        body = PartBody(view)
         try:
+            part_crc = await _crc_of(view)
             resp = await self._bounded(client.upload_part(
                 Bucket=self._bucket, Key=self._full_key, UploadId=self._upload_id,
-                PartNumber=number, Body=body,
+                PartNumber=number, Body=body, ChecksumCRC32=crc.encode(part_crc),
             ), f"UploadPart {number} of")
+            self._crcs[number] = (part_crc, size)
             self._etags[number] = str(resp["ETag"])
         except asyncio.CancelledError:
             raise
@@ -310,3 +356,13 @@ class MultipartWriter(Writer):
                 "s3 %s/%s: could not abort multipart upload %s (a bucket lifecycle rule will have "
                 "to remove its parts): %s", self._bucket, self._key, upload_id, exc,
             )
+
+
+CRC_THREAD_MIN = 256 * 1024
+"""Parts at least this big are hashed in a worker thread; smaller ones inline."""
+
+
+async def _crc_of(view: memoryview) -> int:
+    if len(view) < CRC_THREAD_MIN:
+        return crc.crc32(view)
+    return await asyncio.to_thread(crc.crc32, view)
