@@ -31,6 +31,9 @@ def test_two_daemons_share_the_work_and_the_lts_limit(
     lts = tmp_path / "lts"
     watch = tmp_path / "lts-writers.log"
     settings = pool_settings(facility, tmp_path, datablock_concurrency=2, max_jobs=3)
+    # A job streams one datablock at a time: slow commits make the jobs' writers overlap, so that
+    # the limit is reached, not only respected.
+    settings["storages"]["lts"]["commit_delay"] = 0.2
     env = daemon_env(PREFECT_API_URL=prefect_on_postgres.api)
 
     # moverd prefect setup (the seed's prefect-config step), with the LTS write limit at 2

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 from moverd_storage_lts.options import PosixOptions
 from moverd_storage_lts.storage import PosixStorage
 
@@ -24,6 +25,9 @@ from moverd import StorageType, Writer, hookimpl
 
 class WatchedOptions(PosixOptions):  # type: ignore[misc]
     watch_log: Path
+    commit_delay: float = 0.0
+    """Seconds each commit waits first (a slow disk flush), so that writers of different jobs
+    are open at the same time however small their datablocks."""
 
 
 def _log(path: Path, event: str, key: str) -> None:
@@ -36,8 +40,8 @@ def _log(path: Path, event: str, key: str) -> None:
 
 
 class WatchedWriter(Writer):
-    def __init__(self, inner: Writer, log: Path, key: str) -> None:
-        self.inner, self.log, self.key = inner, log, key
+    def __init__(self, inner: Writer, log: Path, key: str, commit_delay: float) -> None:
+        self.inner, self.log, self.key, self.commit_delay = inner, log, key, commit_delay
         self.ended = False
 
     async def write(self, data: memoryview | bytes) -> None:
@@ -50,6 +54,8 @@ class WatchedWriter(Writer):
 
     async def commit(self) -> None:
         try:
+            if self.commit_delay:
+                await anyio.sleep(self.commit_delay)
             await self.inner.commit()
             _log(self.log, "commit", self.key)
         finally:
@@ -66,6 +72,7 @@ class WatchedStorage(PosixStorage):  # type: ignore[misc]
     def __init__(self, name: str, options: WatchedOptions) -> None:
         super().__init__(name, options)
         self.watch_log = options.watch_log
+        self.commit_delay = options.commit_delay
 
     async def open_writer(self, key: str, size_hint: int | None = None) -> Any:
         _log(self.watch_log, "open", key)
@@ -74,7 +81,7 @@ class WatchedStorage(PosixStorage):  # type: ignore[misc]
         except BaseException:
             _log(self.watch_log, "end", key)
             raise
-        return WatchedWriter(inner, self.watch_log, key)
+        return WatchedWriter(inner, self.watch_log, key, self.commit_delay)
 
 
 @hookimpl
