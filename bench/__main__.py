@@ -8,6 +8,9 @@
    before every run of either.
 4. (``--only tape``) moverd archive of the 1 GiB set into an S3 LTS in GLACIER (verified by the
    server's checksum) against ``s5cmd cp`` of the same tars to the same server, with CPU s/GiB.
+5. (``--only upload``) ``moverd upload`` of local files through a daemon's upload API (presigned
+   URLs) against ``s5cmd cp`` of the same files to the same server, on 1 GiB of 2 MiB files and on
+   one 1 GiB file, with the daemon's CPU seconds per uploaded GiB.
 
 Every tool runs as a subprocess; warm-up once, then ``--runs`` rounds (7 on the 1 GiB set, 3 on
 the 20,000-file set) that rotate the tools' order (A B C, B C A, ...), median and spread.
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the LTS, downloads and the S3 server's spool go (emptied first)")
     p.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
     p.add_argument("--only", default="archive,rss,verify",
-                   help="comma-separated parts: archive, rss, verify, tape (default: the first three)")
+                   help="comma-separated parts: archive, rss, verify, tape, upload (default: the first three)")
     p.add_argument("--sets", default="big,small",
                    help="data sets of the archive and verify parts: big (1 GiB of 2 MiB files), small "
                         "(20,000 x 8 KiB); default both")
@@ -193,6 +196,35 @@ def main(argv: list[str] | None = None) -> int:
                            "s5cmd_cpu_s_per_gib": [round(r.measured.cpu / gib, 2) for r in up.runs]},
                 )
                 ratio_of[f"{mt.tool}|{big.name}"] = rname
+
+            if "upload" in parts:
+                from .upload import LANDING_BUCKET, MoverdUpload, S5cmdPut, UploadDaemon, UploadSet
+
+                quick = a.quick
+                usets = [UploadSet(workdir / "upload-src", "files", 32 if quick else 512, 2 * MIB),
+                         UploadSet(workdir / "upload-src", "onefile", 1, (64 if quick else 1024) * MIB)]
+                for us in usets:
+                    us.make()
+                with UploadDaemon(ctx, usets) as daemon:
+                    for us in usets:
+                        log(f"moverd upload vs s5cmd cp: {us.describe()}")
+                        utools: list[Tool] = [MoverdUpload(ctx, daemon, us, "16MiB", 16), S5cmdPut(ctx, us, 16)]
+                        ser = [Series(t.name, us.name, us.total, us.count) for t in utools]
+                        side_by_side(utools, ser, a.runs or (1 if quick else 5), warmup)
+                        all_series.extend(ser)
+                        mu, s5 = ser
+                        gib = us.total / 1024**3
+                        daemon_cpu = [r.info["daemon_cpu"] / gib for r in mu.runs]
+                        rname = f"upload {us.name} / s5cmd"
+                        ratios[rname] = Ratio(
+                            rname, s5.median / mu.median, 0.9,
+                            detail=f"s5cmd {s5.median:.2f} s, moverd {mu.median:.2f} s; daemon CPU s/GiB "
+                                   f"{min(daemon_cpu):.2f}-{max(daemon_cpu):.2f}",
+                            extra={"moverd_seconds": mu.median, "s5cmd_seconds": s5.median,
+                                   "daemon_cpu_s_per_gib": [round(c, 3) for c in daemon_cpu]},
+                        )
+                        ratio_of[f"{mu.tool}|{us.name}"] = rname
+                data.empty(s3.endpoint_url, LANDING_BUCKET)
 
             if "verify" in parts:
                 for ds in (big, small):
