@@ -339,3 +339,28 @@ async def test_round_trip_of_a_file_over_8_gib(tmp_path: Path) -> None:
         with open(out, "rb") as f:
             f.seek(size - 5)
             assert f.read() == b"tail!"
+
+
+async def test_datablocks_take_their_streaming_turns_in_plan_order_whoever_asks_first() -> None:
+    """A datablock's task may reach its turn before an earlier one does (each reads its index on
+    the LTS first); a datablock that does not stream passes its turn."""
+    import anyio
+
+    from moverd.services.archive import _Turns
+
+    turns, order = _Turns([0, 1, 2, 3]), []
+
+    async def stream(index: int, delay: float) -> None:
+        await anyio.sleep(delay)
+        async with turns.turn(index) as streamed:
+            order.append(index)
+            await anyio.sleep(0.01)
+            streamed()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stream, 3, 0.0)
+        tg.start_soon(stream, 1, 0.0)
+        tg.start_soon(stream, 0, 0.05)
+        await anyio.sleep(0.02)
+        turns.done(2)  # reused: never streams
+    assert order == [0, 1, 3]

@@ -95,23 +95,39 @@ async def check_source(
     return out, listed
 
 
-@asynccontextmanager
-async def _streaming_turn(lock: anyio.Lock) -> AsyncIterator[Callable[[], None]]:
-    """Wait for the datablock's turn to stream; yields the call that ends the turn early (once
-    its bytes are written), which leaving the block does otherwise."""
-    await lock.acquire()
-    held = True
+class _Turns:
+    """The datablocks' turns to stream, in plan order (the order their tasks reach the point of
+    streaming is not it: each reads its index on the LTS first). A datablock that does not stream
+    (registered already, or its committed tar reused) passes its turn; each passes it once."""
 
-    def done() -> None:
-        nonlocal held
-        if held:
-            held = False
-            lock.release()
+    def __init__(self, indexes: Sequence[int]) -> None:
+        self._order = sorted(indexes)
+        self._next = 0
+        self._passed: set[int] = set()
+        self._changed = anyio.Event()
 
-    try:
-        yield done
-    finally:
-        done()
+    def _is_turn_of(self, index: int) -> bool:
+        return index in self._passed or (self._next < len(self._order) and self._order[self._next] == index)
+
+    def done(self, index: int) -> None:
+        if index in self._passed:
+            return
+        self._passed.add(index)
+        while self._next < len(self._order) and self._order[self._next] in self._passed:
+            self._next += 1
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    @asynccontextmanager
+    async def turn(self, index: int) -> AsyncIterator[Callable[[], None]]:
+        """Wait for the datablock's turn; yields the call that ends it early (once its bytes are
+        written), which leaving the block does otherwise."""
+        while not self._is_turn_of(index):
+            await self._changed.wait()
+        try:
+            yield lambda: self.done(index)
+        finally:
+            self.done(index)
 
 
 def _same_content(block: Datablock, plan: DatablockPlan) -> bool:
@@ -161,16 +177,19 @@ async def _archive(
     # commit, verify and register meanwhile. Two streaming at once shared the same CPU and
     # source and then finished together, leaving both tails (the disk catching up, the
     # read-back, the catalog) with nothing to overlap.
-    streaming = anyio.Lock()
+    turns = _Turns([plan.index for plan in plans])
 
     async def one(plan: DatablockPlan) -> None:
         async def work() -> Datablock:
             return await _archive_block(
-                app, pid, plan, source, prefix, lts, registered, transfer, result, on_source, streaming
+                app, pid, plan, source, prefix, lts, registered, transfer, result, on_source, turns
             )
 
-        async with limiter:
-            block = await block_runner(plan, work)
+        try:
+            async with limiter:
+                block = await block_runner(plan, work)
+        finally:
+            turns.done(plan.index)
         blocks[plan.index] = block
         transfer.datablocks_done += 1
 
@@ -209,10 +228,11 @@ def _same_version(a: ObjectInfo, b: ObjectInfo | None) -> bool:
 async def _archive_block(
     app: App, pid: str, plan: DatablockPlan, source: Storage, prefix: str, lts: Storage,
     registered: dict[str, Datablock], transfer: Transfer, result: ArchiveResult,
-    on_source: dict[str, ObjectInfo], streaming: anyio.Lock,
+    on_source: dict[str, ObjectInfo], turns: _Turns,
 ) -> Datablock:
     known = registered.get(plan.archive_id)
     if known is not None:
+        turns.done(plan.index)
         if not _same_content(known, plan):
             raise ServiceError(
                 f"datablock {plan.archive_id!r} is registered with other files than planned now "
@@ -224,6 +244,7 @@ async def _archive_block(
         return known
     block = await read_index(lts, plan.archive_id)
     if block is not None and _same_content(block, plan):
+        turns.done(plan.index)  # verified, not written (if it does not verify, it streams out of turn)
         try:
             async with app.slot(lts, "read"):
                 await verify_datablock(lts, block, app.registry.hasher, app.pool)
@@ -237,7 +258,7 @@ async def _archive_block(
     else:
         block = None
     if block is None:
-        async with _streaming_turn(streaming) as streamed, app.slot(lts, "write"):
+        async with turns.turn(plan.index) as streamed, app.slot(lts, "write"):
             await lts.wait_for_space(plan.packed_size_estimate)
             written = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer, on_source, streamed)
             block = written.datablock
