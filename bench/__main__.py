@@ -81,6 +81,14 @@ def side_by_side(tools: list[Tool], series: list[Series], runs: int, warmup: boo
                 f"(RSS {r.measured.max_rss / MIB:.0f} MiB, CPU {r.measured.cpu:.1f} s)")
 
 
+def against_s5cmd(name: str, moverd: Series, s5cmd: Series, target: float, note: str,
+                  extra: dict[str, Any]) -> Ratio:
+    """s5cmd's median time over moverd's, with both medians and ``note`` (CPU figures)."""
+    return Ratio(name, s5cmd.median / moverd.median, target,
+                 detail=f"s5cmd {s5cmd.median:.2f} s, moverd {moverd.median:.2f} s; {note}",
+                 extra={"moverd_seconds": moverd.median, "s5cmd_seconds": s5cmd.median, **extra})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small data, one run each, no warm-up (smoke test)")
@@ -187,13 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                 mt, up = ser
                 gib = big.total / 1024**3
                 rname = f"archive {big.name} to tape / s5cmd upload"
-                ratios[rname] = Ratio(
-                    rname, up.median / mt.median, 0.8,
-                    detail=f"s5cmd {up.median:.2f} s, moverd {mt.median:.2f} s; CPU s/GiB: moverd "
-                           f"{mt.runs[0].measured.cpu / gib:.2f}, s5cmd {up.runs[0].measured.cpu / gib:.2f}",
-                    extra={"moverd_seconds": mt.median, "s5cmd_seconds": up.median,
-                           "moverd_cpu_s_per_gib": [round(r.measured.cpu / gib, 2) for r in mt.runs],
-                           "s5cmd_cpu_s_per_gib": [round(r.measured.cpu / gib, 2) for r in up.runs]},
+                ratios[rname] = against_s5cmd(
+                    rname, mt, up, 0.8,
+                    f"CPU s/GiB: moverd {mt.runs[0].measured.cpu / gib:.2f}, s5cmd {up.runs[0].measured.cpu / gib:.2f}",
+                    {"moverd_cpu_s_per_gib": [round(r.measured.cpu / gib, 2) for r in mt.runs],
+                     "s5cmd_cpu_s_per_gib": [round(r.measured.cpu / gib, 2) for r in up.runs]},
                 )
                 ratio_of[f"{mt.tool}|{big.name}"] = rname
 
@@ -216,12 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                         gib = us.total / 1024**3
                         daemon_cpu = [r.info["daemon_cpu"] / gib for r in mu.runs]
                         rname = f"upload {us.name} / s5cmd"
-                        ratios[rname] = Ratio(
-                            rname, s5.median / mu.median, 0.9,
-                            detail=f"s5cmd {s5.median:.2f} s, moverd {mu.median:.2f} s; daemon CPU s/GiB "
-                                   f"{min(daemon_cpu):.2f}-{max(daemon_cpu):.2f}",
-                            extra={"moverd_seconds": mu.median, "s5cmd_seconds": s5.median,
-                                   "daemon_cpu_s_per_gib": [round(c, 3) for c in daemon_cpu]},
+                        ratios[rname] = against_s5cmd(
+                            rname, mu, s5, 0.9, f"daemon CPU s/GiB {min(daemon_cpu):.2f}-{max(daemon_cpu):.2f}",
+                            {"daemon_cpu_s_per_gib": [round(c, 3) for c in daemon_cpu]},
                         )
                         ratio_of[f"{mu.tool}|{us.name}"] = rname
                 data.empty(s3.endpoint_url, LANDING_BUCKET)
