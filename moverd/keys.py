@@ -7,6 +7,7 @@ that leave the root, which only they can see).
 
 from __future__ import annotations
 
+import functools
 import re
 
 from .errors import UnsafePathError
@@ -25,8 +26,15 @@ def safe_key(key: str, *, allow_empty: bool = False) -> str:
     storage handles the same way, names that are not valid UTF-8 (shown with their bytes
     escaped), and empty keys unless ``allow_empty`` (a prefix may be empty).
     """
+    # Each file's key passes here several times on its way (pipeline, storage, index): the
+    # check's result is kept for the keys seen last; a refused key raises every time.
     if not isinstance(key, str):
         raise UnsafePathError(f"key must be a string, not {type(key).__name__}")
+    return _check(key, allow_empty)
+
+
+@functools.lru_cache(maxsize=8192)
+def _check(key: str, allow_empty: bool) -> str:
     if _CONTROL.search(key):  # every key of every file passes here: one regex scan, not a loop
         if "\x00" in key:
             raise UnsafePathError(f"unsafe key {key!r}: contains NUL")

@@ -27,6 +27,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 import anyio.abc
@@ -49,6 +50,28 @@ from .models import Datablock, FileEntry, Member
 from .planner import DatablockPlan
 from .storage import BlockingWrites, ObjectInfo, Storage, Writer
 from .tarframe import end_of_archive, member_header, padding
+
+T = TypeVar("T")
+
+
+async def _send(stream: MemoryObjectSendStream[T], item: T) -> None:
+    """``stream.send(item)`` without its checkpoint when there is room: every checkpoint is one
+    more turn of the event loop, and the pipeline sends and receives about ten items per file
+    (a 1 GiB archive of 2 MiB files spent ~5,600 loop turns on them alone)."""
+    try:
+        stream.send_nowait(item)
+    except anyio.WouldBlock:
+        await stream.send(item)
+
+
+async def _receive(stream: MemoryObjectReceiveStream[T]) -> T:
+    """``stream.receive()`` without its checkpoint when an item waits (see :func:`_send`);
+    raises :class:`anyio.EndOfStream` as it does."""
+    try:
+        return stream.receive_nowait()
+    except anyio.WouldBlock:
+        return await stream.receive()
+
 
 COALESCE_SIZE = 256 * 1024
 
@@ -228,7 +251,8 @@ class TarSink:
             await self.flush()
         if n >= COALESCE_SIZE:
             copy = bytes(data)
-            await self._send.send((copy, None, [(file_hash, copy)] if file_hash is not None else []))
+            piece: _Piece = (copy, None, [(file_hash, copy)] if file_hash is not None else [])
+            await _send(self._send, piece)
         else:
             self._view[self._fill : self._fill + n] = data
             if file_hash is not None:
@@ -241,7 +265,8 @@ class TarSink:
     ) -> None:
         """Queue one data chunk straight from its slab; ``written`` runs once it is written."""
         await self.flush()
-        await self._send.send((view, written, [(file_hash, view)] if file_hash is not None else []))
+        piece: _Piece = (view, written, [(file_hash, view)] if file_hash is not None else [])
+        await _send(self._send, piece)
         self.offset += len(view)
 
     async def flush(self) -> None:
@@ -250,7 +275,7 @@ class TarSink:
             hashing: _Hashing = [(h, copy[start:end]) for h, start, end in self._hash_ranges]
             self._hash_ranges.clear()
             self._fill = 0
-            await self._send.send((copy, None, hashing))
+            await _send(self._send, (copy, None, hashing))
 
     def close(self) -> None:
         """No more pieces (after a final :meth:`flush`): :meth:`drain` finishes what it has."""
@@ -346,7 +371,7 @@ async def _read_file(
                 blocking: Callable[[memoryview], int] | None = getattr(reader, "readinto_blocking", None)
                 remaining = entry.size
                 while remaining > 0:
-                    slabs = [await free.receive()]
+                    slabs = [await _receive(free)]
                     # Small chunks: ``readinto`` may have the bytes at hand (an S3 body that came
                     # with the answer's head) and hashing inline costs less than a thread hop.
                     if blocking is not None and min(remaining, len(slabs[0])) >= THREAD_HASH_MIN:
@@ -369,7 +394,8 @@ async def _read_file(
                                 "was committed; archive again once the file is complete"
                             )
                         remaining -= n
-                        await send.send((slab, n))
+                        # Never waits: the stream holds as many items as the file has slabs.
+                        send.send_nowait((slab, n))
             except NotFoundError:
                 # Storages may open lazily, so a vanished file shows up on open or first read.
                 raise MissingFileError(f"{key!r} vanished from {source.name!r} before it was archived") from None
@@ -410,7 +436,7 @@ async def _schedule(
             else:
                 chunks_send.close()
                 free_recv.close()
-            await files.send(fs)
+            await _send(files, fs)
 
 
 @dataclass
@@ -457,7 +483,11 @@ async def write_datablock(
             tg.start_soon(_schedule, plan, source, prefix, ctx, files_send, tg, taken, listed or {})
             try:
                 async with files_recv:
-                    async for fs in files_recv:
+                    while True:
+                        try:
+                            fs = await _receive(files_recv)
+                        except anyio.EndOfStream:
+                            break
                         consumed.append(await _consume_file(fs, out, ctx, taken, transfer))
                 await out.put_small(end_of_archive(out.offset))
                 await out.flush()
@@ -515,7 +545,11 @@ async def _consume_file(
     )
     data_offset = out.offset
     async with fs.chunks:
-        async for slab, n in fs.chunks:
+        while True:
+            try:
+                slab, n = await _receive(fs.chunks)
+            except anyio.EndOfStream:
+                break
             view = memoryview(slab)[:n]
             if n >= THREAD_HASH_MIN:
                 fs.pending += 1
