@@ -58,6 +58,11 @@ class NotFoundError(StorageError):
     """The key does not exist in the storage."""
 
 
+class NotAFileError(StorageError):
+    """Something that is not an object stands at the key (a directory on a file system): the
+    key is taken, though there is nothing to read there."""
+
+
 class NoSpaceError(StorageError):
     """The sink is full, or stayed below its free-space minimum for longer than allowed."""
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 
 from .checksums import Hasher
-from .errors import NotFoundError
+from .errors import NotAFileError, NotFoundError
 from .limits import Slots
 
 LOCAL_STORAGE_TYPE = "posix"
@@ -180,7 +180,9 @@ class Storage(ABC):
 
     @abstractmethod
     async def stat(self, key: str) -> ObjectInfo:
-        """Metadata of one object; :class:`~moverd.errors.NotFoundError` when absent."""
+        """Metadata of one object; :class:`~moverd.errors.NotFoundError` when absent, and
+        :class:`~moverd.errors.NotAFileError` when something that is not an object stands at the
+        key (a directory on a file system): that key is taken, not free."""
 
     @abstractmethod
     async def open_reader(
@@ -217,10 +219,13 @@ class Storage(ABC):
         return len(keys)
 
     async def exists(self, key: str) -> bool:
+        """Is the key taken (by an object, or by something that is not one)?"""
         try:
             await self.stat(key)
         except NotFoundError:
             return False
+        except NotAFileError:
+            return True
         return True
 
     async def put(

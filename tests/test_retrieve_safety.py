@@ -93,6 +93,24 @@ def test_files_that_differ_refuse_the_retrieve_before_anything_is_written(tmp_pa
     assert not temp_files(out)
 
 
+def test_a_directory_at_a_files_path_refuses_the_retrieve_even_with_overwrite(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    files = mixed_tree(tmp_path / "src", random.Random(5), files=8, low=1, high=200_000)
+    pid = archive(tmp_path / "src", env)
+    out = tmp_path / "out"
+    taken = sorted(files)[3]
+    (out / taken).mkdir(parents=True)
+    (out / taken / "keep.txt").write_bytes(b"the user's own folder")
+    before = snapshot(out)
+    for extra in ([], ["--overwrite"]):
+        p = run(["retrieve", pid, "--to", str(out), *extra], env, check=False)
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+        assert repr(taken) in p.stderr and "not a file" in p.stderr and "nothing was written" in p.stderr
+        assert snapshot(out) == before  # not a file written, the folder and its file untouched
+
+
 def test_a_rerun_skips_identical_files(tmp_path: Path, env: dict[str, str]) -> None:
     files = mixed_tree(tmp_path / "src", random.Random(2), files=9, low=0, high=400_000)
     pid = archive(tmp_path / "src", env)

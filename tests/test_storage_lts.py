@@ -24,6 +24,7 @@ from moverd import (
     ConfigError,
     Context,
     NoSpaceError,
+    NotAFileError,
     NotFoundError,
     ObjectInfo,
     OfflineTimeoutError,
@@ -344,8 +345,9 @@ async def test_missing_objects(root: Path, store: PosixStorage) -> None:
         await reader.readinto(memoryview(bytearray(10)))
     await reader.aclose()
     (root / "dir").mkdir()
-    with pytest.raises(NotFoundError, match="not a regular file"):
+    with pytest.raises(NotAFileError, match="'dir' is a directory, not a file"):
         await store.stat("dir")
+    assert await store.exists("dir")  # taken: nothing may be written there
     with pytest.raises(NotFoundError):
         await read_all(store, "dir")
 

@@ -22,7 +22,7 @@ import anyio
 from ..app import App
 from ..buffers import fill
 from ..datablocks import checksum_range, copy_range_verified, read_index
-from ..errors import NotFoundError, ServiceError, StorageError, UserError, VerificationError
+from ..errors import NotAFileError, NotFoundError, ServiceError, StorageError, UserError, VerificationError
 from ..events import Transfer
 from ..keys import safe_key
 from ..models import Datablock, Member
@@ -52,18 +52,26 @@ class RetrieveResult:
 
 
 class ExistingFilesError(UserError):
-    """Files to retrieve are already in the target with other contents."""
+    """Files to retrieve are already in the target with other contents, or their paths are
+    taken by something that is not a file (``blocked``: ``--overwrite`` replaces files only)."""
 
-    def __init__(self, where: str, conflicts: Sequence[str]) -> None:
+    def __init__(self, where: str, conflicts: Sequence[str], *, blocked: bool = False) -> None:
         self.conflicts = sorted(conflicts)
+        self.blocked = blocked
         shown = ", ".join(repr(c) for c in self.conflicts[:SHOWN_CONFLICTS])
         more = len(self.conflicts) - SHOWN_CONFLICTS
-        super().__init__(
-            f"{len(self.conflicts)} file(s) to retrieve already exist in {where} and differ from the "
-            f"dataset's (or cannot be read to compare): "
-            f"{shown}{f' and {more} more' if more > 0 else ''}; nothing was written "
-            f"(retrieve with --overwrite to replace them)"
-        )
+        listed = f"{shown}{f' and {more} more' if more > 0 else ''}; nothing was written"
+        if blocked:
+            message = (
+                f"{len(self.conflicts)} path(s) to retrieve are taken in {where} by something that is not a "
+                f"file (a directory): {listed} (move them away; --overwrite replaces files only)"
+            )
+        else:
+            message = (
+                f"{len(self.conflicts)} file(s) to retrieve already exist in {where} and differ from the "
+                f"dataset's (or cannot be read to compare): {listed} (retrieve with --overwrite to replace them)"
+            )
+        super().__init__(message)
 
 
 async def load_indexes(app: App, pid: str) -> list[Datablock]:
@@ -202,17 +210,26 @@ async def retrieve_members(
 
 async def find_existing(
     app: App, target: Storage, chosen: Sequence[tuple[Datablock, Sequence[Member]]],
-) -> tuple[set[str], list[str]]:
-    """``(identical, conflicts)``: member paths already in ``target`` with the member's checksum,
-    and those there with other contents. Only a file of the member's size is read and hashed."""
+) -> tuple[set[str], list[str], list[str]]:
+    """``(identical, conflicts, blocked)``: member paths already in ``target`` with the member's
+    checksum, those there with other contents, and those taken by something that is not a file
+    (the target's ``stat`` raises :class:`~moverd.NotAFileError`). Only a file of the member's
+    size is read and hashed."""
     identical: set[str] = set()
     conflicts: list[str] = []
+    blocked: list[str] = []
     limiter = anyio.CapacityLimiter(CHECK_CONCURRENCY)
 
     async def one(block: Datablock, m: Member) -> None:
         async with limiter:
             try:
                 info = await target.stat(m.path)
+            except NotFoundError:
+                return
+            except NotAFileError:
+                blocked.append(m.path)
+                return
+            try:
                 if info.size != m.size:
                     conflicts.append(m.path)
                     return
@@ -229,7 +246,7 @@ async def find_existing(
         for block, members in chosen:
             for m in members:
                 tg.start_soon(one, block, m)
-    return identical, conflicts
+    return identical, conflicts, blocked
 
 
 def folders_written(members: Sequence[Member]) -> list[str]:
@@ -266,9 +283,11 @@ async def retrieve_dataset(
     with observed(app, transfer):
         chosen = select_members(await load_indexes(app, pid), files)
         if check_existing:
-            identical, conflicts = await find_existing(app, target, chosen)
+            identical, conflicts, blocked = await find_existing(app, target, chosen)
+            where = target.describe().get("root") or f"storage {target.name!r}"
+            if blocked:
+                raise ExistingFilesError(str(where), blocked, blocked=True)
             if conflicts and not overwrite:
-                where = target.describe().get("root") or f"storage {target.name!r}"
                 raise ExistingFilesError(str(where), conflicts)
             # Every folder of the selection, skipped files' too: an earlier run may have left a
             # temp file next to a file that a later run then completed.

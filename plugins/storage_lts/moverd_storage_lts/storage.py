@@ -20,6 +20,7 @@ import anyio
 import anyio.lowlevel
 
 from moverd import (
+    NotAFileError,
     NotFoundError,
     ObjectInfo,
     OfflineTimeoutError,
@@ -137,7 +138,9 @@ class PosixStorage(Storage):
         except OSError as exc:
             raise map_os_error(exc, path, "stat", self._where) from exc
         if not stat.S_ISREG(st.st_mode):
-            raise NotFoundError(f"{self._where}: {key!r} is not a regular file")
+            # Something stands there: not absent (a retrieve must not count it as free room).
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise NotAFileError(f"{self._where}: {key!r} is {what}, not a file")
         return scan.object_info(key, st)
 
     async def open_reader(
