@@ -488,6 +488,22 @@ class LeanClient:
         return await self.run(self.list_page_blocking, prefix, token, stop, interrupt=stop.fire)
 
 
+def environment_proxy(endpoint_url: str | None, region: str) -> bool:
+    """Would botocore send this endpoint's requests through a proxy of the environment
+    (``HTTP_PROXY``/``HTTPS_PROXY`` for its scheme, unless ``NO_PROXY`` names its host)? It
+    decides with the same standard-library calls. The lean client connects directly, so such a
+    storage reads through aiobotocore instead, which uses the proxy."""
+    import urllib.request
+
+    url = urlsplit(endpoint_url or f"https://s3.{region}.amazonaws.com")
+    try:
+        if urllib.request.proxy_bypass(url.netloc):
+            return False
+    except (TypeError, socket.gaierror):
+        pass
+    return bool(urllib.request.getproxies().get(url.scheme))
+
+
 def _default_ca() -> str | None:
     """botocore's default CA bundle (certifi's), so both paths trust the same servers."""
     try:

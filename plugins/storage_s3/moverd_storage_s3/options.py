@@ -55,10 +55,11 @@ class S3Options(Options):
     create_bucket: bool = False
     """Create the bucket on first use when it is missing: for tests and development setups."""
     fast_get: bool = True
-    """Over plain ``http://`` endpoints with static credentials, read objects (GET), list and stat
-    (HEAD) with moverd's lean client: blocking sockets in worker threads, its own SigV4, bodies
-    received straight into moverd's buffers, no botocore import. False: aiobotocore for every
-    request. TLS endpoints, uploads, deletes and presigning always use aiobotocore."""
+    """Read objects (GET), list and stat (HEAD) with moverd's lean client: urllib3 connections in
+    worker threads, botocore's SigV4 signer and credential chain, bodies received straight into
+    moverd's buffers. False: aiobotocore for every request. Uploads, deletes, restores and
+    presigning always use aiobotocore, and so does everything of a storage whose endpoint a
+    proxy of the environment (``HTTP(S)_PROXY``, not bypassed by ``NO_PROXY``) serves."""
 
     read_limit: int | None = Field(default=None, ge=1)
     """Concurrent datablock reads (LTS_READ_LIMIT) when this storage is the LTS; None: unbounded

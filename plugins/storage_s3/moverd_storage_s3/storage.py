@@ -69,7 +69,12 @@ class S3Storage(S3DirectUploads, Storage):
         self.bucket = options.bucket
         self.prefix = options.prefix
         self.clients = S3Clients(options)
-        self._fast = lean.LeanClient(options) if options.fast_get else None
+        self._fast: lean.LeanClient | None = None
+        if options.fast_get and lean.environment_proxy(options.endpoint_url, options.region):
+            log.info("storage %r: a proxy of the environment (HTTP(S)_PROXY) serves %s: reads, listings and "
+                     "HEADs go through aiobotocore, which uses it", name, options.endpoint_url or "AWS S3")
+        elif options.fast_get:
+            self._fast = lean.LeanClient(options)
         self._bucket_ready = not options.create_bucket
         self.waits = Waits(options.connect_timeout, options.read_timeout, options.max_attempts)
         if options.verification == "auto":
