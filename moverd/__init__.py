@@ -67,7 +67,7 @@ from .storage import (
     read_slot,
     write_slot,
 )
-from .units import ByteSize, Duration, format_size, parse_duration, parse_size
+from .units import ByteSize, Duration, PositiveDuration, format_size, parse_duration, parse_size
 
 __version__ = "0.1.0"
 
@@ -77,8 +77,8 @@ __all__ = [
     "Dataset", "DirectUploads", "Download", "Duration", "FileEntry", "Hasher", "HasherFactory", "Job", "JobDataset",
     "JobOwner", "JobStatus", "JobType", "LifecycleUpdate", "Member", "MissingFileError", "MoverdError",
     "NoSpaceError", "NotAFileError", "NotFoundError", "ObjectInfo", "Observers", "OfflineTimeoutError", "OpenUpload",
-    "Options",
-    "PluginError", "Reader", "RestorePolicy", "RestoreState", "RetrieveStatus", "ServiceError", "Slots",
+    "Options", "PluginError", "PositiveDuration", "Reader", "RestorePolicy", "RestoreState", "RetrieveStatus",
+    "ServiceError", "Slots",
     "SourceChangedError", "Storage", "StorageError", "StorageType", "Transfer", "UnknownDatasetError",
     "UnknownJobError", "UnsafePathError", "UploadedPart", "UserError", "VerificationError", "Writer", "format_size",
     "hookimpl", "join_key", "parse_duration", "parse_size", "path_safe_id", "read_secret_file", "read_slot",

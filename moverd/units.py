@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, Field
 
 _UNITS = {
     "": 1, "b": 1,
@@ -74,3 +74,7 @@ def parse_duration(value: str | float | int) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """A pydantic field type: seconds, from a number or a string such as ``"5m"``."""
+
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+"""A :data:`Duration` that must be more than zero: timeouts and poll intervals, where 0 would
+mean never waiting or spinning."""

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from moverd import Duration, Options, read_secret_file
+from moverd import Duration, Options, PositiveDuration, read_secret_file
 
 
 def _prefix(value: str) -> str:
@@ -34,11 +34,11 @@ class SciCatOptions(Options):
     """The archiver's SciCat account (also as ``username_file``)."""
     password: SecretStr
     """Its password (also as ``password_file``)."""
-    timeout: Duration = 30.0
+    timeout: PositiveDuration = 30.0
     """Longest wait for the next bytes of an answer, or to send the next bytes of a request."""
-    connect_timeout: Duration = 10.0
+    connect_timeout: PositiveDuration = 10.0
     """Longest wait for a connection to ``url``."""
-    request_timeout: Duration = 120.0
+    request_timeout: PositiveDuration = 120.0
     """Longest one call may take, its retries and a re-login included: ``max_attempts`` waits of
     ``timeout`` on a silent server would otherwise add up to several minutes."""
     max_attempts: int = Field(default=6, ge=1)
@@ -64,13 +64,6 @@ class SciCatOptions(Options):
                     raise ValueError("give either username or username_file, not both")
                 data["username"] = read_secret_file(path, "username_file").get_secret_value()
         return data
-
-    @field_validator("timeout", "connect_timeout", "request_timeout")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than 0")
-        return value
 
     @field_validator("url")
     @classmethod

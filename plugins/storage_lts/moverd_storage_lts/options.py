@@ -8,13 +8,10 @@ recall should make a transfer wait rather than fail, yet never hang it forever.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from moverd import ByteSize, Duration, Options
-
-PositiveDuration = Annotated[Duration, Field(gt=0)]
+from moverd import ByteSize, Duration, Options, PositiveDuration
 
 
 class PosixOptions(Options):

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from moverd import ByteSize, Duration, Options, UnsafePathError, safe_key
+from moverd import ByteSize, Duration, Options, PositiveDuration, UnsafePathError, safe_key
 
 MIB = 1024**2
 MIN_PART_SIZE = 5 * MIB
@@ -43,11 +43,11 @@ class S3Options(Options):
     part_size: ByteSize = 16 * MIB
     upload_concurrency: int = Field(default=4, ge=1, le=64)
     max_attempts: int = Field(default=8, ge=1, le=50)
-    connect_timeout: Duration = 10.0
+    connect_timeout: PositiveDuration = 10.0
     """Longest wait for a TCP connection to the endpoint."""
-    read_timeout: Duration = 30.0
+    read_timeout: PositiveDuration = 30.0
     """Longest wait for the next bytes of an answer (its head, or more of its body)."""
-    request_timeout: Duration = 120.0
+    request_timeout: PositiveDuration = 120.0
     """Longest one request may take, its retries included (for an upload: sending the part too);
     a body that breaks is resumed within this much time. It is what bounds a silent endpoint:
     ``max_attempts`` waits of ``read_timeout`` would otherwise add up to many minutes."""
@@ -94,10 +94,10 @@ class S3Options(Options):
     restore_timeout: Duration = 12 * 3600.0
     """Longest a retrieval waits for a datablock's restore; then it fails (a system error) and a
     later run resumes the wait without requesting the restore again."""
-    restore_poll: Duration = 5.0
+    restore_poll: PositiveDuration = 5.0
     """First wait between two looks at a restore's progress (HEAD); it doubles up to
     ``restore_poll_max``."""
-    restore_poll_max: Duration = 300.0
+    restore_poll_max: PositiveDuration = 300.0
 
     @field_validator("endpoint_url", "external_endpoint_url")
     @classmethod
@@ -123,13 +123,6 @@ class S3Options(Options):
             raise ValueError(f"must be at least 5 MiB ({MIN_PART_SIZE} bytes): S3 refuses smaller parts")
         if value > MAX_PART_SIZE:
             raise ValueError(f"must be at most 5 GiB ({MAX_PART_SIZE} bytes): S3 refuses bigger parts")
-        return value
-
-    @field_validator("connect_timeout", "read_timeout", "request_timeout", "restore_poll", "restore_poll_max")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than 0")
         return value
 
     @field_validator("ca_bundle")
