@@ -103,7 +103,11 @@ def run(fn: Callable[[App], Awaitable[T]], config: Path | None) -> T:
 
     # Everything imported so far lives as long as the process: keep the garbage collector from
     # walking it again and again while a transfer allocates (a few percent of a big archive).
+    # A command's objects mostly die young, by reference count: collecting the young generation
+    # every 20,000 allocations rather than 700 leaves it ~70 collections fewer per GiB of 2 MiB
+    # files (20-50 ms of the event loop's thread), and holds at most that many objects longer.
     gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     try:
         return anyio.run(main)
     except MoverdError as exc:
