@@ -306,6 +306,36 @@ async def test_keys_are_checked_against_the_dataset(env: Env) -> None:
     assert r.status_code == 409  # no upload requested for it
 
 
+async def test_presigned_puts_signs_a_batch_checked_like_single_files(env: Env) -> None:
+    files = {f"f{i}.bin": bytes([i]) * (1000 + i) for i in range(5)}
+    pid = env.scicat.add_dataset([(p, len(d)) for p, d in files.items()], owner_group=GROUP, lifecycle=UPLOADING)
+    other = env.scicat.add_dataset([("a", 1)], owner_group=GROUP, lifecycle=UPLOADING)
+    auth = env.token()
+    names = [landing_key(pid, p) for p in files]
+    r = await env.api.post("/s3/presignedPuts", json={"dataset_id": pid, "object_names": names}, headers=auth)
+    assert r.status_code == 409  # no upload requested yet
+    await env.api.post("/s3/requestDatasetUpload", json={"dataset_id": pid, "dataset_size_gib": 0}, headers=auth)
+    # one bad name refuses the whole batch, and no URL is handed out
+    for bad in (landing_key(other, "a"), landing_key(pid, "../../x/a"), landing_key(pid, "a\x00b")):
+        r = await env.api.post("/s3/presignedPuts", json={"dataset_id": pid, "object_names": [*names, bad]},
+                               headers=auth)
+        assert r.status_code == 422 and r.json()["details"], (bad, r.text)
+        assert "urls" not in r.json()
+    r = await env.api.post("/s3/presignedPuts", json={"dataset_id": pid, "object_names": []}, headers=auth)
+    assert r.status_code == 422
+    r = await env.api.post("/s3/presignedPuts", json={"dataset_id": pid, "object_names": names},
+                           headers=env.token(groups=["/elsewhere"]))
+    assert r.status_code == 403
+    r = await env.api.post("/s3/presignedPuts", json={"dataset_id": pid, "object_names": names}, headers=auth)
+    assert r.status_code == 201, r.text
+    urls = r.json()["urls"]
+    assert len(urls) == len(names)
+    for url, data in zip(urls, files.values(), strict=True):  # in the order asked: each URL writes its own key
+        resp = await put(url, data)
+        assert resp.status_code == 200, resp.text
+    assert env.objects() == {landing_key(pid, p): len(d) for p, d in files.items()}
+
+
 async def test_small_parts_except_the_last_are_refused(env: Env) -> None:
     pid = env.scicat.add_dataset([("f", 3 * MIB)], owner_group=GROUP, lifecycle=UPLOADING)
     auth = env.token()

@@ -29,6 +29,8 @@ from .models import (
     FinalizeDatasetUploadBody,
     FinalizeDatasetUploadResp,
     OpenUploadState,
+    PresignedPutsBody,
+    PresignedPutsResp,
     PresignedUrlBody,
     PresignedUrlResp,
     StoredObject,
@@ -59,6 +61,10 @@ def _responses(*extra: int) -> dict[int | str, dict[str, Any]]:
     for status in extra:
         out[status] = {"model": RefusalBody}
     return out
+
+
+def _b64(url: str) -> str:
+    return base64.b64encode(url.encode()).decode()
 
 
 def install_error_handler(api: FastAPI) -> None:
@@ -108,7 +114,16 @@ def ingest_router(root: str, ingest: Callable[[], Ingest], principal: Callable[.
         ``x-amz-checksum-sha256`` with every PUT, and ``x-amz-storage-class`` when configured."""
         upload_id, urls = await ingest().presigned_urls(body.dataset_id, body.object_name, body.parts, who,
                                                         body.upload_id)
-        return PresignedUrlResp(upload_id=upload_id, urls=[base64.b64encode(u.encode()).decode() for u in urls])
+        return PresignedUrlResp(upload_id=upload_id, urls=[_b64(u) for u in urls])
+
+    @router.post("/s3/presignedPuts", status_code=201, response_model=PresignedPutsResp,
+                 responses=_responses(404, 409))
+    async def presigned_puts(body: PresignedPutsBody, who: Who) -> PresignedPutsResp:
+        """moverd's own (the reference asks once per file): a presigned single PUT for each of up
+        to 1,000 objects of one dataset, in the order asked, as ``presignedUrls`` with
+        ``parts = 1`` gives for one. The dataset, groups and reservation are checked once."""
+        urls = await ingest().presigned_puts(body.dataset_id, body.object_names, who)
+        return PresignedPutsResp(urls=[_b64(u) for u in urls])
 
     @router.post("/s3/completeUpload", status_code=201, response_model=CompleteUploadResp,
                  responses=_responses())
