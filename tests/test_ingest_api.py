@@ -562,6 +562,40 @@ async def test_a_failing_landing_storage_is_a_500_with_details(
             proxy.clear()
 
 
+async def test_unexpected_exceptions_are_json_500s_with_details(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a StorageError or CatalogError: an exception of a type no route expects (a bug, a
+    library's surprise) from the landing storage or the catalog is still JSON with ``details``."""
+    pid = env.scicat.add_dataset([("big", 2 * CHUNK)], owner_group=GROUP, lifecycle=UPLOADING)
+    auth = env.token()
+    r = await env.api.post("/s3/requestDatasetUpload", json={"dataset_id": pid, "dataset_size_gib": 0}, headers=auth)
+    assert r.status_code == 201
+
+    async def broken_storage(*args: Any, **kwargs: Any) -> str:
+        raise KeyError("UploadId")
+
+    async def broken_catalog(*args: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(env.ingest.landing, "create_upload", broken_storage)
+    r = await env.api.post("/s3/presignedUrls", headers=auth, json={
+        "dataset_id": pid, "object_name": landing_key(pid, "big"), "parts": 2})
+    assert r.status_code == 500 and r.headers["content-type"].startswith("application/json"), r.text
+    assert r.json()["message"] and "KeyError" in r.json()["details"] and "UploadId" in r.json()["details"]
+    monkeypatch.setattr(env.app.catalog, "list_files", broken_catalog)
+    r = await env.api.post("/s3/finalizeDatasetUpload", headers=auth, json={
+        "dataset_id": pid, "create_archiving_job": False, "owner_group": GROUP, "owner_user": "o",
+        "contact_email": "o@example.org"})
+    assert r.status_code == 500 and r.headers["content-type"].startswith("application/json"), r.text
+    assert "ZeroDivisionError" in r.json()["details"]
+    # refusals keep their own status and body
+    r = await env.api.post("/s3/presignedUrls", headers=auth, json={
+        "dataset_id": pid, "object_name": "elsewhere/big", "parts": 2})
+    assert r.status_code == 422 and "not under" in r.json()["details"]
+    r = await env.api.post("/s3/presignedUrls", headers={}, json={
+        "dataset_id": pid, "object_name": landing_key(pid, "big"), "parts": 2})
+    assert r.status_code == 401
+
+
 async def test_concurrent_finalizes_make_one_job(env: Env) -> None:
     pid = env.scicat.add_dataset([("a", 10)], owner_group=GROUP, lifecycle=UPLOADING)
     auth = env.token()

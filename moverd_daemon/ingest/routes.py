@@ -8,11 +8,14 @@ as the client decodes them.
 
 
 import base64
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.responses import Response
 
 from moverd import JobOwner, UploadedPart
 
@@ -45,6 +48,7 @@ from .service import Ingest, IngestError
 from .tokens import TokenExchange
 
 TAG = "upload"
+log = logging.getLogger(__name__)
 
 
 class RefusalBody(ErrorBody):
@@ -73,10 +77,41 @@ def install_error_handler(api: FastAPI) -> None:
         return JSONResponse(exc.body(), status_code=exc.status)
 
 
+_ANY = (Exception, BaseException, object)
+"""Classes in every exception's MRO: a handler of these is no sign the app expects the exception."""
+
+
+class JsonErrorRoute(APIRoute):
+    """An upload route whose every failure is JSON with ``message`` and ``details``: the
+    facility's client dereferences ``details`` of any 500, and Starlette's own answer to an
+    unexpected exception (a bug, a library's surprise) is plain text. Exceptions that the app
+    has a handler for (refusals, validation, authentication) keep theirs."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        path = self.path
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except IngestError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
+            except Exception as exc:
+                handlers = getattr(request.app, "exception_handlers", {})
+                if any(cls in handlers for cls in type(exc).__mro__ if cls not in _ANY):
+                    raise
+                log.exception("POST %s failed", path)
+                error = IngestError(500, "Internal server error",
+                                    f"{type(exc).__name__}: {exc} (see the daemon's log)")
+                return JSONResponse(error.body(), status_code=500)
+
+        return route
+
+
 def ingest_router(root: str, ingest: Callable[[], Ingest], principal: Callable[..., Awaitable[Principal]],
                   tokens: TokenExchange | None = None) -> APIRouter:
     """The routes under ``root``; ``ingest`` gives the service (built once the app is ready)."""
-    router = APIRouter(prefix=root, tags=[TAG])
+    router = APIRouter(prefix=root, tags=[TAG], route_class=JsonErrorRoute)
     Who = Annotated[Principal, Depends(principal)]  # noqa: N806 - a type alias
 
     @router.post("/token", status_code=201, response_model=CreateServiceTokenResp, response_model_by_alias=True,
