@@ -223,3 +223,50 @@ async def test_landing_zone_in_glacier_is_restored_before_it_is_read(facility: F
     assert len(restores) == len(files)
     assert {s for k, s in seen.events} == {"requested", "available"}
     assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "datasetOnArchiveDisk"
+
+
+async def test_a_resumed_archive_restores_only_the_files_it_still_reads(
+    facility: Facility, s3_fault_proxy: FaultProxy,
+) -> None:
+    """A cold landing zone (``restore_reads``) whose restored copies expired before a resume (a
+    retry days later): the resume restores the files of the datablock it still writes, none of
+    those of the datablocks an earlier attempt registered."""
+    from urllib.parse import unquote
+
+    from moverd.planner import plan_datablocks
+    from moverd.services.archive import archive_dataset
+    from tests.support.facility import LANDING_PREFIX
+
+    files = dataset_files(48, n=4)
+    pid = facility.add_dataset(files, upload=False)
+    prefix = LANDING_PREFIX.format(pid=pid)
+    client = facility.s3.client()
+
+    def in_glacier() -> None:
+        for path, data in files.items():
+            client.put_object(Bucket=facility.landing_bucket, Key=f"{prefix}/{path}", Body=data,
+                              StorageClass="GLACIER")
+
+    in_glacier()
+    storages = facility.settings_dict()["storages"]
+    facility.overrides["storages"] = {**storages, "landing": {
+        **storages["landing"], "endpoint_url": s3_fault_proxy.url, "restore_reads": True, **FAST}}
+
+    def restored_since(mark: int) -> list[str]:
+        return sorted(unquote(t.split("?")[0]).removeprefix(f"/{facility.landing_bucket}/{prefix}/")
+                      for t in restore_requests(s3_fault_proxy)[mark:])
+
+    async with facility.app() as app:
+        landing = app.storage("landing")
+        plans = plan_datablocks(pid, await app.catalog.list_files(pid), app.settings.pipeline.target_size)
+        assert len(plans) >= 2
+        earlier = [f for plan in plans[:-1] for f in plan.files]  # an attempt that got this far
+        await archive_dataset(app, pid, source=landing, prefix=prefix, files=earlier)
+        assert restored_since(0) == sorted(f.path for f in earlier)
+        assert len(facility.scicat.datablocks(pid)) == len(plans) - 1
+        in_glacier()  # the restored copies expired
+        mark = len(restore_requests(s3_fault_proxy))
+        res = await archive_dataset(app, pid, source=landing, prefix=prefix)
+    assert restored_since(mark) == sorted(f.path for f in plans[-1].files)
+    assert (res.reused, res.written) == (len(plans) - 1, 1)
+    assert len(facility.scicat.datablocks(pid)) == len(plans)
