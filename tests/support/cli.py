@@ -48,7 +48,7 @@ def moverd_peak_rss(args: list[str], env: dict[str, str], *, timeout: float = 18
         proc = subprocess.Popen(MOVERD + args, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True)
         deadline = time.monotonic() + timeout
         while proc.poll() is None:
-            peak = max(peak, _hwm(proc.pid))
+            peak = max(peak, vm_hwm(proc.pid))
             if time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
@@ -60,7 +60,8 @@ def moverd_peak_rss(args: list[str], env: dict[str, str], *, timeout: float = 18
     return done, peak
 
 
-def _hwm(pid: int) -> int:
+def vm_hwm(pid: int) -> int:
+    """The peak resident set of process ``pid`` so far, in bytes (0 once it is gone)."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
