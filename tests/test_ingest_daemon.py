@@ -187,7 +187,7 @@ def test_the_references_job_route_is_served_too(served: Served) -> None:
     # the dataset has nothing in the landing zone: the job runs and ends, whatever its outcome
     wait_for(lambda: scicat.job(job_id)["statusCode"].startswith("finished"), 60, what="the job to run")
     spec = httpx.get(f"{served.daemon.url}/openapi.json", headers={"Authorization": f"Bearer {token}"}).json()
-    assert {"/archiver/api/v1/archiver/jobs", "/archiver/api/v1/s3/completeUpload",
+    assert {"/archiver/api/v1/archiver/jobs", "/archiver/api/v1/s3/completeUpload", "/archiver/api/v1/s3/presignedPuts",
             "/archiver/api/v1/token"} <= set(spec["paths"])
 
 
