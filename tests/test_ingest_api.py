@@ -464,6 +464,43 @@ async def test_concurrent_requests_cannot_over_commit(env: Env) -> None:
     assert sum(r.bytes for r in await env.state.reservations()) == 3 * GIB
 
 
+async def test_one_listing_serves_grants_until_a_reservation_ends(
+        tmp_path: Path, s3_server: S3Server, s3_options: dict[str, Any], scicat: SciCatServer,
+        jwks: JWKSServer) -> None:
+    """Grants in a row share one listing of the landing zone; a refusal is decided on a fresh one,
+    and so is any grant after a reservation ended (its bytes uploaded since the listing would
+    drop out of the count unseen: an over-commit)."""
+    a, b, c = (scicat.add_dataset([("f", MIB)], owner_group=GROUP, lifecycle=UPLOADING) for _ in range(3))
+    bucket = s3_options["bucket"]
+
+    def listings() -> int:
+        log = s3_server.log_path.read_text(errors="replace")
+        return sum(1 for line in log.splitlines() if f'"GET /{bucket}?' in line and "list-type=2" in line)
+
+    async for env in build(tmp_path, s3_server, s3_options, scicat, jwks, landing_space="2GiB"):
+        auth = env.token()
+
+        async def ask(pid: str, env: Env = env, auth: dict[str, str] = auth) -> int:
+            r = await env.api.post("/s3/requestDatasetUpload", json={"dataset_id": pid, "dataset_size_gib": 0},
+                                   headers=auth)
+            return r.status_code
+
+        assert await ask(a) == 201
+        mark = listings()
+        assert await ask(b) == 201
+        assert listings() == mark  # the first grant's listing served
+        assert await ask(c) == 507  # 2 GiB of 2 GiB reserved
+        assert listings() == mark + 1  # refused on a fresh listing
+        r = await env.api.post("/s3/presignedPuts", json={"dataset_id": a, "object_names": [landing_key(a, "f")]},
+                               headers=auth)
+        assert (await put(r.json()["urls"][0], b"f" * MIB)).status_code == 200
+        with sqlite3.connect(tmp_path / "ingest.sqlite") as db:  # a's reservation ends; its MiB stays
+            db.execute("UPDATE reservations SET expires = 0 WHERE pid = ?", (a,))
+        # b's GiB, c's GiB and a's MiB do not fit in 2 GiB: on the earlier listing (nothing stored) they would
+        assert await ask(c) == 507
+        assert listings() == mark + 2
+
+
 async def test_reservations_survive_a_restart_and_expire(tmp_path: Path, s3_server: S3Server,
                                                          s3_options: dict[str, Any], scicat: SciCatServer,
                                                          jwks: JWKSServer) -> None:
