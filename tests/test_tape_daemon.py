@@ -17,7 +17,7 @@ from tests.support.daemon import Daemon, wait_for
 from tests.support.facility import Facility, dataset_files
 from tests.support.faultproxy import FaultProxy
 from tests.test_tape_archive import tape_lts
-from tests.test_tape_retrieve import FAST, ONGOING, restore_requests
+from tests.test_tape_retrieve import FAST, ONGOING, ColdLanding, restore_requests
 
 
 def job_view(daemon: Daemon, job_id: str) -> dict[str, Any]:
@@ -102,45 +102,23 @@ def test_a_resumed_archive_from_a_cold_landing_zone_restores_only_what_it_still_
     after an earlier attempt registered all datablocks but the last and the restored copies
     expired: it restores the last datablock's files only; killed with SIGKILL while it waits,
     the restarted daemon resumes the job and requests no restore again."""
-    from urllib.parse import unquote
-
     import anyio
 
-    from moverd.planner import plan_datablocks
-    from moverd.services.archive import archive_dataset
-    from tests.support.facility import LANDING_PREFIX
-
-    files = dataset_files(62, n=4)
-    pid = facility.add_dataset(files, upload=False)
-    prefix = LANDING_PREFIX.format(pid=pid)
-    client = facility.s3.client()
-
-    def in_glacier() -> None:
-        for path, data in files.items():
-            client.put_object(Bucket=facility.landing_bucket, Key=f"{prefix}/{path}", Body=data,
-                              StorageClass="GLACIER")
-
-    in_glacier()
-    storages = facility.settings_dict()["storages"]
-    facility.overrides["storages"] = {**storages, "landing": {
-        **storages["landing"], "endpoint_url": s3_fault_proxy.url, "restore_reads": True,
-        **{**FAST, "restore_timeout": 300}}}
+    cold = ColdLanding(facility, s3_fault_proxy, 62, restore_timeout=300)
+    pid = cold.pid
 
     async def earlier_attempt() -> list[str]:
         async with facility.app() as app:
-            plans = plan_datablocks(pid, await app.catalog.list_files(pid), app.settings.pipeline.target_size)
-            await archive_dataset(app, pid, source=app.storage("landing"), prefix=prefix,
-                                  files=[f for plan in plans[:-1] for f in plan.files])
+            plans = await cold.archive_all_but_the_last_datablock(app)
         return sorted(f.path for f in plans[-1].files)
 
     still_to_read = anyio.run(earlier_attempt)
     n_blocks = len(facility.scicat.datablocks(pid)) + 1
-    in_glacier()  # the restored copies expired
+    cold.in_glacier()  # the restored copies expired
     mark = len(restore_requests(s3_fault_proxy))
 
     def restored() -> list[str]:
-        return sorted(unquote(t.split("?")[0]).removeprefix(f"/{facility.landing_bucket}/{prefix}/")
-                      for t in restore_requests(s3_fault_proxy)[mark:])
+        return cold.restored_since(mark)
 
     s3_fault_proxy.rewrite_header("x-amz-restore", ONGOING, method="HEAD")
     job_id = facility.scicat.add_job("archive", [pid])
