@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.cli import vm_hwm
+
 
 @dataclass
 class Measured:
@@ -43,17 +45,6 @@ SERVER_PID: int | None = None
 """Set by the bench once its S3 server runs."""
 
 
-def _hwm(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 def _cpu_of(pid: int | None) -> float | None:
     if pid is None:
         return None
@@ -78,7 +69,7 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            peak = max(peak, _hwm(proc.pid))
+            peak = max(peak, vm_hwm(proc.pid))
             time.sleep(poll)
         seconds = time.perf_counter() - t0
     server1 = _cpu_of(SERVER_PID)

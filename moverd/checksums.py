@@ -7,6 +7,9 @@ fastest one available (xxh3-128), leaving the CPU to md5.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -62,3 +65,20 @@ def update_many(pairs: Sequence[tuple[Hasher, bytes | memoryview]]) -> None:
     else:
         for hasher, data in pairs:
             hasher.update(data)
+
+
+def composite_sha256(part_checksums: list[str]) -> str:
+    """S3's composite checksum of a multipart upload: SHA-256 over the parts' raw digests, in
+    part order, base64 (without the ``-N`` suffix S3 adds). Here, not in the daemon, so that
+    ``moverd upload`` and the upload API share it without the client importing the daemon.
+    A value that is not a base64 SHA-256 is a ValueError."""
+    h = hashlib.sha256()
+    for value in part_checksums:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(f"{value!r} is not a base64 SHA-256 checksum")
+        h.update(raw)
+    return base64.b64encode(h.digest()).decode()

@@ -306,6 +306,64 @@ async def test_keys_are_checked_against_the_dataset(env: Env) -> None:
     assert r.status_code == 409  # no upload requested for it
 
 
+async def test_presigned_puts_signs_a_batch_checked_like_single_files(env: Env) -> None:
+    files = {f"f{i}.bin": bytes([i]) * (1000 + i) for i in range(5)}
+    pid = env.scicat.add_dataset([(p, len(d)) for p, d in files.items()], owner_group=GROUP, lifecycle=UPLOADING)
+    other = env.scicat.add_dataset([("a", 1)], owner_group=GROUP, lifecycle=UPLOADING)
+    auth = env.token()
+    names = [landing_key(pid, p) for p in files]
+    r = await env.api.post("/s3/presignedPuts", json={"dataset_id": pid, "object_names": names}, headers=auth)
+    assert r.status_code == 409  # no upload requested yet
+    await env.api.post("/s3/requestDatasetUpload", json={"dataset_id": pid, "dataset_size_gib": 0}, headers=auth)
+    # one bad name refuses the whole batch, and no URL is handed out
+    for bad in (landing_key(other, "a"), landing_key(pid, "../../x/a"), landing_key(pid, "a\x00b")):
+        r = await env.api.post("/s3/presignedPuts", json={"dataset_id": pid, "object_names": [*names, bad]},
+                               headers=auth)
+        assert r.status_code == 422 and r.json()["details"], (bad, r.text)
+        assert "urls" not in r.json()
+    r = await env.api.post("/s3/presignedPuts", json={"dataset_id": pid, "object_names": []}, headers=auth)
+    assert r.status_code == 422
+    r = await env.api.post("/s3/presignedPuts", json={"dataset_id": pid, "object_names": names},
+                           headers=env.token(groups=["/elsewhere"]))
+    assert r.status_code == 403
+    r = await env.api.post("/s3/presignedPuts", json={"dataset_id": pid, "object_names": names}, headers=auth)
+    assert r.status_code == 201, r.text
+    urls = r.json()["urls"]
+    assert len(urls) == len(names)
+    for url, data in zip(urls, files.values(), strict=True):  # in the order asked: each URL writes its own key
+        resp = await put(url, data)
+        assert resp.status_code == 200, resp.text
+    assert env.objects() == {landing_key(pid, p): len(d) for p, d in files.items()}
+
+
+async def test_single_put_urls_are_the_ones_botocore_signs(env: Env) -> None:
+    """The landing storage signs single PUTs without botocore's per-URL endpoint rules: its URLs
+    are botocore's own, byte for byte (made in the same second, so with the same date), for
+    keys that need quoting and with a storage class signed in, and S3 takes them."""
+    import time
+    from datetime import timedelta
+
+    landing: Any = env.ingest.landing
+    signer = await landing.clients.presigner()
+    pid = env.scicat.add_dataset([("a", 1)], owner_group=GROUP, lifecycle=UPLOADING)
+    for headers in ({}, {"x-amz-storage-class": "GLACIER"}):
+        for key in (f"{pid}/a b/ünï名前+%.json", f"{pid}/x~y/z=1&q"):
+            while True:
+                second = int(time.time())
+                ours = await landing.presign_put(key, timedelta(hours=1), headers=headers)
+                params = {"Bucket": env.bucket, "Key": landing.client_key(key),
+                          **({"StorageClass": "GLACIER"} if headers else {})}
+                theirs = await signer.generate_presigned_url("put_object", Params=params, ExpiresIn=3600)
+                if int(time.time()) == second:
+                    break
+            assert ours == theirs
+        assert any(v is not None and k != "client" for k, v in landing._put_signers.items())  # the lighter one
+    url = await landing.presign_put(f"{pid}/a b/ünï名前+%.json", timedelta(hours=1), headers={})
+    resp = await put(base64.b64encode(url.encode()).decode(), b"x")
+    assert resp.status_code == 200, resp.text
+    assert env.objects() == {landing.client_key(f"{pid}/a b/ünï名前+%.json"): 1}
+
+
 async def test_small_parts_except_the_last_are_refused(env: Env) -> None:
     pid = env.scicat.add_dataset([("f", 3 * MIB)], owner_group=GROUP, lifecycle=UPLOADING)
     auth = env.token()
@@ -404,6 +462,43 @@ async def test_concurrent_requests_cannot_over_commit(env: Env) -> None:
             tg.start_soon(ask, pid)
     assert sorted(statuses) == [201, 201, 201, 507, 507, 507]  # 3 GiB: three reservations of 1 GiB
     assert sum(r.bytes for r in await env.state.reservations()) == 3 * GIB
+
+
+async def test_one_listing_serves_grants_until_a_reservation_ends(
+        tmp_path: Path, s3_server: S3Server, s3_options: dict[str, Any], scicat: SciCatServer,
+        jwks: JWKSServer) -> None:
+    """Grants in a row share one listing of the landing zone; a refusal is decided on a fresh one,
+    and so is any grant after a reservation ended (its bytes uploaded since the listing would
+    drop out of the count unseen: an over-commit)."""
+    a, b, c = (scicat.add_dataset([("f", MIB)], owner_group=GROUP, lifecycle=UPLOADING) for _ in range(3))
+    bucket = s3_options["bucket"]
+
+    def listings() -> int:
+        log = s3_server.log_path.read_text(errors="replace")
+        return sum(1 for line in log.splitlines() if f'"GET /{bucket}?' in line and "list-type=2" in line)
+
+    async for env in build(tmp_path, s3_server, s3_options, scicat, jwks, landing_space="2GiB"):
+        auth = env.token()
+
+        async def ask(pid: str, env: Env = env, auth: dict[str, str] = auth) -> int:
+            r = await env.api.post("/s3/requestDatasetUpload", json={"dataset_id": pid, "dataset_size_gib": 0},
+                                   headers=auth)
+            return r.status_code
+
+        assert await ask(a) == 201
+        mark = listings()
+        assert await ask(b) == 201
+        assert listings() == mark  # the first grant's listing served
+        assert await ask(c) == 507  # 2 GiB of 2 GiB reserved
+        assert listings() == mark + 1  # refused on a fresh listing
+        r = await env.api.post("/s3/presignedPuts", json={"dataset_id": a, "object_names": [landing_key(a, "f")]},
+                               headers=auth)
+        assert (await put(r.json()["urls"][0], b"f" * MIB)).status_code == 200
+        with sqlite3.connect(tmp_path / "ingest.sqlite") as db:  # a's reservation ends; its MiB stays
+            db.execute("UPDATE reservations SET expires = 0 WHERE pid = ?", (a,))
+        # b's GiB, c's GiB and a's MiB do not fit in 2 GiB: on the earlier listing (nothing stored) they would
+        assert await ask(c) == 507
+        assert listings() == mark + 2
 
 
 async def test_reservations_survive_a_restart_and_expire(tmp_path: Path, s3_server: S3Server,
@@ -530,6 +625,40 @@ async def test_a_failing_landing_storage_is_a_500_with_details(
             assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
             assert r.json()["message"] == "Failed to get presigned urls" and "InternalError" in r.json()["details"]
             proxy.clear()
+
+
+async def test_unexpected_exceptions_are_json_500s_with_details(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a StorageError or CatalogError: an exception of a type no route expects (a bug, a
+    library's surprise) from the landing storage or the catalog is still JSON with ``details``."""
+    pid = env.scicat.add_dataset([("big", 2 * CHUNK)], owner_group=GROUP, lifecycle=UPLOADING)
+    auth = env.token()
+    r = await env.api.post("/s3/requestDatasetUpload", json={"dataset_id": pid, "dataset_size_gib": 0}, headers=auth)
+    assert r.status_code == 201
+
+    async def broken_storage(*args: Any, **kwargs: Any) -> str:
+        raise KeyError("UploadId")
+
+    async def broken_catalog(*args: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(env.ingest.landing, "create_upload", broken_storage)
+    r = await env.api.post("/s3/presignedUrls", headers=auth, json={
+        "dataset_id": pid, "object_name": landing_key(pid, "big"), "parts": 2})
+    assert r.status_code == 500 and r.headers["content-type"].startswith("application/json"), r.text
+    assert r.json()["message"] and "KeyError" in r.json()["details"] and "UploadId" in r.json()["details"]
+    monkeypatch.setattr(env.app.catalog, "list_files", broken_catalog)
+    r = await env.api.post("/s3/finalizeDatasetUpload", headers=auth, json={
+        "dataset_id": pid, "create_archiving_job": False, "owner_group": GROUP, "owner_user": "o",
+        "contact_email": "o@example.org"})
+    assert r.status_code == 500 and r.headers["content-type"].startswith("application/json"), r.text
+    assert "ZeroDivisionError" in r.json()["details"]
+    # refusals keep their own status and body
+    r = await env.api.post("/s3/presignedUrls", headers=auth, json={
+        "dataset_id": pid, "object_name": "elsewhere/big", "parts": 2})
+    assert r.status_code == 422 and "not under" in r.json()["details"]
+    r = await env.api.post("/s3/presignedUrls", headers={}, json={
+        "dataset_id": pid, "object_name": landing_key(pid, "big"), "parts": 2})
+    assert r.status_code == 401
 
 
 async def test_concurrent_finalizes_make_one_job(env: Env) -> None:

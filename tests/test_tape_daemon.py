@@ -17,7 +17,7 @@ from tests.support.daemon import Daemon, wait_for
 from tests.support.facility import Facility, dataset_files
 from tests.support.faultproxy import FaultProxy
 from tests.test_tape_archive import tape_lts
-from tests.test_tape_retrieve import FAST, ONGOING, restore_requests
+from tests.test_tape_retrieve import FAST, ONGOING, ColdLanding, restore_requests
 
 
 def job_view(daemon: Daemon, job_id: str) -> dict[str, Any]:
@@ -93,3 +93,55 @@ def test_sigkill_mid_wait_then_restart_resumes_the_wait(
     assert len(restore_requests(s3_fault_proxy)) == n_blocks  # nothing requested twice
     for entry in facility.scicat.job(job_id)["jobResultObject"]["result"]:
         assert httpx.get(entry["url"]).status_code == 200
+
+
+def test_a_resumed_archive_from_a_cold_landing_zone_restores_only_what_it_still_reads(
+    facility: Facility, s3_fault_proxy: FaultProxy, prefect_db_template: Path,
+) -> None:
+    """An archive job on ``moverd serve`` from a landing zone in GLACIER (``restore_reads``),
+    after an earlier attempt registered all datablocks but the last and the restored copies
+    expired: it restores the last datablock's files only; killed with SIGKILL while it waits,
+    the restarted daemon resumes the job and requests no restore again."""
+    import anyio
+
+    cold = ColdLanding(facility, s3_fault_proxy, 62, restore_timeout=300)
+    pid = cold.pid
+
+    async def earlier_attempt() -> list[str]:
+        async with facility.app() as app:
+            plans = await cold.archive_all_but_the_last_datablock(app)
+        return sorted(f.path for f in plans[-1].files)
+
+    still_to_read = anyio.run(earlier_attempt)
+    n_blocks = len(facility.scicat.datablocks(pid)) + 1
+    cold.in_glacier()  # the restored copies expired
+    mark = len(restore_requests(s3_fault_proxy))
+
+    def restored() -> list[str]:
+        return cold.restored_since(mark)
+
+    s3_fault_proxy.rewrite_header("x-amz-restore", ONGOING, method="HEAD")
+    job_id = facility.scicat.add_job("archive", [pid])
+    daemon = Daemon.create(facility.tmp, facility.settings_dict(), template=prefect_db_template, name="cold")
+    daemon.start().wait_ready()
+    try:
+        accepted = httpx.post(f"{daemon.url}/jobs", json={"id": job_id, "type": "archive"}, timeout=30)
+        assert accepted.status_code == 201, accepted.text
+        wait_for(lambda: ((job_view(daemon, job_id).get("progress") or {}).get("restores") or {})
+                 .get("in_progress") == len(still_to_read), 120, 0.1, "the restores to show as in progress")
+        assert restored() == still_to_read
+    finally:
+        daemon.stop(signal.SIGKILL)
+
+    daemon.start().wait_ready()
+    try:
+        wait_for(lambda: "resuming archive job" in daemon.log(200_000), 60, 0.2, "the job to resume")
+        s3_fault_proxy.stop_rewriting("x-amz-restore")
+        view = wait_for(lambda: str((v := job_view(daemon, job_id))["status"]).startswith("finished") and v, 180,
+                        0.5, "the resumed job")
+        assert view["status"] == "finishedSuccessful", view
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert restored() == still_to_read  # nothing requested twice, none of the registered blocks' files
+    assert len(facility.scicat.datablocks(pid)) == n_blocks
+    assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "datasetOnArchiveDisk"

@@ -17,6 +17,7 @@ import pytest
 from moverd import hookimpl
 from moverd.app import App
 from moverd.events import Transfer
+from moverd.planner import DatablockPlan
 from moverd.services.jobs import JobOutcome, run_job
 from tests.support.facility import Facility, dataset_files
 from tests.support.faultproxy import FaultProxy
@@ -223,3 +224,66 @@ async def test_landing_zone_in_glacier_is_restored_before_it_is_read(facility: F
     assert len(restores) == len(files)
     assert {s for k, s in seen.events} == {"requested", "available"}
     assert facility.scicat.lifecycle(pid)["archiveStatusMessage"] == "datasetOnArchiveDisk"
+
+
+class ColdLanding:
+    """A dataset's files in a landing zone in GLACIER, read through the fault proxy with
+    ``restore_reads``: the setting of a facility whose ingestor uploads in GLACIER."""
+
+    def __init__(self, facility: Facility, proxy: FaultProxy, seed: int, **restore: Any) -> None:
+        from tests.support.facility import LANDING_PREFIX
+
+        self.facility, self.proxy = facility, proxy
+        self.files = dataset_files(seed, n=4)
+        self.pid = facility.add_dataset(self.files, upload=False)
+        self.prefix = LANDING_PREFIX.format(pid=self.pid)
+        self.in_glacier()
+        storages = facility.settings_dict()["storages"]
+        facility.overrides["storages"] = {**storages, "landing": {
+            **storages["landing"], "endpoint_url": proxy.url, "restore_reads": True, **{**FAST, **restore}}}
+
+    def in_glacier(self) -> None:
+        """(Again) every file as a new object in GLACIER: as if its restored copy expired."""
+        client = self.facility.s3.client()
+        for path, data in self.files.items():
+            client.put_object(Bucket=self.facility.landing_bucket, Key=f"{self.prefix}/{path}", Body=data,
+                              StorageClass="GLACIER")
+
+    def restored_since(self, mark: int) -> list[str]:
+        """The files whose restore was requested after the ``mark``-th request, by path."""
+        from urllib.parse import unquote
+
+        folder = f"/{self.facility.landing_bucket}/{self.prefix}/"
+        return sorted(unquote(t.split("?")[0]).removeprefix(folder) for t in restore_requests(self.proxy)[mark:])
+
+    async def archive_all_but_the_last_datablock(self, app: App) -> list[DatablockPlan]:
+        """An earlier attempt that registered every datablock but the last; the plans."""
+        from moverd.planner import plan_datablocks
+        from moverd.services.archive import archive_dataset
+
+        plans = plan_datablocks(self.pid, await app.catalog.list_files(self.pid), app.settings.pipeline.target_size)
+        assert len(plans) >= 2
+        await archive_dataset(app, self.pid, source=app.storage("landing"), prefix=self.prefix,
+                              files=[f for plan in plans[:-1] for f in plan.files])
+        return plans
+
+
+async def test_a_resumed_archive_restores_only_the_files_it_still_reads(
+    facility: Facility, s3_fault_proxy: FaultProxy,
+) -> None:
+    """A cold landing zone (``restore_reads``) whose restored copies expired before a resume (a
+    retry days later): the resume restores the files of the datablock it still writes, none of
+    those of the datablocks an earlier attempt registered."""
+    from moverd.services.archive import archive_dataset
+
+    cold = ColdLanding(facility, s3_fault_proxy, 48)
+    async with facility.app() as app:
+        plans = await cold.archive_all_but_the_last_datablock(app)
+        assert cold.restored_since(0) == sorted(f.path for plan in plans[:-1] for f in plan.files)
+        assert len(facility.scicat.datablocks(cold.pid)) == len(plans) - 1
+        cold.in_glacier()  # the restored copies expired
+        mark = len(restore_requests(s3_fault_proxy))
+        res = await archive_dataset(app, cold.pid, source=app.storage("landing"), prefix=cold.prefix)
+    assert cold.restored_since(mark) == sorted(f.path for f in plans[-1].files)
+    assert (res.reused, res.written) == (len(plans) - 1, 1)
+    assert len(facility.scicat.datablocks(cold.pid)) == len(plans)

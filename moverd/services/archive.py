@@ -159,14 +159,18 @@ async def _archive(
     lts = app.storage("lts")
     listed = list(files) if files is not None else await catalog.list_files(pid)
     checked, on_source = await check_source(source, prefix, listed)
-    # A landing zone in a cold class (the ingestor's uploads in GLACIER): restored before read.
-    await restore_datablocks(app, source, [join_key(prefix, e.path) for e in checked], transfer, locked=False)
     plans = plan_datablocks(pid, checked, app.settings.pipeline.target_size)
     transfer.bytes_total = sum(p.size for p in plans)
     transfer.files_total = len(checked)
     transfer.datablocks_total = len(plans)
     blocks: list[Datablock | None] = [None] * len(plans)
     registered = {d.archive_id: d for d in await catalog.list_datablocks(pid)}
+    committed: dict[str, Datablock | None] = {}
+    # A landing zone in a cold class (the ingestor's uploads in GLACIER): restored before read,
+    # only the files still to be read (a resume reads none of a registered or committed block's).
+    to_read = await _blocks_to_read(lts, plans, registered, committed) if source.needs_restore else plans
+    await restore_datablocks(app, source, [join_key(prefix, f.path) for plan in to_read for f in plan.files],
+                             transfer, locked=False)
     # One archiver per dataset at a time (the catalog's ``archivable`` flag and the job dedup make
     # sure of it), so any temporary file under the dataset's folder is from a crashed attempt.
     removed = await lts.remove_stale_temp_files(0, prefix=dataset_folder(pid))
@@ -182,7 +186,7 @@ async def _archive(
     async def one(plan: DatablockPlan) -> None:
         async def work() -> Datablock:
             return await _archive_block(
-                app, pid, plan, source, prefix, lts, registered, transfer, result, on_source, turns
+                app, pid, plan, source, prefix, lts, registered, committed, transfer, result, on_source, turns
             )
 
         try:
@@ -225,10 +229,34 @@ def _same_version(a: ObjectInfo, b: ObjectInfo | None) -> bool:
     return b is not None and (a.size, a.mtime, a.inode, a.etag) == (b.size, b.mtime, b.inode, b.etag)
 
 
+async def _blocks_to_read(
+    lts: Storage, plans: Sequence[DatablockPlan], registered: dict[str, Datablock],
+    committed: dict[str, Datablock | None],
+) -> list[DatablockPlan]:
+    """The plans whose files the archive will read from the source: neither registered nor
+    committed on the LTS with the planned files. The indexes read here land in ``committed``
+    for :func:`_archive_block` (not read twice)."""
+    unregistered = [plan for plan in plans if plan.archive_id not in registered]
+    limiter = anyio.CapacityLimiter(16)
+
+    async def look(plan: DatablockPlan) -> None:
+        async with limiter:
+            committed[plan.archive_id] = await read_index(lts, plan.archive_id)
+
+    async with anyio.create_task_group() as tg:
+        for plan in unregistered:
+            tg.start_soon(look, plan)
+    return [plan for plan in unregistered if not _reusable(committed[plan.archive_id], plan)]
+
+
+def _reusable(block: Datablock | None, plan: DatablockPlan) -> bool:
+    return block is not None and _same_content(block, plan)
+
+
 async def _archive_block(
     app: App, pid: str, plan: DatablockPlan, source: Storage, prefix: str, lts: Storage,
-    registered: dict[str, Datablock], transfer: Transfer, result: ArchiveResult,
-    on_source: dict[str, ObjectInfo], turns: _Turns,
+    registered: dict[str, Datablock], committed: dict[str, Datablock | None], transfer: Transfer,
+    result: ArchiveResult, on_source: dict[str, ObjectInfo], turns: _Turns,
 ) -> Datablock:
     known = registered.get(plan.archive_id)
     if known is not None:
@@ -242,8 +270,9 @@ async def _archive_block(
         transfer.bytes_done += plan.size
         transfer.files_done += len(plan.files)
         return known
-    block = await read_index(lts, plan.archive_id)
-    if block is not None and _same_content(block, plan):
+    block = committed[plan.archive_id] if plan.archive_id in committed else await read_index(lts, plan.archive_id)
+    reused = _reusable(block, plan)
+    if block is not None and reused:
         turns.done(plan.index)  # verified, not written (if it does not verify, it streams out of turn)
         try:
             async with app.slot(lts, "read"):
@@ -258,6 +287,9 @@ async def _archive_block(
     else:
         block = None
     if block is None:
+        if reused:  # a committed block that did not verify: its files were not restored up front
+            await restore_datablocks(app, source, [join_key(prefix, f.path) for f in plan.files], transfer,
+                                     locked=False)
         async with turns.turn(plan.index) as streamed, app.slot(lts, "write"):
             await lts.wait_for_space(plan.packed_size_estimate)
             written = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer, on_source, streamed)

@@ -39,6 +39,22 @@ class PresignedUrlResp(_Body):
     urls: list[str] = Field(description="Standard base64 of each URL, part 1 first.")
 
 
+MAX_BATCH = 1000
+"""Object names in one ``/s3/presignedPuts`` request (a bounded body and answer)."""
+
+
+class PresignedPutsBody(_Body):
+    """moverd: single PUTs for many small objects of one dataset in one request."""
+
+    dataset_id: StrictStr
+    object_names: list[StrictStr] = Field(min_length=1, max_length=MAX_BATCH,
+                                          description="Full object keys, under the dataset's landing prefix.")
+
+
+class PresignedPutsResp(_Body):
+    urls: list[str] = Field(description="Standard base64 of each object's presigned PUT URL, in the order asked.")
+
+
 class CompletePart(_Body):
     part_number: StrictInt
     etag: StrictStr

@@ -7,6 +7,15 @@ uploaded bytes count once, not twice). Grants are made one at a time inside the 
 around the check and the insert) and inside one SQLite write transaction, so that concurrent
 requests cannot both see the same free space. Reservations end at finalize or abort, or expire
 ``reservation_ttl`` after they were made.
+
+What is stored is read by listing the whole landing zone, which for a large one takes long. A
+listing serves later grants for :data:`SCAN_TTL` seconds while no reservation it saw has ended
+or shrunk since, because then it can only over-count: bytes deleted since (archived datasets)
+still count; bytes uploaded since under a reservation it saw count once, inside that
+reservation; a dataset reserved since counts its whole reservation beside whatever it had
+stored (twice, at worst). A reservation that ended would let its stored bytes drop out of the
+count unseen, so any such change means a new listing, and so does a grant the old listing would
+refuse: a refusal is always decided on a fresh one.
 """
 
 from __future__ import annotations
@@ -52,6 +61,34 @@ class Usage:
     @property
     def free(self) -> int | None:
         return None if self.limit is None else max(0, self.limit - self.used - self.reserved)
+
+
+SCAN_TTL = 10.0
+"""Seconds a listing of the landing zone serves later grants (see the module docstring)."""
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """One listing of the landing zone, and the reservations there were when it was made."""
+
+    at: float
+    total: int
+    under: dict[str, int]
+    seen: dict[str, tuple[str, int]]
+
+    def serves(self, current: list[Reservation], now: float, replacing: str | None = None) -> bool:
+        """Whether it may stand for a new listing: young enough, and every reservation it saw
+        (but ``replacing``'s, which the grant counts itself) still there, for the same folder,
+        at least as large."""
+        if now - self.at >= SCAN_TTL:
+            return False
+        have = {r.pid: (r.prefix, r.bytes) for r in current}
+        return all(pid in have and have[pid][0] == prefix and have[pid][1] >= size
+                   for pid, (prefix, size) in self.seen.items() if pid != replacing)
+
+
+class _StaleScanError(Exception):
+    """A reservation the listing saw ended while a grant was being made on it: list again."""
 
 
 Check = Callable[[list[Reservation]], None]
@@ -129,9 +166,11 @@ class LandingQuota:
         self.storage, self.state, self.limit, self.ttl = storage, state, limit, ttl
         self._lock = anyio.Lock()
         self.last: Usage | None = None
+        self._scanned: _Scan | None = None
 
-    async def _scan(self, prefixes: list[str]) -> tuple[int, dict[str, int]]:
-        """Bytes stored in the landing zone, and under each of ``prefixes``."""
+    async def _scan(self, prefixes: list[str], current: list[Reservation]) -> _Scan:
+        """Bytes stored in the landing zone, and under each of ``prefixes`` (kept for later grants)."""
+        at = time.monotonic()
         total = 0
         under = dict.fromkeys(prefixes, 0)
         folders = [(p, p.rstrip("/") + "/") for p in prefixes]
@@ -140,7 +179,8 @@ class LandingQuota:
             for prefix, folder in folders:
                 if info.key.startswith(folder):
                     under[prefix] += info.size
-        return total, under
+        self._scanned = _Scan(at, total, under, {r.pid: (r.prefix, r.bytes) for r in current})
+        return self._scanned
 
     async def _limit(self, used: int) -> int | None:
         if self.limit is not None:
@@ -149,32 +189,49 @@ class LandingQuota:
         return None if free is None else free + used
 
     async def usage(self) -> Usage:
-        reservations = await self.state.reservations()
-        used, under = await self._scan([r.prefix for r in reservations])
-        reserved = sum(max(0, r.bytes - under[r.prefix]) for r in reservations)
-        self.last = Usage(used, reserved, await self._limit(used))
+        """The quota now, from a fresh listing (the metrics)."""
+        async with self._lock:
+            reservations = await self.state.reservations()
+            scan = await self._scan([r.prefix for r in reservations], reservations)
+        reserved = sum(max(0, r.bytes - scan.under[r.prefix]) for r in reservations)
+        self.last = Usage(scan.total, reserved, await self._limit(scan.total))
         return self.last
 
     async def reserve(self, pid: str, prefix: str, size: int) -> Usage:
         """Reserve ``size`` bytes for ``pid`` (replacing its earlier reservation) or raise NoLandingSpaceError."""
         async with self._lock:
             current = await self.state.reservations()
-            used, under = await self._scan([prefix, *(r.prefix for r in current)])
-            limit = await self._limit(used)
-            result: list[Usage] = []
+            earlier = self._scanned
+            if earlier is not None and earlier.serves(current, time.monotonic()):
+                try:
+                    return await self._grant(pid, prefix, size, earlier, reused=True)
+                except (NoLandingSpaceError, _StaleScanError):
+                    current = await self.state.reservations()  # refused on an earlier listing: list again
+            scan = await self._scan([prefix, *(r.prefix for r in current)], current)
+            return await self._grant(pid, prefix, size, scan, reused=False)
 
-            def fits(others: list[Reservation]) -> None:
-                reserved = sum(max(0, r.bytes - under.get(r.prefix, 0)) for r in others)
-                mine = max(0, size - under[prefix])
-                usage = Usage(used, reserved, limit)
-                if limit is not None and used + reserved + mine > limit:
-                    raise NoLandingSpaceError(usage, size)
-                result.append(Usage(used, reserved + mine, limit))
+    async def _grant(self, pid: str, prefix: str, size: int, scan: _Scan, *, reused: bool) -> Usage:
+        """The grant on ``scan``; a ``reused`` one is checked again inside the write transaction
+        (a reservation that ended since, in another task's finalize, makes it stale)."""
+        used, under = scan.total, scan.under
+        limit = await self._limit(used)
+        result: list[Usage] = []
 
-            try:
-                await self.state.reserve_if(pid, prefix, size, self.ttl, fits)
-            except NoLandingSpaceError as exc:
-                self.last = exc.usage
-                raise
-            self.last = result[0]
-            return self.last
+        def fits(others: list[Reservation]) -> None:
+            if reused and not scan.serves(others, time.monotonic(), replacing=pid):
+                raise _StaleScanError
+            # a folder the listing did not sum (reserved since) counts as holding nothing
+            reserved = sum(max(0, r.bytes - under.get(r.prefix, 0)) for r in others)
+            mine = max(0, size - under.get(prefix, 0))
+            usage = Usage(used, reserved, limit)
+            if limit is not None and used + reserved + mine > limit:
+                raise NoLandingSpaceError(usage, size)
+            result.append(Usage(used, reserved + mine, limit))
+
+        try:
+            await self.state.reserve_if(pid, prefix, size, self.ttl, fits)
+        except NoLandingSpaceError as exc:
+            self.last = exc.usage
+            raise
+        self.last = result[0]
+        return self.last

@@ -8,11 +8,14 @@ as the client decodes them.
 
 
 import base64
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.responses import Response
 
 from moverd import JobOwner, UploadedPart
 
@@ -29,6 +32,8 @@ from .models import (
     FinalizeDatasetUploadBody,
     FinalizeDatasetUploadResp,
     OpenUploadState,
+    PresignedPutsBody,
+    PresignedPutsResp,
     PresignedUrlBody,
     PresignedUrlResp,
     StoredObject,
@@ -43,6 +48,7 @@ from .service import Ingest, IngestError
 from .tokens import TokenExchange
 
 TAG = "upload"
+log = logging.getLogger(__name__)
 
 
 class RefusalBody(ErrorBody):
@@ -61,16 +67,51 @@ def _responses(*extra: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
+def _b64(url: str) -> str:
+    return base64.b64encode(url.encode()).decode()
+
+
 def install_error_handler(api: FastAPI) -> None:
     @api.exception_handler(IngestError)
     async def _refused(request: Request, exc: IngestError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
 
+_ANY = (Exception, BaseException, object)
+"""Classes in every exception's MRO: a handler of these is no sign the app expects the exception."""
+
+
+class JsonErrorRoute(APIRoute):
+    """An upload route whose every failure is JSON with ``message`` and ``details``: the
+    facility's client dereferences ``details`` of any 500, and Starlette's own answer to an
+    unexpected exception (a bug, a library's surprise) is plain text. Exceptions that the app
+    has a handler for (refusals, validation, authentication) keep theirs."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        path = self.path
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except IngestError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
+            except Exception as exc:
+                handlers = getattr(request.app, "exception_handlers", {})
+                if any(cls in handlers for cls in type(exc).__mro__ if cls not in _ANY):
+                    raise
+                log.exception("POST %s failed", path)
+                error = IngestError(500, "Internal server error",
+                                    f"{type(exc).__name__}: {exc} (see the daemon's log)")
+                return JSONResponse(error.body(), status_code=500)
+
+        return route
+
+
 def ingest_router(root: str, ingest: Callable[[], Ingest], principal: Callable[..., Awaitable[Principal]],
                   tokens: TokenExchange | None = None) -> APIRouter:
     """The routes under ``root``; ``ingest`` gives the service (built once the app is ready)."""
-    router = APIRouter(prefix=root, tags=[TAG])
+    router = APIRouter(prefix=root, tags=[TAG], route_class=JsonErrorRoute)
     Who = Annotated[Principal, Depends(principal)]  # noqa: N806 - a type alias
 
     @router.post("/token", status_code=201, response_model=CreateServiceTokenResp, response_model_by_alias=True,
@@ -108,7 +149,16 @@ def ingest_router(root: str, ingest: Callable[[], Ingest], principal: Callable[.
         ``x-amz-checksum-sha256`` with every PUT, and ``x-amz-storage-class`` when configured."""
         upload_id, urls = await ingest().presigned_urls(body.dataset_id, body.object_name, body.parts, who,
                                                         body.upload_id)
-        return PresignedUrlResp(upload_id=upload_id, urls=[base64.b64encode(u.encode()).decode() for u in urls])
+        return PresignedUrlResp(upload_id=upload_id, urls=[_b64(u) for u in urls])
+
+    @router.post("/s3/presignedPuts", status_code=201, response_model=PresignedPutsResp,
+                 responses=_responses(404, 409))
+    async def presigned_puts(body: PresignedPutsBody, who: Who) -> PresignedPutsResp:
+        """moverd's own (the reference asks once per file): a presigned single PUT for each of up
+        to 1,000 objects of one dataset, in the order asked, as ``presignedUrls`` with
+        ``parts = 1`` gives for one. The dataset, groups and reservation are checked once."""
+        urls = await ingest().presigned_puts(body.dataset_id, body.object_names, who)
+        return PresignedPutsResp(urls=[_b64(u) for u in urls])
 
     @router.post("/s3/completeUpload", status_code=201, response_model=CompleteUploadResp,
                  responses=_responses())

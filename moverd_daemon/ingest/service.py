@@ -13,9 +13,6 @@ dataset becomes archivable, and a retry finds the finalize already done (no seco
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import logging
 import re
 import time
@@ -40,6 +37,7 @@ from moverd import (
     UnknownDatasetError,
     UnsafePathError,
     UploadedPart,
+    checksums,
     safe_key,
 )
 from moverd.app import App
@@ -89,22 +87,11 @@ def reserved_bytes(size_gib: int) -> int:
 
 
 def composite_sha256(part_checksums: list[str]) -> str:
-    """S3's composite checksum of a multipart upload: SHA-256 over the parts' raw digests, in
-    part order, base64 (without the ``-N`` suffix S3 adds)."""
-    h = hashlib.sha256()
-    for value in part_checksums:
-        h.update(_digest(value))
-    return base64.b64encode(h.digest()).decode()
-
-
-def _digest(value: str) -> bytes:
+    """:func:`moverd.checksums.composite_sha256`, a bad value refused as the client's error."""
     try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != 32:
-        raise IngestError(422, "Failed to complete upload", f"{value!r} is not a base64 SHA-256 checksum")
-    return raw
+        return checksums.composite_sha256(part_checksums)
+    except ValueError as exc:
+        raise IngestError(422, "Failed to complete upload", str(exc)) from None
 
 
 def user_groups(who: Principal) -> set[str] | None:
@@ -234,6 +221,19 @@ class Ingest:
         except StorageError as exc:
             raise IngestError(500, what, str(exc)) from None
         return upload_id, urls
+
+    async def presigned_puts(self, pid: str, object_names: list[str], who: Principal) -> list[str]:
+        """moverd's batch of single PUTs: one presigned URL per object, in order. The dataset, the
+        caller's groups and the reservation are checked once for the batch, where the per-file
+        route checks them for every file (most of its cost for small files)."""
+        what = "Failed to get presigned urls"
+        keys = [self.key(pid, name, what) for name in object_names]
+        await self.dataset(pid, who, what)
+        await self._reservation_for(pid, what)
+        try:
+            return [await self.landing.presign_put(key, self.expiry, headers=self.headers) for key in keys]
+        except StorageError as exc:
+            raise IngestError(500, what, str(exc)) from None
 
     async def upload_state(self, pid: str, who: Principal) -> tuple[str, list[tuple[str, int]],
                                                                      list[tuple[str, str, list[UploadedPart]]]]:

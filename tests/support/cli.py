@@ -31,3 +31,42 @@ def moverd(
 def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
     """``moverd ARGS`` that must succeed unless ``check`` is False."""
     return moverd(args, env, check=check)
+
+
+def moverd_peak_rss(args: list[str], env: dict[str, str], *, timeout: float = 180,
+                    poll: float = 0.01) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run ``moverd ARGS``; also its peak resident set in bytes: the kernel's high-water mark of
+    the child's own address space (``VmHWM``, which starts afresh at ``exec``), polled until it
+    exits. It only grows, so the last reading is the peak up to then. Not ``ru_maxrss`` of the
+    children: it keeps the largest child this process ever reaped, and counts the parent's
+    pages for a child made by ``vfork``."""
+    import tempfile
+    import time
+
+    peak = 0
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(MOVERD + args, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            peak = max(peak, vm_hwm(proc.pid))
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"moverd {args} did not end within {timeout} s")
+            time.sleep(poll)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(MOVERD + args, proc.returncode, out.read(), err.read())
+    return done, peak
+
+
+def vm_hwm(pid: int) -> int:
+    """The peak resident set of process ``pid`` so far, in bytes (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass  # gone, or a zombie between two polls
+    return 0
