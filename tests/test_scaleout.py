@@ -105,8 +105,9 @@ def test_two_daemons_share_the_work_and_the_lts_limit(
             heir = next(d for d in daemons if d is not victim)
             wait_for(lambda: facility.scicat.job(big_job)["statusCode"] == "finishedSuccessful", 180, 0.5,
                      "the big job, taken over")
-            done = prefect.get(f"/flow_runs/{first_run}").json()
-            assert done["state"]["type"] == "COMPLETED"
+            # SciCat hears of the end before Prefect does: the flow run's final state comes after.
+            done = wait_for(lambda: (x := prefect.get(f"/flow_runs/{first_run}").json())["state"]["type"]
+                            == "COMPLETED" and x, 30, 0.2, "the taken-over flow run completed")
             assert done["labels"]["moverd.daemon"] == f"{os.uname().nodename}:{heir.port}"
             history = prefect.get("/flow_run_states/", params={"flow_run_id": first_run}).json()
             assert "Orphaned" in [s["name"] for s in history]
