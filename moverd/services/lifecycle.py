@@ -21,6 +21,7 @@ from ..models import ArchiveStatus, LifecycleUpdate, index_key
 from .archive import ArchiveResult, BlockRunner, archive_dataset
 from .archive import _direct as _direct_block
 from .folders import dataset_source
+from .observed import root_cause
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ async def archive_with_lifecycle(
             archive_status=ArchiveStatus.on_archive_disk, archivable=False, retrievable=True))
         return result
     except Exception as exc:
-        user_error = isinstance(exc, UserError)
-        log.warning("archiving %s failed (%s): %s", pid, "user error" if user_error else "system error", exc)
+        # Judge and name the error itself, not a task group around it; some errors have no message.
+        cause = root_cause(exc)
+        user_error = isinstance(cause, UserError)
+        log.warning("archiving %s failed (%s): %s", pid, "user error" if user_error else "system error",
+                    str(cause) or type(cause).__name__)
         with anyio.CancelScope(shield=True):
             await rollback(app, pid, result, remove_written=user_error)
             status = ArchiveStatus.missing_files if user_error else ArchiveStatus.failed
