@@ -4,73 +4,20 @@ nothing registered, nothing marked failed, so that the job resumes at the next s
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
-from moverd import StorageType, hookimpl
 from moverd.app import App
 from moverd.models import ArchiveStatus
 from moverd.plugins import load_plugins
 from moverd.services.folders import dataset_for_folder
 from moverd.services.lifecycle import archive_with_lifecycle
 from tests.support.apps import make_settings
+from tests.support.badmedia import Gate, GatedReadsPlugin
 
 MiB = 1024**2
-
-
-
-class _GatedReader:
-    """A POSIX reader whose blocking reads of one file wait on ``gate``: the reader's worker
-    thread is mid-read, where no cancellation reaches it, when the job is cancelled."""
-
-    def __init__(self, inner: Any, gate: Gate) -> None:
-        self.inner, self.gate = inner, gate
-
-    async def readinto(self, buf: memoryview) -> int:
-        n: int = await self.inner.readinto(buf)
-        return n
-
-    def readinto_blocking(self, buf: memoryview) -> int:
-        self.gate.entered.set()
-        self.gate.release.wait(30)
-        n: int = self.inner.readinto_blocking(buf)
-        return n
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-class Gate:
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.entered, self.release = threading.Event(), threading.Event()
-
-
-class GatedReadsPlugin:
-    """Storage type ``gatedreads``: POSIX, with reads of ``gate.key`` held at the gate."""
-
-    def __init__(self, gate: Gate) -> None:
-        self.gate = gate
-
-    @hookimpl
-    def register_storages(self, register: Any) -> None:
-        from moverd_storage_lts.options import PosixOptions
-        from moverd_storage_lts.storage import PosixStorage
-
-        gate = self.gate
-
-        class GatedStorage(PosixStorage):  # type: ignore[misc]
-            async def open_reader(self, key: str, offset: int = 0, length: int | None = None, *,
-                                  uncached: bool = False, expect: Any = None) -> Any:
-                reader = await super().open_reader(key, offset, length, uncached=uncached, expect=expect)
-                return _GatedReader(reader, gate) if key.endswith(gate.key) else reader
-
-        register(StorageType(name="gatedreads", options=PosixOptions,
-                             create=lambda name, options, ctx: GatedStorage(name, options)))
 
 
 @pytest.mark.anyio

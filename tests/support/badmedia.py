@@ -5,12 +5,15 @@ bad:
 * ``badmedia``: a POSIX directory whose medium flips one bit of every tar between the write and
   the read-back (the bit is flipped in the file on disk, before the commit's fsync and read-back);
 * ``badreads``: a POSIX directory that cannot read back while writing (like a third-party storage
-  that does not offer it) and whose uncached reads of tars return one flipped bit.
+  that does not offer it) and whose uncached reads of tars return one flipped bit;
+* ``gatedreads`` (:class:`GatedReadsPlugin`): a POSIX directory whose blocking reads of one file
+  stall in their worker thread, where no cancellation reaches them, until the test opens the gate.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from moverd_storage_lts.options import PosixOptions
@@ -76,3 +79,50 @@ class BadMediaPlugin:
                              create=lambda name, options, ctx: BadMediaStorage(name, options)))
         register(StorageType(name="badreads", options=PosixOptions,
                              create=lambda name, options, ctx: BadReadsStorage(name, options)))
+
+
+class Gate:
+    """Holds the blocking reads of the file whose key ends with ``key`` until ``release`` is set."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.entered, self.release = threading.Event(), threading.Event()
+
+
+class _GatedReader:
+    def __init__(self, inner: Any, gate: Gate) -> None:
+        self.inner, self.gate = inner, gate
+
+    async def readinto(self, buf: memoryview) -> int:
+        n: int = await self.inner.readinto(buf)
+        return n
+
+    def readinto_blocking(self, buf: memoryview) -> int:
+        self.gate.entered.set()
+        self.gate.release.wait(30)
+        n: int = self.inner.readinto_blocking(buf)
+        return n
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class GatedReadsStorage(PosixStorage):
+    def __init__(self, name: str, options: PosixOptions, gate: Gate) -> None:
+        super().__init__(name, options)
+        self.gate = gate
+
+    async def open_reader(self, key: str, offset: int = 0, length: int | None = None, *,
+                          uncached: bool = False, expect: Any = None) -> Any:
+        reader = await super().open_reader(key, offset, length, uncached=uncached, expect=expect)
+        return _GatedReader(reader, self.gate) if key.endswith(self.gate.key) else reader
+
+
+class GatedReadsPlugin:
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    @hookimpl
+    def register_storages(self, register: Any) -> None:
+        register(StorageType(name="gatedreads", options=PosixOptions,
+                             create=lambda name, options, ctx: GatedReadsStorage(name, options, self.gate)))
