@@ -25,8 +25,13 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m moverd.demo
 
+# Three test processes on two cores: most of the slow tests wait on subprocesses, leases and
+# real timeouts, not on the CPU (the serial suite took ~16 min, three processes ~8).
+# TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 3
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
