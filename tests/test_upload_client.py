@@ -1,0 +1,61 @@
+"""``moverd upload``'s PUTs through presigned URLs, against moto behind the fault proxy: a 5xx
+answer or a connection that dies mid-request is sent again from the same buffer, a 4xx is not,
+and what lands in S3 is the file's bytes. (moto stores the checksums it is sent but checks none,
+so the refusal of a wrong one is tested through the daemon's complete, in test_ingest_api.)"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from moverd_cli.upload import ApiError, Uploader, b64sha256
+from tests.support.faultproxy import FaultProxy
+from tests.support.s3 import S3Server
+
+
+def presigned_put(s3: S3Server, endpoint: str, bucket: str, key: str) -> str:
+    """A PUT URL signed for ``endpoint`` (the proxy), base64 as the daemon's ``presignedPuts`` answers."""
+    url = s3.client(endpoint).generate_presigned_url(
+        "put_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=600)
+    return base64.b64encode(url.encode()).decode()
+
+
+@pytest.fixture
+def uploader() -> Uploader:
+    return Uploader("http://127.0.0.1:9", None, part_size=5 * 1024**2, parallel=2, timeout=10)
+
+
+@pytest.mark.parametrize("fault", ["503", "drop"])
+def test_a_put_is_sent_again_after_a_server_error_or_a_dead_connection(
+    s3_server: S3Server, s3_fault_proxy: FaultProxy, uploader: Uploader, tmp_path: Path, fault: str
+) -> None:
+    bucket = s3_server.create_bucket()
+    data = hashlib.sha256(b"seed").digest() * 40_000  # 1.2 MiB, not a multiple of anything
+    (tmp_path / "f.bin").write_bytes(data)
+    url = presigned_put(s3_server, s3_fault_proxy.url, bucket, "ds/f.bin")
+    if fault == "503":
+        s3_fault_proxy.fail_next(2, status=503, method="PUT")
+    else:
+        s3_fault_proxy.drop_next(1, method="PUT")
+    buf = memoryview(bytearray(len(data) + 100))[:len(data)]
+    uploader._send_file_blocking(url, tmp_path / "f.bin", buf)
+    puts = [r for r in s3_fault_proxy.seen if r[0] == "PUT"]
+    assert len(puts) == (3 if fault == "503" else 2)
+    assert s3_server.client().get_object(Bucket=bucket, Key="ds/f.bin")["Body"].read() == data
+
+
+def test_a_refused_put_is_not_sent_again_and_names_the_answer(
+    s3_server: S3Server, s3_fault_proxy: FaultProxy, uploader: Uploader
+) -> None:
+    bucket = s3_server.create_bucket()
+    s3_fault_proxy.fail_always(status=403, code="AccessDenied", method="PUT")
+    data = b"x" * 1000
+    url = presigned_put(s3_server, s3_fault_proxy.url, bucket, "ds/x")
+    with pytest.raises(ApiError, match="PUT to S3 answered 403"):
+        uploader._put_blocking(url, memoryview(data), b64sha256(data))
+    assert [r[0] for r in s3_fault_proxy.seen] == ["PUT"]
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
