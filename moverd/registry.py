@@ -43,6 +43,10 @@ class StorageType:
     """``create(instance_name, validated_options, context)``."""
     description: str = ""
     plugin: str = ""
+    url_scheme: str = ""
+    """Optional: a URL scheme (``s3``) by which the command line names this type's locations,
+    ``<scheme>://<bucket>/<prefix>``. The type's options then have ``bucket`` and may have a
+    ``prefix``: a URL names the configured storage whose bucket and prefix it lies in."""
 
 
 @dataclass(frozen=True)

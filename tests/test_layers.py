@@ -61,3 +61,25 @@ def test_a_violation_breaks_its_contract(tmp_path: Path, module: str, line: str,
     assert p.returncode != 0, p.stdout
     broken = p.stdout[p.stdout.index("Broken contracts"):]
     assert contract in broken, p.stdout
+
+
+def test_the_engine_names_no_type_of_a_plugin() -> None:
+    """The engine (``moverd``) never spells a plugin's storage or catalog type name: what it needs
+    from one is a capability the type declares (``StorageType.url_scheme``, ``Catalog.local_folders``)."""
+    import ast
+
+    from moverd.plugins import load_plugins
+    from moverd.registry import Registry
+
+    registry = Registry.from_plugins(load_plugins()[0])
+    # the built-in catalog, and the POSIX storage that ships in moverd's own distribution
+    # (moverd.LOCAL_STORAGE_TYPE), are the engine's own
+    foreign = {t.name for t in [*registry.storages.values(), *registry.catalogs.values()]
+               if not t.plugin.startswith("moverd.") and t.plugin != "storage_lts"}
+    assert {"s3", "scicat"} <= foreign, foreign
+    found = []
+    for path in sorted((ROOT / "moverd").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and node.value in foreign:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert found == []

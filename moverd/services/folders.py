@@ -42,23 +42,28 @@ def _same_files(a: list[FileEntry], b: list[FileEntry]) -> bool:
 
 
 _STORAGE_LOCATION = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+):(?P<prefix>(?!//).*)$")
-_S3_URL = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
+_BUCKET_URL = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
 
 
 def parse_location(app: App, location: str) -> tuple[str, str] | None:
     """``(storage name, prefix)`` for ``<storage>:<prefix>`` naming a configured storage, or for
-    ``s3://bucket/prefix`` of a configured S3 storage's bucket; None when ``location`` is neither
-    (a folder or a dataset id). An S3 URL no storage is configured for is a user error."""
-    if m := _S3_URL.match(location):
-        bucket, prefix = m["bucket"], m["prefix"].strip("/")
+    ``<scheme>://bucket/prefix`` (``s3://``: a storage type's :attr:`~moverd.StorageType.url_scheme`)
+    in a configured storage's bucket; None when ``location`` is neither (a folder or a dataset
+    id). A URL that no configured storage holds is a user error."""
+    m = _BUCKET_URL.match(location)
+    schemes = {st.url_scheme for st in app.registry.storages.values() if st.url_scheme}
+    if m and m["scheme"] in schemes:
+        scheme, bucket, prefix = m["scheme"], m["bucket"], m["prefix"].strip("/")
         for name in sorted(app.settings.storages):
             type_name, options = app.settings.storage_options(name)
-            if type_name != "s3" or options.get("bucket") != bucket:
+            st = app.registry.storages.get(type_name)
+            if st is None or st.url_scheme != scheme or options.get("bucket") != bucket:
                 continue
             own = str(options.get("prefix", "")).strip("/")
             if not own or prefix == own or prefix.startswith(own + "/"):
                 return name, safe_key(prefix[len(own):].strip("/"), allow_empty=True)
-        raise UserError(f"no configured s3 storage has the bucket {bucket!r} (with a prefix that {location!r} is in)")
+        raise UserError(
+            f"no configured {scheme} storage has the bucket {bucket!r} (with a prefix that {location!r} is in)")
     if (m := _STORAGE_LOCATION.match(location)) and m["name"] in app.settings.storages:
         return m["name"], safe_key(m["prefix"], allow_empty=True)
     return None

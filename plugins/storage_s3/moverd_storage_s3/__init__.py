@@ -38,6 +38,7 @@ def register_storages(register: Callable[[StorageType], None]) -> None:
             create=_create,
             description="S3 bucket (MinIO, AWS, ...): streaming multipart upload, resumable ranged "
             "reads, presigned URLs",
+            url_scheme="s3",
         )
     )
 
