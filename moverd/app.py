@@ -47,7 +47,7 @@ class App:
         global_slots: GlobalSlots | None = None, global_locks: GlobalLocks | None = None,
     ) -> None:
         if pm is None:
-            pm, report = load_plugins()
+            pm, report = load_plugins(modules=settings.plugins)
         self.settings = settings
         self.pm = pm
         self.load_report = report or LoadReport()

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
 
     state_dir: Path = Field(default_factory=default_state_dir)
     log_level: str = "INFO"
+    plugins: list[str] = Field(default_factory=list)
+    """Extra plugin modules to load (importable names), e.g. a site's own observer or storage
+    wrapper, without packaging them as ``moverd.plugins`` entry points. Engine-wide, so that the
+    daemon, every command and a flow run on a plain Prefect worker see the same plugins."""
     pipeline: PipelineSettings = PipelineSettings()
     archive: ArchiveSettings = ArchiveSettings()
     retrieve: RetrieveSettings = RetrieveSettings()

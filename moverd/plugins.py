@@ -14,11 +14,13 @@ import importlib.metadata
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pluggy
 
 from . import hookspecs
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +55,30 @@ def _new_manager() -> pluggy.PluginManager:
     return pm
 
 
-def load_plugins(*, entry_points: bool = True) -> tuple[pluggy.PluginManager, LoadReport]:
-    """Build a plugin manager with the defaults and (unless disabled) the installed plugins."""
+def load_plugins(
+    *, entry_points: bool = True, modules: Sequence[str] = ()
+) -> tuple[pluggy.PluginManager, LoadReport]:
+    """Build a plugin manager with the defaults, (unless disabled) the installed plugins, and
+    ``modules`` (the ``plugins`` setting). An installed plugin that fails to load is reported and
+    left out; a module the configuration names is a configuration error."""
     pm = _new_manager()
     report = LoadReport()
     for modname in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(modname), name=modname)
-    if not entry_points:
-        return pm, report
+    if entry_points:
+        _load_entry_points(pm, report)
+    for name in modules:
+        if pm.has_plugin(name):
+            continue
+        try:
+            pm.register(importlib.import_module(name), name=name)
+            pm.check_pending()
+        except Exception as exc:
+            raise ConfigError(f"plugins: cannot load {name!r}: {type(exc).__name__}: {exc}") from None
+    return pm, report
+
+
+def _load_entry_points(pm: pluggy.PluginManager, report: LoadReport) -> None:
     disabled = {s.strip() for s in os.environ.get("MOVERD_DISABLE_PLUGINS", "").split(",") if s.strip()}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in disabled or pm.has_plugin(ep.name):
@@ -79,7 +97,6 @@ def load_plugins(*, entry_points: bool = True) -> tuple[pluggy.PluginManager, Lo
         dist = ep.dist
         if dist is not None:
             _versions[ep.name] = dist.version
-    return pm, report
 
 
 _versions: dict[str, str] = {}

@@ -1,36 +1,25 @@
 """The App of an installation, built once, the same way for the daemon and every command.
 
-Its plugin manager is the installed plugins plus ``server.plugins``: modules to load as plugins
-without packaging them (a site's own observer, a storage wrapper). With ``prefect.global_limits``
+Its plugin manager is the installed plugins plus the ``plugins`` setting: modules to load as
+plugins without packaging them (a site's own observer, a storage wrapper). With ``prefect.global_limits``
 its LTS sections also hold the Prefect global concurrency limits, which the Prefect layer
 provides. ``moverd serve``, ``moverd archive`` and ``config check`` therefore see one registry.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import pluggy
 
 from moverd.app import App
-from moverd.errors import ConfigError
 from moverd.plugins import LoadReport, load_plugins
 
 from .settings import DaemonSettings
 
 
 def plugin_manager(settings: DaemonSettings) -> tuple[pluggy.PluginManager, LoadReport]:
-    pm, report = load_plugins()
-    for name in settings.server.plugins:
-        if pm.has_plugin(name):
-            continue
-        try:
-            pm.register(importlib.import_module(name), name=name)
-            pm.check_pending()
-        except Exception as exc:
-            raise ConfigError(f"server.plugins: cannot load {name!r}: {type(exc).__name__}: {exc}") from None
-    return pm, report
+    return load_plugins(modules=settings.plugins)
 
 
 def build_app(settings: DaemonSettings, *, observers: Sequence[object] = ()) -> App:

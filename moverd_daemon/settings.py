@@ -205,10 +205,15 @@ class ServerSettings(BaseModel):
     journal: Path | None = None
     """SQLite file of the jobs this daemon took, to resume them after a crash or a restart;
     default ``<state_dir>/daemon.sqlite``."""
-    plugins: list[str] = Field(default_factory=list)
-    """Extra plugin modules to load (importable names), e.g. a site's own observer, without
-    packaging them as ``moverd.plugins`` entry points."""
     auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: object) -> object:
+        if isinstance(data, dict) and "plugins" in data:
+            raise ValueError("plugins is a top-level setting now (plugins = [...] before any section), "
+                             "so that every command and flow run loads them too")
+        return data
 
     @field_validator("root_path")
     @classmethod

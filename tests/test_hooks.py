@@ -303,3 +303,26 @@ async def test_restore_changed_reaches_observers(tmp_path: Path) -> None:
     assert [c[2] for c in watcher.calls] == ["requested", "available"]
     assert watcher.calls[0][:2] == ("lts", "block.tar")
     assert watcher.calls[-1][3] == {"requested": 0, "in_progress": 0, "available": 1}
+
+
+def test_the_plugins_setting_gives_every_layer_the_same_registry(tmp_path: Path) -> None:
+    """``plugins = [...]`` loads a module as a plugin for the daemon and the commands
+    (``build_app``) and for a flow run on a worker that was handed no App (its own ``App``)."""
+    from moverd_flows.jobs import _load
+
+    from moverd.config import load_settings
+    from moverd.errors import ConfigError
+    from moverd_daemon.installation import build_app
+    from moverd_daemon.settings import DaemonSettings
+
+    config = tmp_path / "moverd.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\nplugins = ["tests.support.ltswatch"]\n')
+    for app in (build_app(load_settings(config, DaemonSettings)), _load(str(config))):
+        assert app.pm.has_plugin("tests.support.ltswatch")
+        assert app.registry.storages["watched-posix"].plugin == "tests.support.ltswatch"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\nplugins = ["no_such_module_here"]\n')
+    with pytest.raises(ConfigError, match="plugins: cannot load 'no_such_module_here': ModuleNotFoundError"):
+        _load(str(config))
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[server]\nplugins = ["tests.support.ltswatch"]\n')
+    with pytest.raises(ConfigError, match="plugins is a top-level setting now"):
+        load_settings(config, DaemonSettings)

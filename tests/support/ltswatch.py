@@ -1,6 +1,6 @@
 """A plugin for the scale-out test: a POSIX storage that logs when each writer opens and ends.
 
-Loaded by ``moverd serve`` through ``server.plugins = ["tests.support.ltswatch"]`` (no patching of
+Loaded by ``moverd serve`` through ``plugins = ["tests.support.ltswatch"]`` (no patching of
 moverd), it registers the storage type ``watched-posix``: the ``posix`` storage plus one line per
 writer event appended to ``watch_log`` (``<monotonic time> <pid> open|commit|end <key>``: a
 committed writer logs ``commit`` before its ``end``). The core opens

@@ -132,8 +132,8 @@ def pool_settings(facility: Facility, tmp: Path, *, datablock_concurrency: int, 
                                    "write_limit": 4, "watch_log": str(tmp / "lts-writers.log")}
     settings["prefect"] = {"global_limits": True, "archival_work_pool": "test-archival",
                            "retrieval_work_pool": "test-retrieval"}
-    settings["server"] = {"poll_interval": 0.5, "plugins": ["tests.support.ltswatch"], "shutdown_grace": 30,
-                          **server}
+    settings["plugins"] = ["tests.support.ltswatch"]
+    settings["server"] = {"poll_interval": 0.5, "shutdown_grace": 30, **server}
     return settings
 
 
