@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.support.s3 import s3_landing_toml
 from tests.support.trees import read_tree
 
 MOVERD = [sys.executable, "-m", "moverd"]
@@ -25,11 +26,7 @@ def test_archive_a_landing_prefix_by_storage_name_or_s3_url(tmp_path: Path, s3_o
         client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=data)
     client.put_object(Bucket=bucket, Key="openem-network/datasets/other/x", Body=b"not this dataset")
     cfg = tmp_path / "moverd.toml"
-    cfg.write_text(
-        f'state_dir = "{tmp_path / "state"}"\n[storages.landing]\ntype = "s3"\nbucket = "{bucket}"\n'
-        f'endpoint_url = "{s3_options["endpoint_url"]}"\naccess_key_id = "{s3_options["access_key_id"]}"\n'
-        f'secret_access_key = "{s3_options["secret_access_key"]}"\nregion = "{s3_options["region"]}"\n'
-    )
+    cfg.write_text(s3_landing_toml(s3_options, state_dir=str(tmp_path / "state")))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOVERD_")}
 
     def moverd(*args: str) -> subprocess.CompletedProcess[str]:

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.support.s3 import s3_landing_toml
+
 RUNS = 12
 OBJECTS = 200
 
@@ -30,11 +32,7 @@ def test_many_archive_runs_from_s3_all_exit_zero(tmp_path: Path, s3_options: dic
     for i in range(OBJECTS):
         client.put_object(Bucket=bucket, Key=f"{prefix}/f{i:04d}.bin", Body=bytes([i % 251]) * 4096)
     cfg = tmp_path / "moverd.toml"
-    cfg.write_text(
-        f'[storages.landing]\ntype = "s3"\nbucket = "{bucket}"\nendpoint_url = "{s3_options["endpoint_url"]}"\n'
-        f'access_key_id = "{s3_options["access_key_id"]}"\nsecret_access_key = "{s3_options["secret_access_key"]}"\n'
-        f'region = "{s3_options["region"]}"\n'
-    )
+    cfg.write_text(s3_landing_toml(s3_options))
     base = {k: v for k, v in os.environ.items() if not k.startswith("MOVERD_")}
     codes: collections.Counter[int] = collections.Counter()
     failures = []

@@ -152,6 +152,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             stop_process(proc)
 
 
+def s3_landing_toml(options: dict[str, Any], **top: str) -> str:
+    """A configuration file's text: top-level keys (``state_dir=...``) and a ``landing`` storage
+    of type ``s3`` with ``options`` (as :func:`s3_options` gives them)."""
+    import tomli_w
+
+    return tomli_w.dumps({**top, "storages": {"landing": {"type": "s3", **options}}})
+
+
 @pytest.fixture
 def s3_options(s3_server: S3Server) -> dict[str, Any]:
     """Options of an ``s3`` storage on a fresh bucket of its own."""
