@@ -349,6 +349,7 @@ def upload(
     """Upload a dataset's files into the landing zone through a moverd daemon's upload API, in
     parallel parts with SHA-256 checksums, and finalize it. Run it again after an interruption:
     it resumes, sending no part twice."""
+    from moverd.services.observed import root_cause
     from moverd.units import parse_size
 
     from .upload import Uploader
@@ -369,6 +370,8 @@ def upload(
             async with show_progress(transfer, enabled=not as_json):
                 return await client.upload(path, dataset, transfer, finalize=finalize, archive=archive_job,
                                            owner=owner)
+        except BaseExceptionGroup as group:
+            raise root_cause(group) from None  # the first real error, one line, as the other commands show
         finally:
             await client.aclose()
 
@@ -384,7 +387,8 @@ def upload(
     seconds = time.monotonic() - t0
     if as_json:
         emit_json({"dataset": res.dataset, "files": res.files, "bytes": res.bytes, "skipped_files": res.skipped_files,
-                   "parts_sent": res.parts_sent, "parts_resumed": res.parts_resumed, "finalized": res.finalized,
+                   "parts_sent": res.parts_sent, "parts_resumed": res.parts_resumed,
+                   "urls_renewed": res.urls_renewed, "finalized": res.finalized,
                    "seconds": round(seconds, 3)})
     else:
         resumed = f", {res.parts_resumed} part(s) and {res.skipped_files} file(s) already there" if (

@@ -7,7 +7,9 @@ checks and finalizes. Files under one part go in one PUT, bigger ones in parts o
 (``x-amz-checksum-sha256``). Before it starts, the client asks the daemon what the dataset's upload
 left so far (``/s3/uploadState``): a file already there at its size is skipped, and an open
 multipart upload of a file continues, its parts already in S3 (at their expected size and, where
-S3 kept one, their checksum) not sent again. So a run that was killed is simply run again.
+S3 kept one, their checksum) not sent again. So a run that was killed is simply run again. A
+presigned URL that S3 refuses as expired (the daemon's ``ingest.url_expiry`` passed before a big
+file's later parts were sent) is signed again, for the same multipart upload, and the run goes on.
 
 Memory is bounded by design: a pool of ``--parallel`` buffers of ``--part-size`` (each made on
 first need, never more than ``--parallel``, reused until the end) holds every byte read. A part
@@ -29,11 +31,12 @@ not S3, the limit for many small files. The few API calls stay on httpx.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +64,11 @@ class ApiUserError(ApiError, UserError):
     """A refusal because of the request (4xx): exit code 2."""
 
 
+class UrlExpiredError(ApiError):
+    """S3 refused a presigned URL as expired (the daemon's ``ingest.url_expiry`` passed before it
+    was used: a big file's later parts over a slow link). The client asks for a new one."""
+
+
 @dataclass
 class LocalFile:
     path: Path
@@ -76,6 +84,7 @@ class Result:
     skipped_files: int = 0
     parts_sent: int = 0
     parts_resumed: int = 0
+    urls_renewed: int = 0
     job_id: str | None = None
     finalized: bool = False
     sent: list[str] = field(default_factory=list)
@@ -105,6 +114,9 @@ PRESIGN_BATCH = 256
 while a batch's URLs are used long before they expire."""
 PUT_ATTEMPTS = 5
 """Tries of one PUT (backing off 1, 2, 4, 8 s) on a broken connection or a 5xx answer."""
+URL_RENEWALS = 2
+"""New URLs for one PUT that S3 refused as expired; a freshly signed one refused again means the
+clocks of the daemon's host and of S3 are apart."""
 
 
 def _read_into(path: Path, offset: int, view: memoryview) -> None:
@@ -187,8 +199,10 @@ class Uploader:
                 if resp.status == 200:
                     return str(resp.headers.get("ETag", "")).strip('"')
                 if resp.status < 500 or last:
-                    text = resp.data[:200].decode(errors="replace")
-                    raise ApiError(f"PUT to S3 answered {resp.status}: {text}")
+                    text = resp.data[:300].decode(errors="replace")
+                    # S3's and MinIO's answer to a URL past its X-Amz-Expires
+                    expired = resp.status == 403 and "Request has expired" in text
+                    raise (UrlExpiredError if expired else ApiError)(f"PUT to S3 answered {resp.status}: {text}")
             time.sleep(2**attempt)
         raise AssertionError("unreachable")
 
@@ -227,13 +241,16 @@ class Uploader:
         ahead = anyio.CapacityLimiter(2)
         files_open = anyio.CapacityLimiter(self.parallel)
 
+        async def presign(names: list[str]) -> list[str]:
+            answer = await self.call("/s3/presignedPuts", {"dataset_id": pid, "object_names": names})
+            return list(answer["urls"])
+
         async def batch(names: list[tuple[str, LocalFile]]) -> None:
             async with ahead:
-                answer = await self.call("/s3/presignedPuts", {
-                    "dataset_id": pid, "object_names": [name for name, _ in names]})
+                urls = await presign([name for name, _ in names])
                 async with anyio.create_task_group() as tg:
-                    for (_, f), url in zip(names, answer["urls"], strict=True):
-                        tg.start_soon(self._single, url, f, result, transfer)
+                    for (name, f), url in zip(names, urls, strict=True):
+                        tg.start_soon(self._single, url, name, f, presign, result, transfer)
 
         async def multipart(name: str, f: LocalFile) -> None:
             async with files_open:
@@ -253,9 +270,32 @@ class Uploader:
             result.finalized = True
         return result
 
-    async def _single(self, url: str, f: LocalFile, result: Result, transfer: Transfer) -> None:
+    async def _renewing(self, url: str, send: Callable[[str], Awaitable[T]],
+                        renew: Callable[[str], Awaitable[str]], result: Result) -> T:
+        """``send(url)``; when S3 refuses the URL as expired, ``renew(stale)`` signs it again and
+        it is sent again."""
+        for renewal in range(URL_RENEWALS + 1):
+            try:
+                return await send(url)
+            except UrlExpiredError as exc:
+                if renewal == URL_RENEWALS:
+                    raise ApiError(f"{exc} (and so were {URL_RENEWALS} URLs signed again for it: are the clocks "
+                                   "of the daemon's host and of S3 apart?)") from None
+                url = await renew(url)
+                result.urls_renewed += 1
+        raise AssertionError("unreachable")
+
+    async def _single(self, url: str, name: str, f: LocalFile, presign: Callable[[list[str]], Awaitable[list[str]]],
+                      result: Result, transfer: Transfer) -> None:
+        async def send(u: str) -> None:
+            await self._in_thread(self._send_file_blocking, u, f.path, view)
+
+        async def renew(stale: str) -> str:
+            return (await presign([name]))[0]
+
         async with self._buffer() as buf:
-            await self._in_thread(self._send_file_blocking, url, f.path, memoryview(buf)[:f.size])
+            view = memoryview(buf)[:f.size]
+            await self._renewing(url, send, renew, result)
         result.sent.append(f.rel)
         transfer.bytes_done += f.size
         transfer.files_done += 1
@@ -271,6 +311,16 @@ class Uploader:
         answer = await self.call("/s3/presignedUrls", body)
         upload_id, urls = answer["upload_id"], answer["urls"]
         done: list[dict[str, Any]] = [{} for _ in range(count)]
+        renewing = anyio.Lock()
+
+        async def renewed(n: int, stale: str) -> str:
+            """A fresh URL for part ``n``: one request signs every part's again (of the same
+            upload), shared by the parts whose URLs expired together."""
+            nonlocal urls
+            async with renewing:
+                if urls[n - 1] == stale:
+                    urls = (await self.call("/s3/presignedUrls", {**body, "upload_id": upload_id}))["urls"]
+            return str(urls[n - 1])
 
         async def part(n: int) -> None:
             offset = (n - 1) * self.part_size
@@ -283,7 +333,10 @@ class Uploader:
                     etag = old["etag"]
                     result.parts_resumed += 1
                 else:
-                    etag = await self._in_thread(self._put_blocking, urls[n - 1], view, checksum)
+                    async def send(u: str) -> str:
+                        return await self._in_thread(self._put_blocking, u, view, checksum)
+
+                    etag = await self._renewing(urls[n - 1], send, functools.partial(renewed, n), result)
                     result.parts_sent += 1
                     self.on_part(n)
                 transfer.bytes_done += length

@@ -5,6 +5,7 @@ witness)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import pytest
 from tests.support.cli import MOVERD, cli_env, moverd, moverd_peak_rss
 from tests.support.daemon import Daemon, JWKSServer, wait_for
 from tests.support.facility import Facility
+from tests.support.faultproxy import FaultProxy
 from tests.support.s3 import S3Server
 from tests.support.scicat.fixtures import session_server
 
@@ -45,18 +47,21 @@ class Served:
         return {o["Key"]: o["Size"] for o in resp.get("Contents", [])}
 
 
-@pytest.fixture(scope="module")
-def served(s3_server: S3Server, prefect_db_template: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    tmp = tmp_path_factory.mktemp("ingest")
+@contextlib.contextmanager
+def ingest_daemon(s3_server: S3Server, template: Path, tmp: Path, name: str,
+                  landing_endpoint: str | None = None) -> Iterator[Served]:
+    """A daemon with the upload API on a facility of its own; ``landing_endpoint``: the landing
+    storage's endpoint (so the URLs it signs), if not the S3 server's own."""
     facility = Facility(scicat=session_server(), s3=s3_server, tmp=tmp, job_api="v4",
                         landing_bucket=s3_server.create_bucket("landing"),
                         retrieval_bucket=s3_server.create_bucket("retrieval"))
     idp = JWKSServer()
     settings = facility.settings_dict()
+    if landing_endpoint:
+        settings["storages"]["landing"]["endpoint_url"] = landing_endpoint
     settings["server"] = {"shutdown_grace": 10, "readiness_timeout": 10, "auth": idp.auth_settings()}
     settings["ingest"] = {"enabled": True, "landing_space": "4GiB"}
-    daemon = Daemon.create(tmp, settings, template=prefect_db_template, name="ingest")
+    daemon = Daemon.create(tmp, settings, template=template, name=name)
     daemon.start()
     try:
         daemon.wait_ready()
@@ -64,6 +69,13 @@ def served(s3_server: S3Server, prefect_db_template: Path,
     finally:
         daemon.stop(timeout=60)
         idp.close()
+
+
+@pytest.fixture(scope="module")
+def served(s3_server: S3Server, prefect_db_template: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with ingest_daemon(s3_server, prefect_db_template, tmp_path_factory.mktemp("ingest"), "ingest") as served:
+        yield served
 
 
 def make_files(root: Path, files: dict[str, int]) -> None:
@@ -150,6 +162,41 @@ def test_sigkill_then_rerun_resumes_without_sending_a_part_twice(served: Served,
     assert again and not again & before  # none of the parts already there was sent again
     assert served.landing(pid) == {f"openem-network/datasets/{pid}/raw_files/big.bin": size}
     assert scicat.lifecycle(pid)["archivable"] is True
+
+
+def test_an_expired_url_is_signed_again_and_the_upload_goes_on(
+    s3_server: S3Server, prefect_db_template: Path, tmp_path: Path
+) -> None:
+    """S3 answers 403 "Request has expired" to a presigned URL used after ``ingest.url_expiry``
+    (a big file's later parts over a slow link). The client asks the daemon for new URLs, of a
+    single PUT or of the open multipart upload (no second upload is created), and goes on."""
+    with FaultProxy(s3_server.host, s3_server.port) as proxy, \
+            ingest_daemon(s3_server, prefect_db_template, tmp_path, "expiry", landing_endpoint=proxy.url) as served:
+        facility, daemon = served.facility, served.daemon
+        files = {"small.txt": 1000, "big.bin": 11 * MIB}
+        pid = facility.scicat.add_dataset(list(files.items()), owner_group=GROUP, lifecycle=UPLOADING)
+        make_files(tmp_path / "ds", files)
+        env = cli_env(tmp_path, MOVERD_URL=daemon.url, MOVERD_TOKEN=served.idp.mint(groups=[f"/{GROUP}"]))
+        # the first two PUTs, whichever file or part they carry (or a PUT sent again), find their URL expired
+        proxy.fail_next(2, status=403, code="AccessDenied", message="Request has expired", method="PUT")
+        p = moverd(["upload", str(tmp_path / "ds"), "--dataset", pid, "--part-size", "5MiB", "--parallel", "4",
+                    "--no-archive", "--json"], env)
+        assert p.returncode == 0, p.stderr
+        res = json.loads(p.stdout)
+        assert res["finalized"] and res["urls_renewed"] == 2 and res["parts_sent"] == 3
+        prefix = f"openem-network/datasets/{pid}/raw_files"
+        listed = s3_server.client().list_objects_v2(Bucket=facility.landing_bucket, Prefix=prefix)
+        assert {o["Key"]: o["Size"] for o in listed["Contents"]} == {f"{prefix}/{k}": v for k, v in files.items()}
+        uploads = s3_server.client().list_multipart_uploads(Bucket=facility.landing_bucket, Prefix=prefix)
+        assert not uploads.get("Uploads")  # the renewed URLs were the same upload's: none left open
+        assert facility.scicat.lifecycle(pid)["archivable"] is True
+        # a refusal that is not an expiry is one line naming S3's answer, exit 1, no traceback
+        pid = facility.scicat.add_dataset([("x.txt", 10)], owner_group=GROUP, lifecycle=UPLOADING)
+        make_files(tmp_path / "ds2", {"x.txt": 10})
+        proxy.fail_always(status=403, code="AccessDenied", method="PUT")
+        p = moverd(["upload", str(tmp_path / "ds2"), "--dataset", pid, "--no-archive"], env)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.startswith("moverd: error: PUT to S3 answered 403") and "AccessDenied" in p.stderr
 
 
 RSS_ALLOWANCE = 96 * MIB

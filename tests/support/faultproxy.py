@@ -56,6 +56,7 @@ class Rule:
     code: str = "SlowDown"
     after_bytes: int = 0
     rst: bool = True
+    message: str | None = None
 
     def matches(self, method: str) -> bool:
         return self.method is None or self.method == method
@@ -100,9 +101,11 @@ class FaultProxy:
     # -- rules -------------------------------------------------------------------------------
 
     def fail_next(self, n: int = 1, *, status: int = 503, code: str | None = None,
-                  method: str | None = None) -> None:
-        """Answer the next ``n`` matching requests with ``status`` and an S3 error document."""
-        self._add(Rule("fail", n, method, status, code or _CODES.get(status, "InternalError")))
+                  method: str | None = None, message: str | None = None) -> None:
+        """Answer the next ``n`` matching requests with ``status`` and an S3 error document (its
+        ``Message`` the code's usual one, or ``message``: 403 ``AccessDenied`` "Request has
+        expired" is S3's answer to a presigned URL used too late)."""
+        self._add(Rule("fail", n, method, status, code or _CODES.get(status, "InternalError"), message=message))
 
     def fail_always(self, *, status: int = 503, code: str | None = None, method: str | None = None) -> None:
         """Answer every matching request with an error until :meth:`clear`."""
@@ -261,7 +264,7 @@ class FaultProxy:
     async def _send_error(self, writer: asyncio.StreamWriter, rule: Rule) -> None:
         body = (
             '<?xml version="1.0" encoding="UTF-8"?>\n'
-            f"<Error><Code>{rule.code}</Code><Message>{_MESSAGES.get(rule.code, 'Injected fault.')}"
+            f"<Error><Code>{rule.code}</Code><Message>{rule.message or _MESSAGES.get(rule.code, 'Injected fault.')}"
             "</Message><RequestId>faultproxy</RequestId></Error>"
         ).encode()
         reason = _REASONS.get(rule.status, "Error")
