@@ -238,7 +238,8 @@ async def test_the_clients_sequence_single_part_multipart_and_exact_chunk(env: E
 
 
 async def test_finalize_refuses_a_landing_zone_without_every_file(env: Env) -> None:
-    pid = env.scicat.add_dataset([("a.txt", 10), ("b.txt", 20)], owner_group=GROUP, lifecycle=UPLOADING)
+    pid = env.scicat.add_dataset([("a.txt", 10), ("b.txt", 20), ("c/never.txt", 5)], owner_group=GROUP,
+                                 lifecycle=UPLOADING)
     auth = env.token()
     assert (await env.api.post("/s3/requestDatasetUpload", json={"dataset_id": pid, "dataset_size_gib": 0},
                                headers=auth)).status_code == 201
@@ -248,7 +249,9 @@ async def test_finalize_refuses_a_landing_zone_without_every_file(env: Env) -> N
         "dataset_id": pid, "create_archiving_job": True, "owner_group": GROUP, "owner_user": "owner",
         "contact_email": "owner@example.org"})
     assert r.status_code == 422
-    assert r.json()["dataset_pid"] == pid and "b.txt (19 bytes, the catalog says 20)" in r.json()["details"]
+    details = r.json()["details"]
+    assert r.json()["dataset_pid"] == pid and "b.txt (19 bytes, the catalog says 20)" in details
+    assert "1 file(s) missing from the landing zone: c/never.txt" in details  # a file never uploaded
     assert env.scicat.lifecycle(pid).get("archivable") is not True
     assert not env.scicat.app.store.jobs
 
