@@ -32,12 +32,15 @@ FAST = {"restore_poll": 0.05, "restore_poll_max": 0.2, "restore_timeout": 20}
 class Restores:
     """An observer plugin that records every restore state change."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_in_progress: Any = None) -> None:
         self.events: list[tuple[str, str]] = []
+        self.on_in_progress = on_in_progress
 
     @hookimpl
     def restore_changed(self, transfer: Any, storage: str, key: str, state: str) -> None:
         self.events.append((key, state))
+        if state == "in_progress" and self.on_in_progress is not None:
+            self.on_in_progress()
 
     def states(self) -> set[str]:
         return {s for _, s in self.events}
@@ -77,10 +80,12 @@ def later(seconds: float, action: Any) -> threading.Timer:
 async def test_slow_restore_then_working_links(facility: Facility, s3_fault_proxy: FaultProxy) -> None:
     pid, files = await archived_on_tape(facility, s3_fault_proxy, 41)
     blocks = facility.scicat.datablocks(pid)
-    seen = Restores()
+    # the restores stay "ongoing" until the job has seen one in progress (a fixed delay was too
+    # short on a loaded host: the first look already found them available)
+    seen = Restores(on_in_progress=lambda: later(0.3, lambda: s3_fault_proxy.stop_rewriting("x-amz-restore")))
     facility.plugins.append(seen)
     s3_fault_proxy.rewrite_header("x-amz-restore", ONGOING, method="HEAD")
-    timer = later(1.0, lambda: s3_fault_proxy.stop_rewriting("x-amz-restore"))
+    timer = later(15.0, lambda: s3_fault_proxy.stop_rewriting("x-amz-restore"))
     job_id = facility.scicat.add_job("retrieve", [pid])
     try:
         res, transfers = await retrieve(facility, job_id)
