@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import MOVERD, cli_env, run
+from tests.support.cli import MOVERD, cli_env, moverd_on_terminal, run
 from tests.support.trees import awkward_tree, read_tree, small_files_tree
 
 
@@ -86,28 +85,8 @@ def test_sigkill_mid_datablock_then_rerun_completes(tmp_path: Path, env: dict[st
 def test_progress_bars_on_a_terminal_and_rich_only_when_shown(tmp_path: Path, env: dict[str, str]) -> None:
     """On a terminal the archive shows a bar (bytes, files) on stderr; with ``--json`` rich is
     not even imported (it costs ~25 ms of every start)."""
-    import pty
-
     small_files_tree(tmp_path / "src", 20, size=50_000)
-    primary, secondary = pty.openpty()
-    try:
-        p = subprocess.run([*MOVERD, "archive", str(tmp_path / "src")], env={**env, "COLUMNS": "200"},
-                           stdout=subprocess.PIPE, stderr=secondary, text=True, timeout=120)
-        os.close(secondary)
-        secondary = -1
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(primary, 65536)
-            except OSError:  # EIO: the terminal's other end is closed and drained
-                break
-            if not chunk:
-                break
-            shown += chunk
-    finally:
-        os.close(primary)
-        if secondary >= 0:
-            os.close(secondary)
+    p, shown = moverd_on_terminal(["archive", str(tmp_path / "src")], env, timeout=120)
     assert p.returncode == 0, shown.decode(errors="replace")
     assert "archived" in p.stdout
     assert b"archive " in shown and b"20/20 files" in shown

@@ -28,6 +28,34 @@ def moverd(
     return p
 
 
+def moverd_on_terminal(args: list[str], env: dict[str, str], *, timeout: float = 180,
+                       ) -> tuple[subprocess.CompletedProcess[str], bytes]:
+    """Run ``moverd ARGS`` with stderr on a pseudo-terminal (200 columns), as a user at a shell
+    sees it; stdout is piped. Returns the process and what the terminal showed."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        p = subprocess.run(MOVERD + args, env={**env, "COLUMNS": "200"}, stdout=subprocess.PIPE, stderr=secondary,
+                           text=True, timeout=timeout)
+        os.close(secondary)
+        secondary = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    return p, shown
+
+
 def run(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
     """``moverd ARGS`` that must succeed unless ``check`` is False."""
     return moverd(args, env, check=check)
