@@ -94,22 +94,6 @@ class RetrieveSettings(_Section):
         return v
 
 
-class PrefectSettings(_Section):
-    global_limits: bool = False
-    """Hold the LTS read/write bounds across hosts with Prefect global concurrency limits
-    (``<storage>-read``/``<storage>-write``, created by ``moverd prefect setup``). Needs a Prefect
-    server (``PREFECT_API_URL``); without one each process's own semaphores are the bound."""
-    slot_lease: Duration = Field(60.0, ge=60, le=3600)
-    """How long a global slot is leased (Prefect's shortest lease is 60 s); the holder renews it
-    while it writes. A holder that died (kill -9, a lost host) gives its slot back when the lease
-    runs out: within ``slot_lease`` plus the Prefect server's sweep of expired leases (its
-    ``PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS``, 15 s by default), 75 s on defaults. A
-    holder that cannot renew stops its write first, so a freed slot never lets more writers in
-    than the limit."""
-    archival_work_pool: str = "archival-docker-workpool"
-    retrieval_work_pool: str = "retrieval-docker-workpool"
-
-
 class Settings(BaseSettings):
     """The engine's sections. Top-level keys of other layers are passed over here (``ignore``);
     a layer's subclass sets ``extra="forbid"`` so that a typo anywhere is still an error."""
@@ -127,7 +111,6 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = PipelineSettings()
     archive: ArchiveSettings = ArchiveSettings()
     retrieve: RetrieveSettings = RetrieveSettings()
-    prefect: PrefectSettings = PrefectSettings()
     storages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     catalog: dict[str, Any] = Field(default_factory=lambda: {"type": "local"})
 

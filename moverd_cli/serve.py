@@ -101,8 +101,9 @@ def prefect_setup(
                 error = await client.api_healthcheck()
                 if error is not None:
                     raise MoverdError(f"Prefect at {client.api_url} does not answer: {error}")
-                takeover_after = daemon_settings(a).server.takeover_after
-                return await setup(client, a.settings, limits, takeover_after=takeover_after), str(client.api_url)
+                settings = daemon_settings(a)
+                return (await setup(client, settings, limits, takeover_after=settings.server.takeover_after),
+                        str(client.api_url))
 
     try:
         report, url = anyio.run(go)

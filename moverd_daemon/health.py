@@ -26,6 +26,8 @@ import anyio
 
 from moverd.app import App
 
+from .settings import daemon_settings
+
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
 
@@ -127,7 +129,7 @@ class Readiness:
             out[f"storage {name}"] = lambda name=name: self._storage(name)  # type: ignore[misc]
         if self.client is not None:
             out["prefect"] = self._prefect
-            if self.app.settings.prefect.global_limits:
+            if daemon_settings(self.app).prefect.global_limits:
                 out["prefect limits"] = self._limits
         return out
 

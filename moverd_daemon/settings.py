@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
+from moverd_flows.settings import FlowSettings
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -334,8 +335,9 @@ class IngestSettings(Options):
         return http_url(v)
 
 
-class DaemonSettings(Settings):
-    """The whole configuration file: the engine's sections, ``[server]`` and ``[scheduler]``."""
+class DaemonSettings(FlowSettings):
+    """The whole configuration file: the engine's sections, the Prefect layer's ``[prefect]``,
+    and the daemon's ``[server]``, ``[scheduler]`` and ``[ingest]``."""
 
     model_config = SettingsConfigDict(**{**Settings.model_config, "extra": "forbid"})  # type: ignore[typeddict-item]
 

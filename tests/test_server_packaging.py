@@ -15,12 +15,13 @@ from typing import Any, get_args
 import pytest
 import yaml
 from moverd_catalog_scicat.options import SciCatOptions
+from moverd_flows.settings import PrefectSettings
 from moverd_storage_lts.options import PosixOptions
 from moverd_storage_s3.options import S3Options
 from pydantic import BaseModel, SecretStr
 
 from moverd.builtin.local_catalog import LocalCatalogOptions
-from moverd.config import ArchiveSettings, PipelineSettings, PrefectSettings, RetrieveSettings, load_settings
+from moverd.config import ArchiveSettings, PipelineSettings, RetrieveSettings, load_settings
 from moverd_daemon.notify import Notifier
 from moverd_daemon.settings import AuthSettings, DaemonSettings, IngestSettings, SchedulerSettings, ServerSettings
 

@@ -26,11 +26,11 @@ LEASE = 60.0  # the shortest lease Prefect grants
 
 HOLDER = textwrap.dedent("""
     import sys, time, anyio
-    from moverd.config import Settings
     from moverd_flows.limits import global_slots
+    from moverd_flows.settings import FlowSettings
 
     async def main():
-        settings = Settings(state_dir=sys.argv[1], prefect={"global_limits": True, "slot_lease": sys.argv[2]})
+        settings = FlowSettings(state_dir=sys.argv[1], prefect={"global_limits": True, "slot_lease": sys.argv[2]})
         slot = global_slots(settings)
         t0 = time.monotonic()
         async with slot("lts-write"):

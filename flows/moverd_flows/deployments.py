@@ -28,10 +28,10 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from moverd.app import App
-from moverd.config import Settings
 from moverd.errors import MoverdError
 
 from .jobs import archive_job_flow, retrieve_job_flow
+from .settings import FlowSettings
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class DeploymentSpec:
         return f"{self.flow.name}/{self.name}"
 
 
-def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
+def deployment_specs(settings: FlowSettings) -> list[DeploymentSpec]:
     p = settings.prefect
     return [
         DeploymentSpec("archive", archive_job_flow, "archival", p.archival_work_pool,
@@ -79,11 +79,11 @@ def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
     ]
 
 
-def spec_for(settings: Settings, job_type: str) -> DeploymentSpec:
+def spec_for(settings: FlowSettings, job_type: str) -> DeploymentSpec:
     return next(s for s in deployment_specs(settings) if s.job_type == job_type)
 
 
-async def ensure_work_pools(client: PrefectClient, settings: Settings) -> list[str]:
+async def ensure_work_pools(client: PrefectClient, settings: FlowSettings) -> list[str]:
     """Create the work pools that do not exist yet; return the names created."""
     from prefect.workers.process import ProcessWorker
 
@@ -105,7 +105,7 @@ async def ensure_work_pools(client: PrefectClient, settings: Settings) -> list[s
     return created
 
 
-async def apply_deployments(client: PrefectClient, settings: Settings) -> dict[UUID, DeploymentSpec]:
+async def apply_deployments(client: PrefectClient, settings: FlowSettings) -> dict[UUID, DeploymentSpec]:
     """Create or update the deployments (an upsert on the server); return them by id."""
     out: dict[UUID, DeploymentSpec] = {}
     for spec in deployment_specs(settings):
@@ -163,7 +163,7 @@ async def missing_limits(client: PrefectClient, names: list[str]) -> list[str]:
     return missing
 
 
-def variables(settings: Settings, limits: dict[str, int]) -> dict[str, Any]:
+def variables(settings: FlowSettings, limits: dict[str, int]) -> dict[str, Any]:
     """Prefect variables that describe the installation to operators (the seed kept its flow
     parameters there; moverd's configuration file is the source of truth, these mirror it)."""
     from moverd import __version__
@@ -189,7 +189,7 @@ class SetupReport:
     takeover_after: float | None = None
 
 
-async def setup(client: PrefectClient, settings: Settings, limits: dict[str, int], *,
+async def setup(client: PrefectClient, settings: FlowSettings, limits: dict[str, int], *,
                 takeover_after: float) -> SetupReport:
     """Everything a Prefect server needs before daemons serve it. Idempotent."""
     from prefect.variables import Variable

@@ -29,13 +29,14 @@ from prefect.exceptions import Abort
 
 from moverd import Datablock, Job, JobType, Transfer
 from moverd.app import App
-from moverd.config import Settings, load_settings
+from moverd.config import load_settings
 from moverd.planner import DatablockPlan
 from moverd.services.jobs import DatasetOutcome, JobOutcome, run_job
 
 from .keys import artifact_key
 from .limits import global_locks, global_slots
 from .progress import progress_artifact
+from .settings import FlowSettings
 
 _transfer: contextvars.ContextVar[Transfer | None] = contextvars.ContextVar("moverd_transfer", default=None)
 """The transfer of the dataset subflow a datablock runs in: the engine's block runner is handed the
@@ -97,7 +98,7 @@ async def job_flow(
 
 def _load(config: str | None) -> App:
     """An App of this flow run's own (a worker that was handed no App), with the global limits."""
-    settings: Settings = load_settings(config)
+    settings = load_settings(config, FlowSettings)
     return App(settings, global_slots=global_slots(settings), global_locks=global_locks(settings))
 
 

@@ -30,7 +30,8 @@ from prefect.settings import PREFECT_API_URL
 
 from moverd import ConfigError
 from moverd.app import GlobalLocks, GlobalSlots
-from moverd.config import Settings
+
+from .settings import FlowSettings
 
 
 def _holder() -> ConcurrencyLeaseHolder | None:
@@ -44,7 +45,7 @@ def _holder() -> ConcurrencyLeaseHolder | None:
     return None
 
 
-def global_slots(settings: Settings) -> GlobalSlots | None:
+def global_slots(settings: FlowSettings) -> GlobalSlots | None:
     """What an App holds around its LTS sections besides its own semaphores (``App(...,
     global_slots=)``): the limit named after the section, with ``prefect.global_limits``."""
     if not settings.prefect.global_limits:
@@ -95,7 +96,7 @@ def lock_limit(name: str) -> str:
     return f"moverd-lock-{zlib.crc32(name.encode()) % LOCK_BUCKETS:02d}"
 
 
-def global_locks(settings: Settings) -> GlobalLocks | None:
+def global_locks(settings: FlowSettings) -> GlobalLocks | None:
     """Locks across every daemon sharing the Prefect server (``App(..., global_locks=)``): one slot
     of a limit made on first use, leased like the LTS slots, so a dead holder's lock comes back."""
     if not settings.prefect.global_limits:

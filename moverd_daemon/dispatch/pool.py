@@ -68,10 +68,10 @@ class PoolDispatcher(Dispatcher):
             elif abs(window - configured) >= 1:
                 log.warning("the Prefect server's takeover window is %g s, server.takeover_after here %g s: "
                             "heartbeats follow the server's", window, configured)
-            lease = self.app.settings.prefect.slot_lease
-            if window is not None and self.app.settings.prefect.global_limits and window <= lease:
+            prefect = daemon_settings(self.app).prefect
+            if window is not None and prefect.global_limits and window <= prefect.slot_lease:
                 log.warning("the takeover window (%g s) is not above prefect.slot_lease (%g s): a daemon cut off "
-                            "from Prefect may still be writing when its job is taken over", window, lease)
+                            "from Prefect may still be writing when its job is taken over", window, prefect.slot_lease)
         return self._window
 
     def _spec(self, job_type: str) -> DeploymentSpec:
