@@ -97,3 +97,16 @@ def test_progress_bars_on_a_terminal_and_rich_only_when_shown(tmp_path: Path, en
     )
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60).stdout
     assert "RICH False" in out
+
+
+def test_a_command_that_needs_no_prefect_does_not_import_it(tmp_path: Path, env: dict[str, str]) -> None:
+    """Every command reads the whole configuration (``DaemonSettings``, which builds on the Prefect
+    layer's ``FlowSettings``); importing that must not import Prefect itself, which costs a CLI run
+    about a second of CPU and 40 MiB (the archive bench caught it once: 2.3 -> 4.0 CPU s per GiB)."""
+    probe = (
+        "import sys, runpy; sys.argv = ['moverd', 'datasets', '--json']\n"
+        "try:\n    runpy.run_module('moverd', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print('PREFECT', sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.'))[:3])"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert "PREFECT []" in out.stdout, out.stdout + out.stderr
