@@ -35,7 +35,6 @@ import functools
 import hashlib
 import math
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from moverd.checksums import composite_sha256
 from moverd.errors import MoverdError, UserError
 from moverd.events import Transfer
 from moverd.keys import safe_key
+from moverd.retry import retry_blocking
 
 GIB = 1024**3
 T = TypeVar("T")
@@ -62,6 +62,10 @@ class ApiError(MoverdError):
 
 class ApiUserError(ApiError, UserError):
     """A refusal because of the request (4xx): exit code 2."""
+
+
+class _TransientPutError(ApiError):
+    """A PUT that broke or that S3 answered with a 5xx: sent again (:data:`PUT_ATTEMPTS`)."""
 
 
 class UrlExpiredError(ApiError):
@@ -113,7 +117,7 @@ PRESIGN_BATCH = 256
 """Single PUTs presigned per ``/s3/presignedPuts`` request: few requests for many small files,
 while a batch's URLs are used long before they expire."""
 PUT_ATTEMPTS = 5
-"""Tries of one PUT (backing off 1, 2, 4, 8 s) on a broken connection or a 5xx answer."""
+"""Tries of one PUT on a broken connection or a 5xx answer (moverd's backoff, from 1 s)."""
 URL_RENEWALS = 2
 """New URLs for one PUT that S3 refused as expired; a freshly signed one refused again means the
 clocks of the daemon's host and of S3 are apart."""
@@ -187,29 +191,27 @@ class Uploader:
         length (no chunked encoding, which S3 refuses); returns the ETag."""
         url = base64.b64decode(url_b64).decode()
         headers = {"x-amz-checksum-sha256": checksum, "Content-Type": "", "Content-Length": str(len(data))}
-        for attempt in range(PUT_ATTEMPTS):
-            last = attempt == PUT_ATTEMPTS - 1
+
+        def attempt() -> str:
             try:
                 # urllib3 sends any buffer as it is (body_to_chunks); its annotation names only bytes.
                 resp = self.s3.request("PUT", url, body=data, headers=headers, redirect=False)  # type: ignore[arg-type]
             except urllib3.exceptions.HTTPError as exc:
-                if last:
-                    raise ApiError(f"PUT to S3 failed: {type(exc).__name__}: {exc}") from None
-            else:
-                if resp.status == 200:
-                    return str(resp.headers.get("ETag", "")).strip('"')
-                if resp.status < 500 or last:
-                    text = resp.data[:300].decode(errors="replace")
-                    # S3's and MinIO's answer to a URL past its X-Amz-Expires
-                    expired = resp.status == 403 and "Request has expired" in text
-                    raise (UrlExpiredError if expired else ApiError)(f"PUT to S3 answered {resp.status}: {text}")
-            time.sleep(2**attempt)
-        raise AssertionError("unreachable")
+                raise _TransientPutError(f"PUT to S3 failed: {type(exc).__name__}: {exc}") from None
+            if resp.status == 200:
+                return str(resp.headers.get("ETag", "")).strip('"')
+            text = resp.data[:300].decode(errors="replace")
+            # S3's and MinIO's answer to a URL past its X-Amz-Expires
+            expired = resp.status == 403 and "Request has expired" in text
+            cls = _TransientPutError if resp.status >= 500 else UrlExpiredError if expired else ApiError
+            raise cls(f"PUT to S3 answered {resp.status}: {text}")
+
+        return retry_blocking(attempt, retryable=lambda exc: isinstance(exc, _TransientPutError),
+                              attempts=PUT_ATTEMPTS, base_delay=1.0, max_delay=8.0, what="PUT to S3")
 
     def _send_file_blocking(self, url_b64: str, path: Path, view: memoryview) -> None:
         """A file under one part: read, hashed and sent in one worker thread's turn."""
-        _read_into(path, 0, view)
-        self._put_blocking(url_b64, view, b64sha256(view))
+        self._put_blocking(url_b64, view, _read_and_sum(path, 0, view))
 
     async def upload(self, root: Path, pid: str, transfer: Transfer, *, finalize: bool, archive: bool,
                      owner: dict[str, str]) -> Result:
