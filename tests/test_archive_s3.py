@@ -73,13 +73,14 @@ async def test_object_missing_from_the_landing_zone_is_named(s3_app: App, s3_ser
 async def test_a_proxy_of_the_environment_carries_every_request(
     tmp_path: Path, s3_server: Any, s3_options: dict[str, Any], s3_fault_proxy: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With HTTP_PROXY set (as botocore reads it), reads, listings and HEADs go through the proxy
-    too, not straight to the endpoint; NO_PROXY naming the endpoint's host bypasses it."""
+    """With HTTP_PROXY set (as botocore reads it, here with a user and password), reads, listings
+    and HEADs go through the proxy too, not straight to the endpoint, each with the proxy's
+    credentials; NO_PROXY naming the endpoint's host bypasses it."""
     files = small_files_tree(tmp_path / "src", 30, size=3000)
     upload(s3_server, s3_options["bucket"], "openem-network/datasets/px/raw_files", files)
     for var in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", s3_fault_proxy.url)
+    monkeypatch.setenv("HTTP_PROXY", f"http://archiver:pw@127.0.0.1:{s3_fault_proxy.port}")
     settings = make_settings(tmp_path / "a", storages={"landing": {"type": "s3", **s3_options}},
                              archive={"landing_prefix": "openem-network/datasets/{pid}/raw_files"})
     async with App(settings) as app:
@@ -90,6 +91,7 @@ async def test_a_proxy_of_the_environment_carries_every_request(
     # Proxied requests carry the whole URL: one GET per file at least, and the listing.
     assert sum(f"/{s3_options['bucket']}/openem-network/datasets/px/raw_files/" in t for t in gets) >= len(files)
     assert all(t.startswith(s3_server.endpoint_url) for t in gets), gets[:3]
+    assert s3_fault_proxy.proxy_authorizations == ["Basic YXJjaGl2ZXI6cHc="] * len(s3_fault_proxy.seen)
 
     seen = len(s3_fault_proxy.seen)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")

@@ -186,3 +186,17 @@ def test_a_retry_of_an_error_without_a_message_names_its_type(caplog) -> None:  
 
     assert anyio.run(main) == 7
     assert "GET x failed (TimeoutError), retry 1/1" in caplog.text
+
+
+def test_a_removed_s3_option_still_loads_with_a_warning(tmp_path: Path) -> None:
+    """``fast_get`` chose between two read paths; there is one now. A configuration written for
+    the older moverd still loads, and says the key can go."""
+    cfg = tmp_path / "old.toml"
+    cfg.write_text(
+        f'state_dir = "{tmp_path}/state"\n'
+        "[storages.landing]\ntype = \"s3\"\nbucket = \"landing\"\nendpoint_url = \"http://127.0.0.1:9\"\n"
+        "access_key_id = \"a\"\nsecret_access_key = \"b\"\nfast_get = false\n"
+    )
+    p = config_check(cfg)
+    assert p.returncode == 0, p.stderr
+    assert "fast_get is deprecated and has no effect" in p.stderr and "delete the key" in p.stderr

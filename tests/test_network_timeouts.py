@@ -22,7 +22,6 @@ from tests.test_storage_s3 import opened, read_all
 
 pytestmark = pytest.mark.anyio
 
-PATHS = pytest.mark.parametrize("fast_get", [True, False], ids=["lean", "aiobotocore"])
 SHORT = {"connect_timeout": 0.5, "read_timeout": 0.3, "request_timeout": 1.5, "max_attempts": 8}
 """Timeouts short enough for a test; eight attempts of 0.3 s with backoff would take ~4 s or more,
 so only ``request_timeout`` can end a call in time."""
@@ -79,13 +78,12 @@ class Timed:
 # -- S3 ------------------------------------------------------------------------------------------
 
 
-@PATHS
 async def test_silent_s3_endpoint_fails_listing_and_reading_in_bounded_time(
-    s3_options: dict[str, Any], silent_endpoint: str, fast_get: bool
+    s3_options: dict[str, Any], silent_endpoint: str
 ) -> None:
     bucket = s3_options["bucket"]
     said = f"^s3 {silent_endpoint}: no answer to"
-    async with opened(s3_options, endpoint_url=silent_endpoint, fast_get=fast_get, **SHORT) as storage:
+    async with opened(s3_options, endpoint_url=silent_endpoint, **SHORT) as storage:
         with Timed() as t, anyio.fail_after(10):
             with pytest.raises(StorageError, match=f"{said} list {bucket}/ds/ within 1.5 s"):
                 [i async for i in storage.list("ds")]
@@ -100,14 +98,13 @@ async def test_silent_s3_endpoint_fails_listing_and_reading_in_bounded_time(
         assert 1.2 < t.seconds < 3.5
 
 
-@PATHS
 async def test_silent_s3_endpoint_fails_after_its_attempts_of_read_timeout(
-    s3_options: dict[str, Any], silent_endpoint: str, fast_get: bool
+    s3_options: dict[str, Any], silent_endpoint: str
 ) -> None:
     """With a generous ``request_timeout``, the attempts end it: each waited ``read_timeout``."""
     bucket = s3_options["bucket"]
     opts = {**SHORT, "request_timeout": 60, "max_attempts": 2}
-    async with opened(s3_options, endpoint_url=silent_endpoint, fast_get=fast_get, **opts) as storage:
+    async with opened(s3_options, endpoint_url=silent_endpoint, **opts) as storage:
         with Timed() as t, anyio.fail_after(20):
             with pytest.raises(
                 StorageError, match=f"^s3 {silent_endpoint}: no answer to GET {bucket}/k within 0.3 s \\(2 attempts\\)$"

@@ -20,7 +20,6 @@ from tests.test_storage_s3 import FAST_RETRIES, MIB, opened, read_all
 
 pytestmark = pytest.mark.anyio
 
-PATHS = pytest.mark.parametrize("fast_get", [True, False], ids=["lean", "aiobotocore"])
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +33,9 @@ async def listed(storage: S3Storage, key: str) -> ObjectInfo:
     return found[0]
 
 
-@PATHS
 @pytest.mark.parametrize("ranged", [False, True], ids=["whole", "range"])
 async def test_object_overwritten_after_listing_is_refused(
-    s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool, ranged: bool
+    s3_options: dict[str, Any], s3_server: S3Server, ranged: bool
 ) -> None:
     """Same key, same size, other bytes (a second upload of the file): the ETag pinned with
     ``If-Match`` no longer matches, and the reader refuses rather than deliver the new bytes."""
@@ -46,7 +44,7 @@ async def test_object_overwritten_after_listing_is_refused(
     first = os.urandom(300_000)
     client.put_object(Bucket=bucket, Key="ds/f.bin", Body=first)
     args = (1000, 5000) if ranged else ()
-    async with opened(s3_options, fast_get=fast_get) as storage:
+    async with opened(s3_options) as storage:
         info = await listed(storage, "ds/f.bin")
         # The listed version reads fine with expect=.
         reader = await storage.open_reader("ds/f.bin", *args, expect=info)
@@ -60,15 +58,14 @@ async def test_object_overwritten_after_listing_is_refused(
         assert len(await read_all(reader)) == (5000 if ranged else len(first))
 
 
-@PATHS
 async def test_size_is_checked_against_the_listing(
-    s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool
+    s3_options: dict[str, Any], s3_server: S3Server
 ) -> None:
     """A listing entry whose size is not the object's (an entry from another listing, or a server
     that does not compare ETags) is refused on its size: the bytes would not be the listed ones."""
     bucket = s3_options["bucket"]
     s3_server.client().put_object(Bucket=bucket, Key="g.bin", Body=b"y" * 5000)
-    async with opened(s3_options, fast_get=fast_get) as storage:
+    async with opened(s3_options) as storage:
         info = await listed(storage, "g.bin")
         wrong = ObjectInfo(key="g.bin", size=4000, mtime=info.mtime, etag=None)
         for args in [(), (100, 50), (0, 0)]:
@@ -77,15 +74,14 @@ async def test_size_is_checked_against_the_listing(
                 await read_all(reader)
 
 
-@PATHS
 async def test_object_replaced_while_read_is_refused_on_resume(
-    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy, fast_get: bool
+    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy
 ) -> None:
     """The body breaks, the object is replaced, the resumed GET carries the listed ETag: a
     SourceChangedError (a user error: archive again later), not a splice of two versions."""
     bucket = s3_options["bucket"]
     s3_server.client().put_object(Bucket=bucket, Key="v.bin", Body=os.urandom(2 * MIB))
-    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "fast_get": fast_get}
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES}
     async with opened(opts) as storage:
         info = await listed(storage, "v.bin")
         s3_fault_proxy.reset_next(1, after_bytes=256 * 1024, method="GET")
@@ -139,12 +135,11 @@ def web_server() -> Iterator[str]:
         server.server_close()
 
 
-@PATHS
 async def test_html_404_is_not_reported_as_a_missing_object(
-    s3_options: dict[str, Any], web_server: str, fast_get: bool
+    s3_options: dict[str, Any], web_server: str
 ) -> None:
     bucket = s3_options["bucket"]
-    opts = {**s3_options, "endpoint_url": web_server, "max_attempts": 1, "fast_get": fast_get}
+    opts = {**s3_options, "endpoint_url": web_server, "max_attempts": 1}
     said = (
         f"{web_server}: the endpoint did not answer like S3: HTTP 404 Not Found, "
         "Content-Type text/html; charset=utf-8, body starts '<!DOCTYPE html>"

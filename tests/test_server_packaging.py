@@ -55,7 +55,9 @@ def _secret(model: type[BaseModel], name: str) -> bool:
 
 def missing(model: type[BaseModel], keys: set[str], skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
     out = []
-    for name in model.model_fields:
+    for name, field in model.model_fields.items():
+        if field.deprecated:  # kept so that old files load; not shown to new ones
+            continue
         if name in skip or name in keys:
             continue
         if f"{name}_file" in keys and (_secret(model, name) or name == "username"):

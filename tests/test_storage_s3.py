@@ -52,12 +52,8 @@ async def read_all(reader: Reader, chunk: int = MIB) -> bytes:
 
 
 async def open_and_read(storage: S3Storage, key: str, *args: Any) -> None:
-    """``open_reader`` and a first read, for errors: a lean reader (``fast_get``) sends its GET
-    with its first read and raises from there, so its ``open_reader`` must not raise; through
-    aiobotocore, ``open_reader`` sends the GET and raises itself."""
-    if storage._fast is None:
-        await storage.open_reader(key, *args)
-        return
+    """``open_reader`` and a first read, for errors: a reader sends its GET with its first read
+    and raises from there, so its ``open_reader`` must not raise."""
     reader = await storage.open_reader(key, *args)  # no I/O: nothing to fail
     try:
         await reader.readinto(memoryview(bytearray(1000)))
@@ -156,9 +152,8 @@ async def test_secret_from_file(s3_options: dict[str, Any], tmp_path: Path) -> N
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
-async def test_small_round_trip_is_one_put(s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool) -> None:
-    async with opened(s3_options, fast_get=fast_get) as storage:
+async def test_small_round_trip_is_one_put(s3_options: dict[str, Any], s3_server: S3Server) -> None:
+    async with opened(s3_options) as storage:
         data = os.urandom(1000)
         writer = await write(storage, "dir/small.bin", data, chunk=300)
         assert writer.parts_in_flight_peak == 0 and writer.buffers_allocated == 1
@@ -240,11 +235,10 @@ async def test_cancelled_writer_is_aborted_cleanly(s3_options: dict[str, Any], s
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
-async def test_ranged_reads(s3_options: dict[str, Any], fast_get: bool) -> None:
+async def test_ranged_reads(s3_options: dict[str, Any]) -> None:
     data = os.urandom(3 * MIB + 17)
     size = len(data)
-    async with opened(s3_options, fast_get=fast_get) as storage:
+    async with opened(s3_options) as storage:
         await write(storage, "r.bin", data)
         for offset, length in [(0, 10), (5, None), (MIB - 1, MIB + 2), (size - 3, None), (size - 3, 100),
                                (size, None), (size, 0), (0, 0), (0, size)]:
@@ -263,10 +257,9 @@ async def test_ranged_reads(s3_options: dict[str, Any], fast_get: bool) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
-async def test_not_found(s3_options: dict[str, Any], fast_get: bool) -> None:
+async def test_not_found(s3_options: dict[str, Any]) -> None:
     bucket = s3_options["bucket"]
-    async with opened(s3_options, fast_get=fast_get) as storage:
+    async with opened(s3_options) as storage:
         with pytest.raises(NotFoundError, match=f"s3 {bucket}/no/such: no such object"):
             await storage.stat("no/such")
         with pytest.raises(NotFoundError, match=f"s3 {bucket}/missing: no such object"):
@@ -275,22 +268,21 @@ async def test_not_found(s3_options: dict[str, Any], fast_get: bool) -> None:
             await storage.open_reader("missing", 0, 0)
         assert not await storage.exists("missing")
         await storage.delete("missing")  # deleting a missing object is fine
-    async with opened(s3_options, bucket="no-such-bucket-here", fast_get=fast_get) as storage:
+    async with opened(s3_options, bucket="no-such-bucket-here") as storage:
         with pytest.raises(NotFoundError, match="bucket 'no-such-bucket-here' does not exist at http://"):
             await open_and_read(storage, "x")
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
-async def test_create_bucket_option(s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool) -> None:
+async def test_create_bucket_option(s3_options: dict[str, Any], s3_server: S3Server) -> None:
     name = s3_options["bucket"] + "-new"
-    async with opened(s3_options, bucket=name, create_bucket=True, fast_get=fast_get) as storage:
+    async with opened(s3_options, bucket=name, create_bucket=True) as storage:
         await write(storage, "a", b"1")
-    async with opened(s3_options, bucket=name, create_bucket=True, fast_get=fast_get) as storage:  # exists: fine
+    async with opened(s3_options, bucket=name, create_bucket=True) as storage:  # exists: fine
         assert [i.key async for i in storage.list()] == ["a"]
     assert keys(s3_server, name) == ["a"]
     other = s3_options["bucket"] + "-listed-first"
-    async with opened(s3_options, bucket=other, create_bucket=True, fast_get=fast_get) as storage:
+    async with opened(s3_options, bucket=other, create_bucket=True) as storage:
         assert [i.key async for i in storage.list()] == []  # created by the first listing
     assert keys(s3_server, other) == []
 
@@ -299,14 +291,13 @@ async def test_create_bucket_option(s3_options: dict[str, Any], s3_server: S3Ser
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
-async def test_prefix_handling(s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool) -> None:
+async def test_prefix_handling(s3_options: dict[str, Any], s3_server: S3Server) -> None:
     bucket = s3_options["bucket"]
     client = s3_server.client()
     for key in ("archive/v1x/outside", "other/y", "archive/v1"):
         client.put_object(Bucket=bucket, Key=key, Body=b"-")
     client.put_object(Bucket=bucket, Key="archive/v1/marker/", Body=b"")  # console "folder"
-    async with opened(s3_options, prefix="archive/v1", fast_get=fast_get) as storage:
+    async with opened(s3_options, prefix="archive/v1") as storage:
         await write(storage, "ds/a.txt", b"a")
         await write(storage, "ds/sub/b.txt", b"bb")
         await write(storage, "dsx/c.txt", b"ccc")
@@ -325,15 +316,14 @@ async def test_prefix_handling(s3_options: dict[str, Any], s3_server: S3Server, 
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
-async def test_list_and_delete_beyond_1000(s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool) -> None:
+async def test_list_and_delete_beyond_1000(s3_options: dict[str, Any], s3_server: S3Server) -> None:
     bucket = s3_options["bucket"]
     client = s3_server.client()
     names = [f"many/{i:05d}" for i in range(1003)]
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=b"x"), names))
     client.put_object(Bucket=bucket, Key="keep/me", Body=b"x")
-    async with opened(s3_options, fast_get=fast_get) as storage:
+    async with opened(s3_options) as storage:
         listed = [i async for i in storage.list("many")]
         assert sorted(i.key for i in listed) == names
         assert all(i.size == 1 and i.etag for i in listed)
@@ -398,13 +388,12 @@ async def test_retries_survive_503_bursts(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("rst", [True, False], ids=["reset", "early-close"])
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
 async def test_broken_read_is_resumed(
-    s3_options: dict[str, Any], s3_fault_proxy: FaultProxy, s3_server: S3Server, rst: bool, fast_get: bool
+    s3_options: dict[str, Any], s3_fault_proxy: FaultProxy, s3_server: S3Server, rst: bool
 ) -> None:
     data = os.urandom(3 * MIB)
     s3_server.client().put_object(Bucket=s3_options["bucket"], Key="r.bin", Body=data)
-    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "fast_get": fast_get}
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES}
     async with opened(opts) as storage:
         s3_fault_proxy.reset_next(2, after_bytes=700_000, rst=rst)  # the first GET and its resume
         reader = await storage.open_reader("r.bin")
@@ -417,13 +406,12 @@ async def test_broken_read_is_resumed(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
 async def test_object_replaced_during_resumed_read(
-    s3_options: dict[str, Any], s3_fault_proxy: FaultProxy, s3_server: S3Server, fast_get: bool
+    s3_options: dict[str, Any], s3_fault_proxy: FaultProxy, s3_server: S3Server
 ) -> None:
     bucket = s3_options["bucket"]
     s3_server.client().put_object(Bucket=bucket, Key="v.bin", Body=os.urandom(2 * MIB))
-    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "fast_get": fast_get}
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES}
     async with opened(opts) as storage:
         s3_fault_proxy.reset_next(1, after_bytes=256 * 1024)
         reader = await storage.open_reader("v.bin")
@@ -435,13 +423,12 @@ async def test_object_replaced_during_resumed_read(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
 async def test_persistent_failure_is_a_storage_error(
-    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy, fast_get: bool
+    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy
 ) -> None:
     bucket = s3_options["bucket"]
     s3_server.client().put_object(Bucket=bucket, Key="there", Body=b"x")
-    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "max_attempts": 2, "fast_get": fast_get}
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "max_attempts": 2}
     async with opened(opts, part_size="5MiB") as storage:
         s3_fault_proxy.fail_always(status=503, method="PUT")
         writer = await storage.open_writer("w.bin")
@@ -469,13 +456,12 @@ async def test_persistent_failure_is_a_storage_error(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
 async def test_stream_that_never_recovers(
-    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy, fast_get: bool
+    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy
 ) -> None:
     bucket = s3_options["bucket"]
     s3_server.client().put_object(Bucket=bucket, Key="r", Body=os.urandom(MIB))
-    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "max_attempts": 2, "fast_get": fast_get}
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "max_attempts": 2}
     async with opened(opts) as storage:
         s3_fault_proxy.reset_next(3, after_bytes=0)  # the GET and each resume: no body at all
         reader = await storage.open_reader("r")
@@ -484,13 +470,12 @@ async def test_stream_that_never_recovers(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean-get", "aiobotocore-get"])
-async def test_unreachable_endpoint(s3_options: dict[str, Any], fast_get: bool) -> None:
+async def test_unreachable_endpoint(s3_options: dict[str, Any]) -> None:
     from tests.support.s3 import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     bucket = s3_options["bucket"]
-    opts = {**s3_options, "endpoint_url": endpoint, "max_attempts": 1, "connect_timeout": 1, "fast_get": fast_get}
+    opts = {**s3_options, "endpoint_url": endpoint, "max_attempts": 1, "connect_timeout": 1}
     async with opened(opts) as storage:
         with pytest.raises(StorageError, match=f"s3 {bucket}/k: cannot talk to {endpoint}"):
             await storage.stat("k")

@@ -1,9 +1,10 @@
-"""The ``s3`` storage's lean client (``fast_get``: GET, list, HEAD in worker threads on urllib3,
-signed by botocore) against a real S3 server (moto over HTTP, and over TLS through a terminating
-proxy), compared with the aiobotocore path where both apply."""
+"""The ``s3`` storage's lean client (GET, list, HEAD in worker threads on urllib3, signed by
+botocore) against a real S3 server (moto over HTTP, over TLS through a terminating proxy, and
+through a forward proxy of the environment), compared with what boto3 reads where both apply."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -69,14 +70,13 @@ async def blocking_read_all(reader: Any, chunk: int = MIB) -> tuple[bytes, list[
     return bytes(out), sizes, md5.hexdigest()
 
 
-@pytest.mark.parametrize("fast_get", [True, False], ids=["lean", "aiobotocore"])
-async def test_awkward_keys_round_trip(s3_options: dict[str, Any], s3_server: S3Server, fast_get: bool) -> None:
+async def test_awkward_keys_round_trip(s3_options: dict[str, Any], s3_server: S3Server) -> None:
     client = s3_server.client()
     bucket = s3_options["bucket"]
     bodies = {key: f"body of {key!r}".encode() * (i + 1) for i, key in enumerate(AWKWARD_KEYS)}
     for key, body in bodies.items():
         client.put_object(Bucket=bucket, Key=f"top/{key}", Body=body)
-    async with opened(s3_options, prefix="top", fast_get=fast_get) as storage:
+    async with opened(s3_options, prefix="top") as storage:
         listed = {info.key: info async for info in storage.list()}
         assert sorted(listed) == sorted(AWKWARD_KEYS)
         for key, body in bodies.items():
@@ -92,20 +92,27 @@ async def test_awkward_keys_round_trip(s3_options: dict[str, Any], s3_server: S3
         assert [i.key async for i in storage.list("unicode/ÄÖÜ ß")] == ["unicode/ÄÖÜ ß/日本語 ファイル.bin"]
 
 
-async def test_lean_and_aiobotocore_list_and_stat_alike(s3_options: dict[str, Any], s3_server: S3Server) -> None:
+async def test_listing_and_stat_match_boto3s(s3_options: dict[str, Any], s3_server: S3Server) -> None:
+    """What the lean client parses out of ListObjectsV2 and HEAD is what boto3 parses."""
     client = s3_server.client()
     bucket = s3_options["bucket"]
     for i, key in enumerate(AWKWARD_KEYS):
         client.put_object(Bucket=bucket, Key=f"p/{key}", Body=os.urandom(i * 1000))
     client.put_object(Bucket=bucket, Key="p/folder/", Body=b"")
-    results = []
-    for fast_get in (True, False):
-        async with opened(s3_options, prefix="p", fast_get=fast_get) as storage:
-            listed = sorted([i async for i in storage.list()], key=lambda i: i.key)
-            stats = [await storage.stat(k) for k in ("plain.bin", "unicode/ÄÖÜ ß/日本語 ファイル.bin")]
-            results.append((listed, stats))
-    assert results[0] == results[1]
-    assert len(results[0][0]) == len(AWKWARD_KEYS)
+    expected = {
+        obj["Key"][2:]: (obj["Size"], obj["ETag"].strip('"'), obj["LastModified"].timestamp())
+        for obj in client.list_objects_v2(Bucket=bucket, Prefix="p/")["Contents"] if not obj["Key"].endswith("/")
+    }
+    async with opened(s3_options, prefix="p") as storage:
+        listed = {i.key: (i.size, i.etag, i.mtime) async for i in storage.list()}
+        assert listed == expected
+        assert len(listed) == len(AWKWARD_KEYS)
+        for key in ("plain.bin", "unicode/ÄÖÜ ß/日本語 ファイル.bin"):
+            head = client.head_object(Bucket=bucket, Key=f"p/{key}")
+            info = await storage.stat(key)
+            assert (info.size, info.etag, info.mtime) == (
+                head["ContentLength"], head["ETag"].strip('"'), head["LastModified"].timestamp()
+            )
 
 
 async def test_lean_listing_pages_beyond_1000(s3_options: dict[str, Any], s3_server: S3Server) -> None:
@@ -116,7 +123,7 @@ async def test_lean_listing_pages_beyond_1000(s3_options: dict[str, Any], s3_ser
     names = [f"many/{i:05d} é+x" for i in range(2010)]
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=b"x"), names))
-    async with opened(s3_options, fast_get=True) as storage:
+    async with opened(s3_options) as storage:
         assert storage._fast is not None
         page, token = await storage._fast.list_page("many/", None)
         assert len(page) == 1000 and token  # really paged
@@ -129,7 +136,7 @@ async def test_blocking_reads_fill_chunks_and_resume(
 ) -> None:
     data = os.urandom(3 * MIB + 123)
     s3_server.client().put_object(Bucket=s3_options["bucket"], Key="r.bin", Body=data)
-    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "fast_get": True}
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES}
     async with opened(opts) as storage:
         reader = await storage.open_reader("r.bin")
         assert isinstance(reader, LeanReader)
@@ -176,7 +183,7 @@ async def test_object_replaced_during_blocking_resume(
 
 async def test_lean_listing_errors(s3_options: dict[str, Any], s3_fault_proxy: FaultProxy) -> None:
     bucket = s3_options["bucket"]
-    opts = {**s3_options, "fast_get": True, "max_attempts": 2}
+    opts = {**s3_options, "max_attempts": 2}
     async with opened(opts, bucket="no-such-bucket-here") as storage:
         with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist at http://"):
             [i async for i in storage.list()]
@@ -346,7 +353,7 @@ async def test_lazy_open_missing_object_raises_from_first_read(
 ) -> None:
     bucket = s3_options["bucket"]
     buf = memoryview(bytearray(1000))
-    async with opened(s3_options, fast_get=True) as storage:
+    async with opened(s3_options) as storage:
         assert storage._fast is not None
         exchanges = count_calls(monkeypatch, storage._fast, "send")
         for args in [(), (10, 100)]:
@@ -366,7 +373,7 @@ async def test_lazy_open_missing_object_raises_from_first_read(
             await storage.open_reader("../escape")
         assert exchanges == []
     endpoint = re.escape(s3_options["endpoint_url"])
-    async with opened(s3_options, bucket="no-such-bucket-here", fast_get=True) as storage:
+    async with opened(s3_options, bucket="no-such-bucket-here") as storage:
         for read in (lambda r: r.readinto(buf), lambda r: read_blocking(r, buf)):
             reader = await storage.open_reader("x")
             error = f"^s3 no-such-bucket-here/x: bucket 'no-such-bucket-here' does not exist at {endpoint}$"
@@ -382,7 +389,7 @@ async def test_lazy_open_errors_and_retries(
     data = os.urandom(300_000)
     s3_server.client().put_object(Bucket=bucket, Key="k", Body=data)
     buf = memoryview(bytearray(MIB))
-    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES, "fast_get": True}
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, **FAST_RETRIES}
     async with opened(opts) as storage:
         s3_fault_proxy.fail_next(2, status=503, method="GET")  # retried within the first read
         reader = await storage.open_reader("k")
@@ -404,7 +411,7 @@ async def test_lazy_ranges_at_and_past_the_end(s3_options: dict[str, Any], s3_se
     data = os.urandom(5000)
     s3_server.client().put_object(Bucket=bucket, Key="r.bin", Body=data)
     buf = memoryview(bytearray(1000))
-    async with opened(s3_options, fast_get=True) as storage:
+    async with opened(s3_options) as storage:
         for offset, length in [(5000, None), (5000, 10)]:  # S3 answers 416: a HEAD tells the end
             reader = await storage.open_reader("r.bin", offset, length)
             assert await reader.readinto(buf) == 0
@@ -440,7 +447,7 @@ async def test_small_object_costs_one_thread_hop(
     """Open and first read share a worker-thread call; the end needs none."""
     data = os.urandom(20_000)
     s3_server.client().put_object(Bucket=s3_options["bucket"], Key="small.bin", Body=data)
-    async with opened(s3_options, fast_get=True) as storage:
+    async with opened(s3_options) as storage:
         assert storage._fast is not None
         runs = count_calls(monkeypatch, storage._fast, "run")
         for _ in range(3):
@@ -459,7 +466,7 @@ async def test_aclose_before_any_read_does_no_io(
 ) -> None:
     s3_server.client().put_object(Bucket=s3_options["bucket"], Key="k", Body=b"x" * 1000)
     buf = memoryview(bytearray(1000))
-    async with opened(s3_options, fast_get=True) as storage:
+    async with opened(s3_options) as storage:
         fast = storage._fast
         assert fast is not None
         calls = [count_calls(monkeypatch, fast, name) for name in ("run", "send", "head_blocking")]
@@ -474,7 +481,7 @@ async def test_aclose_before_any_read_does_no_io(
 
 
 def test_lean_path_imports_no_aioboto3(s3_options: dict[str, Any], s3_server: S3Server, tmp_path: Path) -> None:
-    """Listing, stat and reading with ``fast_get`` never import aioboto3, aiobotocore or aiohttp
+    """Listing, stat and reading never import aioboto3, aiobotocore or aiohttp
     (half a second of every CLI run); botocore only signs."""
     client = s3_server.client()
     for i in range(3):
@@ -558,6 +565,38 @@ async def test_https_endpoint_reads_through_the_lean_path(
             assert (await storage.stat("tls/r.bin")).size == len(data)
         assert tls_proxy.connections - before <= 1
     assert b"GET /" + s3_options["bucket"].encode() + b"/tls/r.bin HTTP/1.1" in tls_proxy.sent
+
+
+async def test_https_endpoint_through_a_proxy_of_the_environment(
+    s3_options: dict[str, Any], tls_proxy: TLSProxy, s3_fault_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``HTTPS_PROXY`` (with a user and password) in front of an ``https://`` endpoint: reads,
+    listings and HEADs go through a CONNECT tunnel with verified TLS to the endpoint inside it,
+    carrying the proxy's credentials, as botocore sends the uploads; a body that breaks inside
+    the tunnel is resumed on a new one."""
+    data = os.urandom(2 * MIB + 11)
+    with FaultProxy("127.0.0.1", 9) as forward:  # a forward proxy only: CONNECT names the address
+        for var in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://mover:s%3Acret@127.0.0.1:{forward.port}")
+        opts = {**s3_options, "endpoint_url": tls_proxy.url, "ca_bundle": str(tls_proxy.ca_bundle), **FAST_RETRIES}
+        async with opened(opts) as storage:
+            assert storage._fast.proxy == f"http://mover:s%3Acret@127.0.0.1:{forward.port}"
+            await write_object(storage, "px/r.bin", data)  # aiobotocore, through the same proxy
+            uploads = len(forward.seen)
+            assert uploads >= 1
+            assert [(i.key, i.size) async for i in storage.list("px")] == [("px/r.bin", len(data))]
+            assert (await storage.stat("px/r.bin")).size == len(data)
+            s3_fault_proxy.reset_next(1, after_bytes=500_000, rst=True)
+            reader = await storage.open_reader("px/r.bin")
+            got, _, digest = await blocking_read_all(reader)
+            assert got == data and digest == hashlib.md5(data).hexdigest() and reader.resumes == 1
+        tunnels = forward.seen[uploads:]
+    target = tls_proxy.url.removeprefix("https://")
+    assert tunnels and all(seen == ("CONNECT", target, None) for seen in tunnels), tunnels
+    basic = "Basic " + base64.b64encode(b"mover:s:cret").decode()
+    assert forward.proxy_authorizations == [basic] * len(forward.seen)
+    assert b"GET /" + s3_options["bucket"].encode() + b"/px/r.bin HTTP/1.1" in tls_proxy.sent
 
 
 async def test_https_certificate_is_verified(s3_options: dict[str, Any], tls_proxy: TLSProxy) -> None:

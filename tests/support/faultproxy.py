@@ -17,6 +17,12 @@ are, one upstream connection per request. Rules, consumed in order, make it misb
 ``seen`` lists every request's method, target and Range header, in order (to count
 RestoreObject calls, and to see which byte ranges were read).
 
+It is also a forward proxy of the kind ``HTTP_PROXY``/``HTTPS_PROXY`` name: a request whose
+target is a whole URL is forwarded to the upstream like any other, and ``CONNECT host:port``
+opens a tunnel to that address (on 127.0.0.1 only), which it relays untouched (no rules apply
+inside: the bytes are TLS). ``proxy_authorizations`` lists the ``Proxy-Authorization`` header
+of each request and CONNECT that carried one.
+
 Each rule may be limited to one HTTP ``method`` (``"GET"``, ``"PUT"``...). It runs its own event
 loop in a daemon thread, so sync and async tests (and any client library) can use it; the rule
 methods are thread-safe. ``requests`` and ``faults`` count what it saw and did.
@@ -85,6 +91,7 @@ class FaultProxy:
         self._rules: list[Rule] = []
         self._rewrites: dict[str, tuple[str, str | None]] = {}
         self.seen: list[tuple[str, str, str | None]] = []
+        self.proxy_authorizations: list[str] = []
         self._lock = threading.Lock()
         self.requests = 0
         self.faults = 0
@@ -211,6 +218,11 @@ class FaultProxy:
                 req = _parse_request(head)
                 self.requests += 1
                 self.seen.append((req.method, req.target, req.header("range")))
+                if (auth := req.header("proxy-authorization")) is not None:
+                    self.proxy_authorizations.append(auth)
+                if req.method == "CONNECT":
+                    await self._tunnel(req.target, reader, writer)
+                    return
                 rule = self._take(req.method)
                 if rule is not None and rule.kind == "fail":
                     # Answered before the body is read: the connection cannot be reused.
@@ -235,6 +247,34 @@ class FaultProxy:
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
+
+    @staticmethod
+    async def _tunnel(target: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """CONNECT: relay bytes both ways between the client and ``target`` until either ends."""
+        host, _, port = target.rpartition(":")
+        if host not in ("127.0.0.1", "localhost"):
+            writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            return
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except ConnectionError:
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    dst.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            up_writer.close()
 
     @staticmethod
     async def _read_head(reader: asyncio.StreamReader) -> bytes | None:

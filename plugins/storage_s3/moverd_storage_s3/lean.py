@@ -23,8 +23,11 @@ path, on maintained parts:
 
 Retries are moverd's policy (:func:`moverd.retry_blocking`, the transient errors of
 :func:`.errors.is_transient`) within ``request_timeout``; a body that breaks is resumed with a
-ranged GET pinned to the object's ETag with ``If-Match``, as :class:`.reader.S3Reader` does on
-the aiobotocore path.
+ranged GET pinned to the object's ETag with ``If-Match``. This is the storage's only read path.
+
+Proxies: where botocore would go through a proxy of the environment (:func:`environment_proxy`),
+so does this client, as urllib3's proxy manager does it (:func:`_through_proxy`): a CONNECT
+tunnel for ``https://`` endpoints, whole-URL requests to the proxy for ``http://`` ones.
 
 Abandoning a blocking call: a task cancelled while its worker thread waits returns at once
 (``abandon_on_cancel=True``); the thread is then stopped by an :class:`Interrupt`, which shuts
@@ -47,7 +50,7 @@ from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, TypeVarTuple
-from urllib.parse import quote, unquote_plus, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 import anyio
 import urllib3
@@ -265,18 +268,23 @@ class LeanClient:
         self.max_connections = opts.max_pool_connections
         self._signer = _Signer(opts)
         host = f"{opts.bucket}.{url.hostname}" if self.virtual else (url.hostname or "127.0.0.1")
+        https = url.scheme == "https"
+        port = url.port or (443 if https else 80)
+        ca = str(opts.ca_bundle) if opts.ca_bundle is not None else _default_ca()
+        tls: dict[str, Any] = dict(
+            cert_reqs="CERT_REQUIRED" if opts.verify_tls else "CERT_NONE",
+            ca_certs=ca if opts.verify_tls else None, assert_hostname=None if opts.verify_tls else False,
+        )
+        self.proxy = environment_proxy(opts.endpoint_url, opts.region)
+        """The proxy of the environment that carries this endpoint's requests, as botocore
+        decides it (so uploads and reads take the same way); None: straight to the endpoint."""
+        self._forward = False
+        self._proxy_headers: dict[str, str] = {}
         make: Callable[[], HTTPConnection]
-        if url.scheme == "https":
-            port = url.port or 443
-            ca = str(opts.ca_bundle) if opts.ca_bundle is not None else _default_ca()
-            verify = opts.verify_tls
-            make = lambda: HTTPSConnection(  # noqa: E731
-                host, port, cert_reqs="CERT_REQUIRED" if verify else "CERT_NONE",
-                ca_certs=ca if verify else None, assert_hostname=None if verify else False,
-            )
+        if self.proxy is None:
+            make = (lambda: HTTPSConnection(host, port, **tls)) if https else (lambda: HTTPConnection(host, port))
         else:
-            port = url.port or 80
-            make = lambda: HTTPConnection(host, port)  # noqa: E731
+            make, self._forward, self._proxy_headers = _through_proxy(self.proxy, host, port, https, tls)
         self._connections = _Connections(make, opts.max_pool_connections)
         self._limiter: anyio.CapacityLimiter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -329,6 +337,9 @@ class LeanClient:
         request is sent until :meth:`Interrupt.untrack_all`; the caller gives the connection
         back (:meth:`release`) or closes it."""
         signed = self._signer.headers(method, self.origin + target, {"Host": self.netloc, **headers})
+        if self._forward:  # to a proxy that forwards it: the whole URL, and the proxy's credentials
+            target = self.origin + target
+            signed.update(self._proxy_headers)
         while True:
             conn, reused = self._connections.take()
             try:
@@ -488,20 +499,67 @@ class LeanClient:
         return await self.run(self.list_page_blocking, prefix, token, stop, interrupt=stop.fire)
 
 
-def environment_proxy(endpoint_url: str | None, region: str) -> bool:
-    """Would botocore send this endpoint's requests through a proxy of the environment
-    (``HTTP_PROXY``/``HTTPS_PROXY`` for its scheme, unless ``NO_PROXY`` names its host)? It
-    decides with the same standard-library calls. The lean client connects directly, so such a
-    storage reads through aiobotocore instead, which uses the proxy."""
+def environment_proxy(endpoint_url: str | None, region: str) -> str | None:
+    """The proxy of the environment (``HTTP_PROXY``/``HTTPS_PROXY`` for the endpoint's scheme,
+    unless ``NO_PROXY`` names its host) that botocore would send this endpoint's requests
+    through, decided with the same standard-library calls and completed as botocore completes it
+    (``host:port`` means ``http://host:port``); None when there is none."""
     import urllib.request
 
     url = urlsplit(endpoint_url or f"https://s3.{region}.amazonaws.com")
     try:
         if urllib.request.proxy_bypass(url.netloc):
-            return False
+            return None
     except (TypeError, socket.gaierror):
         pass
-    return bool(urllib.request.getproxies().get(url.scheme))
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if not proxy:
+        return None
+    if proxy.startswith(("http:", "https:")):
+        return proxy
+    return f"http:{proxy}" if proxy.startswith("//") else f"http://{proxy}"
+
+
+def masked(proxy: str) -> str:
+    """A proxy URL fit for a log line: its password replaced."""
+    parsed = urlsplit(proxy)
+    if parsed.password is None:
+        return proxy
+    return proxy.replace(f":{parsed.password}@", ":***@", 1)
+
+
+def _through_proxy(
+    proxy: str, host: str, port: int, https: bool, tls: dict[str, Any]
+) -> tuple[Callable[[], HTTPConnection], bool, dict[str, str]]:
+    """How to reach ``host:port`` through ``proxy``, as urllib3's ProxyManager does it: an
+    ``https://`` endpoint through a CONNECT tunnel (TLS end to end with the endpoint, inside TLS
+    to the proxy when the proxy's URL is ``https://``); an ``http://`` one by sending the proxy
+    each request with the whole URL (``forward``). Also the ``Proxy-Authorization`` header of
+    the user and password in the proxy's URL. The proxy's own certificate is checked against the
+    default CA bundle (``ca_bundle`` is the endpoint's)."""
+    from urllib3.connection import ProxyConfig
+    from urllib3.util import make_headers, parse_url
+
+    url = parse_url(proxy)
+    if url.host is None:
+        raise ValueError(f"proxy {masked(proxy)!r} names no host")
+    secure = url.scheme == "https"
+    proxy_port = url.port or (443 if secure else 80)
+    headers = make_headers(proxy_basic_auth=unquote(url.auth)) if url.auth else {}
+    proxy_host: str = url.host
+    if https:
+        config = ProxyConfig(None, False, None, None)
+
+        def tunnel() -> HTTPConnection:
+            conn = HTTPSConnection(proxy_host, proxy_port, proxy=url, proxy_config=config, **tls)
+            conn.set_tunnel(host, port, headers=headers, scheme="https" if secure else "http")
+            return conn
+
+        return tunnel, False, {}
+    if secure:
+        ca = _default_ca()
+        return (lambda: HTTPSConnection(proxy_host, proxy_port, cert_reqs="CERT_REQUIRED", ca_certs=ca)), True, headers
+    return (lambda: HTTPConnection(proxy_host, proxy_port)), True, headers
 
 
 def _default_ca() -> str | None:

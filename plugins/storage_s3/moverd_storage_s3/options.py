@@ -6,12 +6,15 @@ configuration fails at startup with the key named, not hours later in the middle
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from moverd import ByteSize, Duration, Options, PositiveDuration, UnsafePathError, safe_key
+
+log = logging.getLogger(__name__)
 
 MIB = 1024**2
 MIN_PART_SIZE = 5 * MIB
@@ -54,12 +57,10 @@ class S3Options(Options):
     max_pool_connections: int = Field(default=64, ge=1)
     create_bucket: bool = False
     """Create the bucket on first use when it is missing: for tests and development setups."""
-    fast_get: bool = True
-    """Read objects (GET), list and stat (HEAD) with moverd's lean client: urllib3 connections in
-    worker threads, botocore's SigV4 signer and credential chain, bodies received straight into
-    moverd's buffers. False: aiobotocore for every request. Uploads, deletes, restores and
-    presigning always use aiobotocore, and so does everything of a storage whose endpoint a
-    proxy of the environment (``HTTP(S)_PROXY``, not bypassed by ``NO_PROXY``) serves."""
+    fast_get: bool | None = Field(default=None, deprecated="without effect: every read goes through the lean client")
+    """Deprecated, without effect: reads, listings and HEADs always go through the lean client
+    (a proxy of the environment included), which has the only read path's retries and resume.
+    Accepted, with a warning, so that a configuration written for an older moverd still loads."""
 
     read_limit: int | None = Field(default=None, ge=1)
     """Concurrent datablock reads (LTS_READ_LIMIT) when this storage is the LTS; None: unbounded
@@ -138,6 +139,14 @@ class S3Options(Options):
         return self.storage_class is not None and self.storage_class.upper() in {
             c.upper() for c in self.cold_classes
         }
+
+    @field_validator("fast_get")
+    @classmethod
+    def _fast_get(cls, value: bool | None) -> bool | None:
+        if value is not None:
+            log.warning("s3 option fast_get is deprecated and has no effect: every read goes through "
+                        "the lean client (proxies of the environment included); delete the key")
+        return value
 
     @model_validator(mode="after")
     def _credentials_pair(self) -> S3Options:

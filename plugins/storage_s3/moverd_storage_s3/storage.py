@@ -1,9 +1,9 @@
 """The ``s3`` storage: a bucket (and a folder of it) as a moverd source or sink.
 
 Reads, listings and HEADs go through the lean client (:mod:`.lean`: urllib3 and botocore's
-signer, in worker threads) on every endpoint unless ``fast_get`` is off; uploads, deletes,
-presigning and bucket creation, and every request with ``fast_get = false``, through aiobotocore,
-which is then imported on first use only.
+signer, in worker threads), on every endpoint and through a proxy of the environment too; uploads,
+deletes, restores, presigning and bucket creation through aiobotocore, which is imported on first
+use only. So there is one read path, with one retry policy and one way to resume a broken body.
 """
 
 from __future__ import annotations
@@ -34,16 +34,12 @@ from . import crc, lean, restore
 from .client import S3Clients
 from .errors import (
     Waits,
-    changed_error,
     check_version,
     client_error_code,
-    quoted_etag,
     to_storage_error,
-    total_size,
     within,
 )
 from .options import S3Options
-from .reader import S3Reader, range_header
 from .uploads import MAX_PRESIGN, S3DirectUploads
 from .writer import MultipartWriter
 
@@ -69,12 +65,10 @@ class S3Storage(S3DirectUploads, Storage):
         self.bucket = options.bucket
         self.prefix = options.prefix
         self.clients = S3Clients(options)
-        self._fast: lean.LeanClient | None = None
-        if options.fast_get and lean.environment_proxy(options.endpoint_url, options.region):
-            log.info("storage %r: a proxy of the environment (HTTP(S)_PROXY) serves %s: reads, listings and "
-                     "HEADs go through aiobotocore, which uses it", name, options.endpoint_url or "AWS S3")
-        elif options.fast_get:
-            self._fast = lean.LeanClient(options)
+        self._fast = lean.LeanClient(options)
+        if self._fast.proxy is not None:
+            log.info("storage %r: %s is reached through the proxy %s (HTTP(S)_PROXY)",
+                     name, options.endpoint_url or "AWS S3", lean.masked(self._fast.proxy))
         self._bucket_ready = not options.create_bucket
         self.waits = Waits(options.connect_timeout, options.read_timeout, options.max_attempts)
         if options.verification == "auto":
@@ -122,11 +116,11 @@ class S3Storage(S3DirectUploads, Storage):
         except Exception as exc:
             raise self._error(exc, None, "connect") from exc
 
-    async def _lean(self) -> lean.LeanClient | None:
-        """The lean client, if it serves this storage. With ``create_bucket``, the aiobotocore
-        client (which creates the bucket) is opened first, once: that option is for tests and
-        development setups, where the import does not matter."""
-        if self._fast is not None and not self._bucket_ready:
+    async def _lean(self) -> lean.LeanClient:
+        """The lean client. With ``create_bucket``, the aiobotocore client (which creates the
+        bucket) is opened first, once: that option is for tests and development setups, where the
+        import does not matter."""
+        if not self._bucket_ready:
             await self._client()
             self._bucket_ready = True
         return self._fast
@@ -136,30 +130,15 @@ class S3Storage(S3DirectUploads, Storage):
     async def _pages(self, folder: str) -> AsyncIterator[builtins.list[lean.Listed]]:
         """ListObjectsV2 pages under ``folder``, following continuation tokens."""
         fast = await self._lean()
-        if fast is not None:
-            token: str | None = None
-            while True:
-                try:
-                    page, token = await fast.list_page(folder, token)
-                except Exception as exc:
-                    raise self._error(exc, folder or None, "list", self._listing(folder)) from exc
-                yield page
-                if token is None:
-                    return
-        client = await self._client()
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder).__aiter__()
+        token: str | None = None
         while True:
             try:
-                resp = await self._bounded(pages.__anext__(), "list", folder or None)
-            except StopAsyncIteration:
-                return
+                page, token = await fast.list_page(folder, token)
             except Exception as exc:
                 raise self._error(exc, folder or None, "list", self._listing(folder)) from exc
-            yield [
-                lean.Listed(str(obj["Key"]), int(obj["Size"]), obj["LastModified"].timestamp(),
-                               _etag(obj.get("ETag")))
-                for obj in resp.get("Contents", [])
-            ]
+            yield page
+            if token is None:
+                return
 
     def _listing(self, folder: str) -> str:
         return f"list {self.bucket}/{folder}" if folder else f"list {self.bucket}"
@@ -174,26 +153,16 @@ class S3Storage(S3DirectUploads, Storage):
     async def stat(self, key: str) -> ObjectInfo:
         full = self._full(key)
         fast = await self._lean()
-        if fast is not None:
-            try:
-                head = await fast.head(full)
-            except Exception as exc:
-                raise self._error(exc, key, request=f"HEAD {self.bucket}/{full}") from exc
-            return ObjectInfo(key=key, size=head.size, mtime=head.mtime, etag=head.etag)
-        client = await self._client()
         try:
-            resp = await self._bounded(client.head_object(Bucket=self.bucket, Key=full), "HEAD", full)
+            head = await fast.head(full)
         except Exception as exc:
             raise self._error(exc, key, request=f"HEAD {self.bucket}/{full}") from exc
-        return ObjectInfo(
-            key=key, size=int(resp["ContentLength"]), mtime=resp["LastModified"].timestamp(),
-            etag=_etag(resp.get("ETag")),
-        )
+        return ObjectInfo(key=key, size=head.size, mtime=head.mtime, etag=head.etag)
 
     async def open_reader(
         self, key: str, offset: int = 0, length: int | None = None, *, uncached: bool = False,
         expect: ObjectInfo | None = None,
-    ) -> S3Reader | lean.LeanReader:
+    ) -> lean.LeanReader:
         """Stream ``length`` bytes from ``offset`` (to the end when None).
 
         With ``expect`` (the listing's entry) every GET, resumed ones included, carries
@@ -201,72 +170,23 @@ class S3Storage(S3DirectUploads, Storage):
         S3 replaces objects whole, so a matching ETag is the listed version's bytes, and any other
         version fails with :class:`~moverd.SourceChangedError` rather than being archived.
 
-        On the lean path this does no I/O (but for ``length == 0``, which stats the object): the
-        GET is sent by the first read, so a missing object raises
-        :class:`~moverd.NotFoundError` from there (see :class:`.lean.LeanReader`). Through
-        aiobotocore the GET is sent here, and a missing object raises here. Bad keys and
-        negative ranges raise here on both.
+        This does no I/O (but for ``length == 0``, which stats the object): the GET is sent by the
+        first read, in the worker thread that receives the first bytes, which saves a thread hop
+        per object. So a missing object raises :class:`~moverd.NotFoundError` from there (see
+        :class:`.lean.LeanReader`); bad keys and negative ranges raise here.
         """
         # ``uncached`` needs nothing here: every GET is served by the S3 server, not a local cache.
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"offset and length must not be negative (got {offset}, {length})")
         full = self._full(key)
-        pinned = quoted_etag(expect.etag) if expect is not None and expect.etag else None
-        common: dict[str, Any] = dict(
-            client=self._client, bucket=self.bucket, key=key, full_key=full,
-            endpoint=self.clients.endpoint, attempts=self.options.max_attempts,
-            expect=expect, deadline=self.options.request_timeout, waits=self.waits,
-        )
+        fast = await self._lean()
         if length == 0:
             info = await self.stat(key)  # a missing key is still an error
             if expect is not None:
                 check_version(self.bucket, key, expect, etag=info.etag, size=info.size)
-            return self._empty(key, common)
+            return lean.LeanReader.empty(fast, bucket=self.bucket, key=key, full_key=full)
         end = None if length is None else offset + length
-        fast = await self._lean()
-        if fast is not None:
-            # Lazy: the first read sends the GET (and maps its errors, 416 included) in the worker
-            # thread that receives the first bytes, which saves a thread hop per object.
-            return lean.LeanReader(
-                fast, bucket=self.bucket, key=key, full_key=full, start=offset, end=end, expect=expect
-            )
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
-        if offset or end is not None:
-            kwargs["Range"] = range_header(offset, end)
-        if pinned:
-            kwargs["IfMatch"] = pinned
-        client = await self._client()
-        try:
-            resp = await self._bounded(client.get_object(**kwargs), "GET", full)
-        except Exception as exc:
-            code = client_error_code(exc)
-            if code == "PreconditionFailed" and expect is not None:
-                raise changed_error(self.bucket, key, expect) from None
-            if code == "InvalidRange":
-                return await self._past_end(key, offset, common)
-            raise self._error(exc, key, request=f"GET {self.bucket}/{full}") from exc
-        if expect is not None:
-            check_version(
-                self.bucket, key, expect, etag=_etag(resp.get("ETag")),
-                size=total_size(resp.get("ContentRange"), int(resp["ContentLength"]), offset),
-            )
-        return S3Reader(
-            start=offset, end=offset + int(resp["ContentLength"]), etag=pinned or resp.get("ETag"),
-            body=resp["Body"], **common,
-        )
-
-    def _empty(self, key: str, common: dict[str, Any]) -> S3Reader | lean.LeanReader:
-        if self._fast is not None:
-            return lean.LeanReader.empty(self._fast, bucket=self.bucket, key=key, full_key=self._full(key))
-        return S3Reader.empty(**common)
-
-    async def _past_end(self, key: str, offset: int, common: dict[str, Any]) -> S3Reader | lean.LeanReader:
-        """S3 answers 416 for a range starting at or after the end: empty at the end, else error.
-        (The aiobotocore path; a lean reader sorts this out in its first read.)"""
-        size = (await self.stat(key)).size
-        if offset >= size and offset != size:
-            raise StorageError(f"s3 {self.bucket}/{key}: offset {offset} is beyond the end ({size} bytes)")
-        return self._empty(key, common)
+        return lean.LeanReader(fast, bucket=self.bucket, key=key, full_key=full, start=offset, end=end, expect=expect)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -415,10 +335,6 @@ class S3Storage(S3DirectUploads, Storage):
             "restore": {"tier": self.options.restore_tier, "days": self.options.restore_days,
                         "timeout": self.options.restore_timeout} if self.needs_restore else None,
         }
-
-
-def _etag(value: Any) -> str | None:
-    return str(value).strip('"') if value else None
 
 
 def _is_bucket_error(exc: BaseException) -> bool:

@@ -22,18 +22,20 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from moverd import StorageError, Writer
 
 from . import crc
 from .errors import Waits, to_storage_error, within
-from .reader import ClientGetter
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+ClientGetter = Callable[[], Coroutine[Any, Any, Any]]
+"""The storage's aiobotocore client, opened on first use."""
 
 MIN_FIRST_BUFFER = 64 * 1024
 
