@@ -693,3 +693,35 @@ async def test_expiring_credentials_are_refreshed(
                 assert await read_all(await storage.open_reader("k")) == b"x"
     tokens = sent_tokens(recorder)
     assert len(tokens) == 2 and tokens[0] != tokens[1] and all(t.startswith("token-") for t in tokens)
+
+
+async def test_web_identity_credentials_from_sts(
+    s3_options: dict[str, Any], s3_server: S3Server, tmp_path: Path, no_aws_config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A role taken with a web-identity token (``AWS_WEB_IDENTITY_TOKEN_FILE`` and
+    ``AWS_ROLE_ARN``, as Kubernetes service accounts leave them), from a real STS endpoint
+    (moto's AssumeRoleWithWebIdentity): botocore's chain asks STS once, and every request, lean
+    reads and aiobotocore uploads alike, is signed with the temporary key and its session token."""
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6bW92ZXJkIn0.c2ln")
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token))
+    monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/moverd-archiver")
+    monkeypatch.setenv("AWS_ROLE_SESSION_NAME", "moverd-test")
+    opts = {k: v for k, v in s3_options.items() if k not in ("access_key_id", "secret_access_key")}
+    data = os.urandom(300_000)
+    with TLSProxy(s3_server.host, s3_server.port, tmp_path, tls=False) as recorder:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_STS", recorder.url)  # STS through the recorder too
+        async with opened(opts, endpoint_url=recorder.url) as storage:
+            await write_object(storage, "wi/k", data)
+            reader = await storage.open_reader("wi/k")
+            assert isinstance(reader, LeanReader)
+            assert await read_all(reader) == data
+            assert [i.key async for i in storage.list("wi")] == ["wi/k"]
+    sent = recorder.sent.decode("latin-1")
+    assert sent.count("Action=AssumeRoleWithWebIdentity") == 2  # once per client: lean and aiobotocore
+    assert "WebIdentityToken=" + token.read_text() in sent
+    tokens = sent_tokens(recorder)
+    assert len(tokens) >= 3 and len(set(tokens)) <= 2  # PUT, GET, list; each client its own session
+    keys = re.findall(r"Credential=(\w+)/", sent)
+    assert keys and all(k.startswith("ASIA") for k in keys), keys
