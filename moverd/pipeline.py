@@ -113,7 +113,8 @@ class PipelineContext:
 
 
 class ReadAhead:
-    """How many files, and how many of their bytes, one datablock reads at once.
+    """How many files, and how many of their bytes, are read at once: one window for all the
+    datablocks of a dataset, which stream one after another (see :func:`write_datablock`).
 
     The file count hides request latency for small files. The bytes keep bigger files from
     flooding the source with requests that only compete there: requests in flight beyond what
@@ -121,6 +122,11 @@ class ReadAhead:
     them (a thread per request) spends more on each. A file counts at most a quarter of the bytes,
     so that at least four files are always read at once. Only the scheduler waits (in plan order);
     readers give back when they have read their file.
+
+    Shared, the window lets the next datablock's first files take room one by one as the last
+    files of the one before are read, as within a datablock. With a window per datablock, the
+    next one's first sixteen 2 MiB reads started together when the one before had drained, and
+    moved in step: ~95 ms at each boundary with nothing to write (docs/benchmarks.md).
     """
 
     def __init__(self, files: int, nbytes: int) -> None:
@@ -128,21 +134,45 @@ class ReadAhead:
         self.bytes = nbytes
         self._max_cost = max(1, nbytes // 4)
         self._freed = anyio.Event()
+        self.threads = anyio.CapacityLimiter(files)
+        """The readers' worker-thread tokens: readers blocked on the network never take those of
+        anyio's default limiter, which the writes need."""
 
-    async def acquire(self, size: int) -> int:
-        """Wait for room to read a file of ``size`` bytes; return what it took (for :meth:`release`)."""
+    async def acquire(self, size: int) -> _Room:
+        """Wait for room to read a file of ``size`` bytes; the room is given back by its
+        :meth:`_Room.release`."""
         cost = min(size, self._max_cost)
         while self.files < 1 or self.bytes < cost:
             self._freed = anyio.Event()
             await self._freed.wait()
         self.files -= 1
         self.bytes -= cost
-        return cost
+        return _Room(self, cost)
 
-    def release(self, cost: int) -> None:
+    def _release(self, cost: int) -> None:
         self.files += 1
         self.bytes += cost
         self._freed.set()
+
+
+class _Room:
+    """One file's share of a :class:`ReadAhead`, given back once (by its reader, or by the
+    datablock when it fails: a reader task cancelled before it ever ran cannot)."""
+
+    __slots__ = ("_cost", "_window")
+
+    def __init__(self, window: ReadAhead | None, cost: int) -> None:
+        self._window = window
+        self._cost = cost
+
+    def release(self) -> None:
+        window, self._window = self._window, None
+        if window is not None:
+            window._release(self._cost)
+
+
+_NO_ROOM = _Room(None, 0)
+"""An empty file's: it is not read."""
 
 
 @dataclass(eq=False)
@@ -365,7 +395,7 @@ def _views(slabs: list[bytearray], free: MemoryObjectReceiveStream[bytearray], r
 
 async def _read_file(
     source: Storage, key: str, entry: FileEntry, send: MemoryObjectSendStream[tuple[bytearray, int]],
-    free: MemoryObjectReceiveStream[bytearray], read_ahead: ReadAhead, cost: int, file_hash: Hasher | None,
+    free: MemoryObjectReceiveStream[bytearray], room: _Room, file_hash: Hasher | None,
     threads: anyio.CapacityLimiter, expect: ObjectInfo | None,
 ) -> None:
     """Read one file into its slabs and hash each chunk as it arrives (unless ``file_hash`` is
@@ -414,23 +444,20 @@ async def _read_file(
                 if reader is not None:
                     await reader.aclose()
     finally:
-        read_ahead.release(cost)
+        room.release()
 
 
 async def _schedule(
-    plan: DatablockPlan, source: Storage, prefix: str, ctx: PipelineContext,
+    plan: DatablockPlan, source: Storage, prefix: str, ctx: PipelineContext, read_ahead: ReadAhead,
     files: MemoryObjectSendStream[_FileStream], tg: anyio.abc.TaskGroup, taken: set[_FileStream],
-    listed: Mapping[str, ObjectInfo],
+    rooms: list[_Room], listed: Mapping[str, ObjectInfo], scheduled: Callable[[], None] | None,
 ) -> None:
-    read_ahead = ReadAhead(ctx.prefetch_files, ctx.prefetch_bytes)
-    # The readers' worker-thread calls have their own tokens: readers blocked on the network
-    # never take those of anyio's default limiter, which the writes need.
-    threads = anyio.CapacityLimiter(ctx.prefetch_files)
     async with files:
         for entry in plan.files:
             # Read-ahead room before slabs: a file waiting for room holds no slabs another
             # datablock could use.
-            cost = await read_ahead.acquire(entry.size) if entry.size else 0
+            room = await read_ahead.acquire(entry.size) if entry.size else _NO_ROOM
+            rooms.append(room)
             slabs = await ctx.pool.acquire(ctx.slabs_for(entry.size))
             chunks_send, chunks_recv = anyio.create_memory_object_stream[tuple[bytearray, int]](len(slabs) or 1)
             free_send, free_recv = anyio.create_memory_object_stream[bytearray](len(slabs) or 1)
@@ -441,13 +468,15 @@ async def _schedule(
             taken.add(fs)
             if entry.size:
                 tg.start_soon(
-                    _read_file, source, join_key(prefix, entry.path), entry, chunks_send, free_recv, read_ahead,
-                    cost, None if fs.drain_hashes else file_hash, threads, listed.get(entry.path),
+                    _read_file, source, join_key(prefix, entry.path), entry, chunks_send, free_recv, room,
+                    None if fs.drain_hashes else file_hash, read_ahead.threads, listed.get(entry.path),
                 )
             else:
                 chunks_send.close()
                 free_recv.close()
             await _send(files, fs)
+    if scheduled is not None:
+        scheduled()
 
 
 @dataclass
@@ -463,12 +492,15 @@ class WrittenDatablock:
 async def write_datablock(
     plan: DatablockPlan, source: Storage, prefix: str, sink: Storage, ctx: PipelineContext,
     transfer: Transfer | None = None, listed: Mapping[str, ObjectInfo] | None = None,
-    streamed: Callable[[], None] | None = None,
+    read_ahead: ReadAhead | None = None, scheduled: Callable[[], None] | None = None,
 ) -> WrittenDatablock:
     """Stream the plan's files from ``source`` into one tar on ``sink`` and commit it.
 
-    ``streamed`` is called once every byte is written, before the commit (which may wait for
-    the disk, and a read-back, to catch up): the next datablock can start reading then.
+    ``read_ahead`` is the window the files are read in (a new one of the context's size when
+    None). ``scheduled`` is called once every file has its room in it and its reader started:
+    the next datablock, given the same window, can start then. Its first files take room as
+    this one's last are read, so the source is read without a pause between the two (this
+    one's tail is written, committed and verified meanwhile).
 
     ``listed`` maps a file's path to the source's listing of it: each file is then read with
     ``expect=`` that listing, so that one that changes while it is read fails the datablock
@@ -486,12 +518,16 @@ async def write_datablock(
     reads_back = writer.read_back_into(read_back)
     consumed: list[_Consumed] = []
     taken: set[_FileStream] = set()  # files whose slabs are out: only those in flight
+    rooms: list[_Room] = []  # read-ahead taken by this datablock's files
+    window = read_ahead if read_ahead is not None else ReadAhead(ctx.prefetch_files, ctx.prefetch_bytes)
     try:
         out = TarSink(writer, block_hash, ctx.pool.capacity, ctx.prefetch_bytes)
         async with anyio.create_task_group() as tg:
             tg.start_soon(out.drain)
             files_send, files_recv = anyio.create_memory_object_stream[_FileStream](ctx.prefetch_files)
-            tg.start_soon(_schedule, plan, source, prefix, ctx, files_send, tg, taken, listed or {})
+            tg.start_soon(
+                _schedule, plan, source, prefix, ctx, window, files_send, tg, taken, rooms, listed or {}, scheduled
+            )
             try:
                 async with files_recv:
                     while True:
@@ -504,10 +540,10 @@ async def write_datablock(
                 await out.flush()
             finally:
                 out.close()
-        if streamed is not None:
-            streamed()
         await writer.commit()
     except BaseException:
+        for room in rooms:  # what readers that never ran hold: the window outlives this datablock
+            room.release()
         with anyio.CancelScope(shield=True):
             await writer.abort()
         # A cancelled reader's or writer's worker thread may still use its slabs: never reuse those.

@@ -270,22 +270,64 @@ async def test_read_ahead_is_bounded_by_files_and_by_bytes(
     assert read_tree(tmp_path / "out") == files
 
 
-async def test_datablocks_of_a_dataset_stream_one_after_another(tmp_path: Path) -> None:
-    """Two in flight (the default), and still each datablock reads its first file only once the
-    one before it read its last: what overlaps is one's commit with the next one's reads."""
+async def test_datablocks_of_a_dataset_read_in_plan_order_in_one_window(tmp_path: Path) -> None:
+    """Two in flight (the default), and the datablocks read in plan order through one read-ahead
+    window: each datablock opens its first file only after the one before opened its last, and
+    the files read at once, across datablocks too, never pass ``prefetch_files``."""
     files = small_files_tree(tmp_path / "src", 24, size=300_000)
-    async with App(make_settings(tmp_path, pipeline={"target_size": "2MiB"})) as app:
+    async with App(make_settings(tmp_path, pipeline={"target_size": "2MiB", "prefetch_files": 4})) as app:
         ds, src = await register_folder(app, tmp_path / "src")
         counting = _CountingReads(src)
         result = await archive_dataset(app, ds.pid, source=counting)  # type: ignore[arg-type]
         assert len(result.datablocks) >= 3 and app.settings.pipeline.datablock_concurrency == 2
+        assert counting.peak == 4 and counting.open == 0
         block_of = {m.path: b.index for b in result.datablocks for m in b.members}
         of_key = {key: b for path, b in block_of.items() for _, key in counting.events if key.endswith(path)}
-        seen = [(what, of_key[key]) for what, key in counting.events]
-        for index in range(1, len(result.datablocks)):
-            first_open = seen.index(("open", index))
-            last_close_before = max(i for i, (what, b) in enumerate(seen) if what == "close" and b == index - 1)
-            assert last_close_before < first_open, seen
+        opened = [of_key[key] for what, key in counting.events if what == "open"]
+        assert opened == sorted(opened), opened
+        await retrieve_dataset(app, ds.pid, app.local_folder(tmp_path / "out", "out", create=True))
+    assert read_tree(tmp_path / "out") == files
+
+
+class _HeldReads:
+    """The folder's storage, where opening ``held`` waits until ``awaited`` has been opened."""
+
+    def __init__(self, inner: Any, held: str, awaited: str) -> None:
+        import anyio
+
+        self._inner = inner
+        self.held, self.awaited = held, awaited
+        self.opened = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def open_reader(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        if key.endswith(self.awaited):
+            self.opened.set()
+        if key.endswith(self.held):
+            await self.opened.wait()
+        return await self._inner.open_reader(key, *args, **kwargs)
+
+
+async def test_the_next_datablock_reads_while_the_last_files_of_the_one_before_are_read(tmp_path: Path) -> None:
+    """No pause in the source's reads between two datablocks: once the last file of a datablock
+    has its room in the window, the next datablock starts reading. Here the first datablock's
+    last file cannot be read before the second's first file is opened; reading them in turn
+    (the next datablock only once the one before is written) never ends."""
+    import anyio
+
+    from moverd.planner import plan_datablocks
+
+    files = small_files_tree(tmp_path / "src", 24, size=300_000)
+    async with App(make_settings(tmp_path, pipeline={"target_size": "2MiB", "prefetch_files": 4})) as app:
+        ds, src = await register_folder(app, tmp_path / "src")
+        plans = plan_datablocks(ds.pid, await app.catalog.list_files(ds.pid), app.settings.pipeline.target_size)
+        assert len(plans) >= 3
+        held = _HeldReads(src, plans[0].files[-1].path, plans[1].files[0].path)
+        with anyio.fail_after(30):
+            result = await archive_dataset(app, ds.pid, source=held)  # type: ignore[arg-type]
+        assert held.opened.is_set() and len(result.datablocks) == len(plans)
         await retrieve_dataset(app, ds.pid, app.local_folder(tmp_path / "out", "out", create=True))
     assert read_tree(tmp_path / "out") == files
 
@@ -346,9 +388,10 @@ async def test_datablocks_take_their_streaming_turns_in_plan_order_whoever_asks_
     the LTS first); a datablock that does not stream passes its turn."""
     import anyio
 
+    from moverd.pipeline import ReadAhead
     from moverd.services.archive import _Turns
 
-    turns, order = _Turns([0, 1, 2, 3]), []
+    turns, order = _Turns([0, 1, 2, 3], ReadAhead(4, 1024)), []
 
     async def stream(index: int, delay: float) -> None:
         await anyio.sleep(delay)

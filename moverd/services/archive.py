@@ -20,7 +20,7 @@ from ..errors import MissingFileError, ServiceError, SourceChangedError, Verific
 from ..events import Transfer
 from ..keys import join_key
 from ..models import Datablock, FileEntry
-from ..pipeline import write_datablock
+from ..pipeline import ReadAhead, write_datablock
 from ..planner import DatablockPlan, check_file_list, dataset_folder, plan_datablocks
 from ..restores import restore_datablocks
 from ..storage import ObjectInfo, Storage
@@ -96,11 +96,14 @@ async def check_source(
 
 
 class _Turns:
-    """The datablocks' turns to stream, in plan order (the order their tasks reach the point of
-    streaming is not it: each reads its index on the LTS first). A datablock that does not stream
-    (registered already, or its committed tar reused) passes its turn; each passes it once."""
+    """The datablocks' turns to start reading, in plan order (the order their tasks reach the
+    point of streaming is not it: each reads its index on the LTS first), in one read-ahead
+    window: a turn ends once the datablock's last file has its room in it, so the next one's
+    files follow on without a pause. A datablock that does not stream (registered already, or
+    its committed tar reused) passes its turn; each passes it once."""
 
-    def __init__(self, indexes: Sequence[int]) -> None:
+    def __init__(self, indexes: Sequence[int], read_ahead: ReadAhead) -> None:
+        self.read_ahead = read_ahead
         self._order = sorted(indexes)
         self._next = 0
         self._passed: set[int] = set()
@@ -120,8 +123,8 @@ class _Turns:
 
     @asynccontextmanager
     async def turn(self, index: int) -> AsyncIterator[Callable[[], None]]:
-        """Wait for the datablock's turn; yields the call that ends it early (once its bytes are
-        written), which leaving the block does otherwise."""
+        """Wait for the datablock's turn; yields the call that ends it early (once its files are
+        scheduled), which leaving the block does otherwise."""
         while not self._is_turn_of(index):
             await self._changed.wait()
         try:
@@ -177,11 +180,13 @@ async def _archive(
     if removed:
         log.info("removed %d temporary file(s) of an interrupted attempt on %s", removed, pid)
     limiter = anyio.CapacityLimiter(app.settings.pipeline.datablock_concurrency)
-    # One datablock streams from the source at a time, in plan order; the others in flight
-    # commit, verify and register meanwhile. Two streaming at once shared the same CPU and
-    # source and then finished together, leaving both tails (the disk catching up, the
-    # read-back, the catalog) with nothing to overlap.
-    turns = _Turns([plan.index for plan in plans])
+    # The datablocks read from the source one after another, in plan order and in one read-ahead
+    # window (the next one's first files take room as the last of the one before are read); the
+    # others in flight commit, verify and register meanwhile. Two streaming at once shared the
+    # same CPU and source and then finished together, leaving both tails (the disk catching up,
+    # the read-back, the catalog) with nothing to overlap.
+    pipeline = app.pipeline
+    turns = _Turns([plan.index for plan in plans], ReadAhead(pipeline.prefetch_files, pipeline.prefetch_bytes))
 
     async def one(plan: DatablockPlan) -> None:
         async def work() -> Datablock:
@@ -290,9 +295,11 @@ async def _archive_block(
         if reused:  # a committed block that did not verify: its files were not restored up front
             await restore_datablocks(app, source, [join_key(prefix, f.path) for f in plan.files], transfer,
                                      locked=False)
-        async with turns.turn(plan.index) as streamed, app.slot(lts, "write"):
+        async with turns.turn(plan.index) as scheduled, app.slot(lts, "write"):
             await lts.wait_for_space(plan.packed_size_estimate)
-            written = await write_datablock(plan, source, prefix, lts, app.pipeline, transfer, on_source, streamed)
+            written = await write_datablock(
+                plan, source, prefix, lts, app.pipeline, transfer, on_source, turns.read_ahead, scheduled
+            )
             block = written.datablock
             # A tar without its index would be written again on resume: never stop in between.
             with anyio.CancelScope(shield=True):
