@@ -33,6 +33,11 @@ class Series:
         return statistics.median(self.seconds)
 
     @property
+    def median_cpu(self) -> float:
+        """Median CPU seconds (user and system) of the tool's process and its children."""
+        return statistics.median(r.measured.cpu for r in self.runs)
+
+    @property
     def spread(self) -> float:
         """(max - min) / median."""
         s = self.seconds
@@ -51,7 +56,7 @@ class Series:
             "gb_per_s": round(self.nbytes / med / 1e9, 4) if med else None,
             "files_per_s": round(self.files / med, 1) if med else None,
             "peak_rss_bytes": self.peak_rss,
-            "median_cpu_seconds": round(statistics.median(r.measured.cpu for r in self.runs), 3),
+            "median_cpu_seconds": round(self.median_cpu, 3),
             "median_server_cpu_seconds": _median_or_none([r.measured.server_cpu for r in self.runs]),
             "runs": [_run(r) for r in self.runs],
             "warmup": [_run(r) for r in self.warmup],
@@ -118,7 +123,7 @@ def table(series: list[Series], ratios: dict[str, Ratio], ratio_of: dict[str, st
         rows.append((
             s.tool, s.dataset, f"{s.median:.2f}", f"{s.spread * 100:.0f} %",
             f"{min(s.seconds):.2f}-{max(s.seconds):.2f}", _rate(s), f"{s.peak_rss / MIB:.0f} MiB",
-            f"{statistics.median(r_.measured.cpu for r_ in s.runs):.1f}", r.mark() if r else "",
+            f"{s.median_cpu:.1f}", r.mark() if r else "",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -127,7 +132,8 @@ def table(series: list[Series], ratios: dict[str, Ratio], ratio_of: dict[str, st
 
 
 def ratio_lines(ratios: dict[str, Ratio]) -> str:
-    return "\n".join(f"{r.name:<30} {r.mark():<32} {r.detail}" for r in ratios.values())
+    width = max((len(r.name) for r in ratios.values()), default=0)
+    return "\n".join(f"{r.name:<{width}} {r.mark():<32} {r.detail}" for r in ratios.values())
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:

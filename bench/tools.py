@@ -61,16 +61,22 @@ class Result:
 class MoverdArchive:
     name = "moverd archive"
 
-    def __init__(self, ctx: Ctx, ds: DataSet, catalog_file: Path, tag: str = "") -> None:
+    def __init__(self, ctx: Ctx, ds: DataSet, catalog_file: Path, tag: str = "",
+                 env: dict[str, str] | None = None, name: str | None = None) -> None:
         self.ctx, self.ds, self.catalog_file = ctx, ds, catalog_file
         self.state = ctx.workdir / f"state-{ds.name}{tag}"
         self.runs = 0
+        self.extra_env = env or {}
+        """Settings of this shape (``MOVERD_PIPELINE__TARGET_SIZE`` for several datablocks)."""
+        if name is not None:
+            self.name = name
 
     def command(self) -> list[str]:
         return [PY, "-m", "moverd", "archive", self.ds.name, "--json"]
 
     def env(self) -> dict[str, str]:
-        return moverd_env(self.state, self.ctx.endpoint, self.ctx.bucket, self.ctx.moverd_extra_env)
+        return moverd_env(self.state, self.ctx.endpoint, self.ctx.bucket,
+                          {**self.ctx.moverd_extra_env, **self.extra_env})
 
     def prepare(self) -> None:
         _clean(self.state)
