@@ -485,3 +485,35 @@ async def test_unreachable_endpoint(s3_options: dict[str, Any]) -> None:
             [i async for i in storage.list("d")]
         with pytest.raises(StorageError, match=endpoint):
             await write(storage, "k", b"data")
+
+
+def test_no_expedited_restore_from_deep_archive(s3_options: dict[str, Any]) -> None:
+    """S3 refuses an Expedited restore of a DEEP_ARCHIVE object: the configuration says so at
+    load, not the first retrieval, perhaps years later."""
+    with pytest.raises(ValidationError, match="no Expedited restore from DEEP_ARCHIVE; choose Standard"):
+        S3Options(**{**s3_options, "storage_class": "deep_archive", "restore_tier": "Expedited"})
+    assert S3Options(**{**s3_options, "storage_class": "GLACIER", "restore_tier": "Expedited"}).cold
+    assert S3Options(**{**s3_options, "storage_class": "DEEP_ARCHIVE", "restore_tier": "Bulk"}).cold
+
+
+@pytest.mark.anyio
+async def test_expedited_restore_without_capacity_falls_back_to_standard(
+    s3_options: dict[str, Any], s3_server: S3Server, s3_fault_proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Expedited capacity is not guaranteed: when S3 answers GlacierExpeditedRetrievalNotAvailable
+    (503) after botocore's retries, the restore is asked again in the Standard tier, with a
+    warning, instead of failing the retrieval. Other refusals still fail."""
+    s3_server.client().put_object(Bucket=s3_options["bucket"], Key="cold/k", Body=b"x", StorageClass="GLACIER")
+    opts = {**s3_options, "endpoint_url": s3_fault_proxy.url, "max_attempts": 2, "restore_tier": "Expedited",
+            "storage_class": "GLACIER"}
+    async with opened(opts) as storage:
+        assert (await storage.restore_state("cold/k")).value == "archived"
+        s3_fault_proxy.fail_next(2, status=503, code="GlacierExpeditedRetrievalNotAvailable", method="POST")
+        await storage.request_restore("cold/k")
+        posts = [t for m, t, _ in s3_fault_proxy.seen if m == "POST" and t.endswith("?restore")]
+        assert len(posts) == 3  # two Expedited attempts refused, then the Standard one
+        assert "no Expedited restore available for cold/k now; asking for a Standard one" in caplog.text
+        assert (await storage.restore_state("cold/k")).value in ("in_progress", "available")
+        s3_fault_proxy.fail_next(2, status=503, code="SlowDown", method="POST")
+        with pytest.raises(StorageError, match="SlowDown"):
+            await storage.request_restore("cold/k")

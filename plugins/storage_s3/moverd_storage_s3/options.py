@@ -149,6 +149,15 @@ class S3Options(Options):
         return value
 
     @model_validator(mode="after")
+    def _restore_tier(self) -> S3Options:
+        # S3 refuses the request at restore time, hours or years after the configuration was
+        # written: say so now.
+        if self.restore_tier == "Expedited" and (self.storage_class or "").upper() == "DEEP_ARCHIVE":
+            raise ValueError("restore_tier: S3 offers no Expedited restore from DEEP_ARCHIVE; choose "
+                             "Standard (within 12 hours) or Bulk (within 48 hours)")
+        return self
+
+    @model_validator(mode="after")
     def _credentials_pair(self) -> S3Options:
         # One without the other is always a mistake; neither means botocore's default chain
         # (environment, ~/.aws, instance role).

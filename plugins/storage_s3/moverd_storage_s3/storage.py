@@ -217,17 +217,36 @@ class S3Storage(S3DirectUploads, Storage):
         return restore.state_of(resp.get("Restore"), resp.get("StorageClass"), self.options.cold_classes)
 
     async def request_restore(self, key: str) -> None:
-        """RestoreObject with ``restore_days`` and ``restore_tier``; one already running is fine."""
+        """RestoreObject with ``restore_days`` and ``restore_tier``; one already running is fine.
+
+        An Expedited restore that S3 cannot serve now (``GlacierExpeditedRetrievalNotAvailable``,
+        a 503 once botocore's retries are spent: expedited capacity is not guaranteed) is asked
+        again in the Standard tier, with a warning: the job would otherwise fail, and a later
+        one wait longer still."""
+        tier = self.options.restore_tier
+        while True:
+            try:
+                await self._restore(key, tier)
+                return
+            except _ExpeditedUnavailableError:
+                log.warning("storage %r: no Expedited restore available for %s now; asking for a Standard one",
+                            self.name, key)
+                tier = "Standard"
+
+    async def _restore(self, key: str, tier: str) -> None:
         client = await self._client()
         full = self._full(key)
-        request = {"Days": self.options.restore_days, "GlacierJobParameters": {"Tier": self.options.restore_tier}}
+        request = {"Days": self.options.restore_days, "GlacierJobParameters": {"Tier": tier}}
         try:
             await self._bounded(
                 client.restore_object(Bucket=self.bucket, Key=full, RestoreRequest=request), "RestoreObject", full
             )
         except Exception as exc:
-            if client_error_code(exc) == "RestoreAlreadyInProgress":
+            code = client_error_code(exc)
+            if code == "RestoreAlreadyInProgress":
                 return
+            if code == "GlacierExpeditedRetrievalNotAvailable" and tier == "Expedited":
+                raise _ExpeditedUnavailableError() from exc
             raise self._error(exc, key, "restore", f"POST {self.bucket}/{full}?restore") from exc
 
     async def stored_checksum(self, key: str) -> str | None:
@@ -335,6 +354,10 @@ class S3Storage(S3DirectUploads, Storage):
             "restore": {"tier": self.options.restore_tier, "days": self.options.restore_days,
                         "timeout": self.options.restore_timeout} if self.needs_restore else None,
         }
+
+
+class _ExpeditedUnavailableError(Exception):
+    """S3 has no Expedited restore capacity now."""
 
 
 def _is_bucket_error(exc: BaseException) -> bool:
