@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -392,6 +393,11 @@ def run_daemon(settings: DaemonSettings, config: Path | None) -> int:
     # Before anything imports prefect, which reads its settings once: every request of the
     # daemon's Prefect clients waits at most this long to connect, and for each read.
     os.environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", f"{settings.server.prefect_request_timeout:g}")
+    # Prefect's ephemeral server (prefect_ui = false) gets as long to start as the local one: its
+    # own 20 s limit failed daemons starting on a busy host ("Timed out while attempting to
+    # connect to ephemeral Prefect API server").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                          str(math.ceil(settings.server.prefect_start_timeout)))
     api_url = configured_api_url()
     mode = "scale-out" if api_url else "embedded"
     local = None

@@ -202,7 +202,9 @@ class ServerSettings(BaseModel):
     prefect_port: int = Field(4200, ge=0, le=65535)
     """Its port; when taken, a free one is used instead (0: always a free one)."""
     prefect_start_timeout: PositiveDuration = 180.0
-    """How long the local Prefect server may take to start (its first start creates the database)."""
+    """How long the local Prefect server may take to start (its first start creates the database);
+    with ``prefect_ui = false``, Prefect's ephemeral server (unless
+    ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` is set)."""
     journal: Path | None = None
     """SQLite file of the jobs this daemon took, to resume them after a crash or a restart;
     default ``<state_dir>/daemon.sqlite``."""
