@@ -407,3 +407,44 @@ async def test_datablocks_take_their_streaming_turns_in_plan_order_whoever_asks_
         await anyio.sleep(0.02)
         turns.done(2)  # reused: never streams
     assert order == [0, 1, 3]
+
+
+class _SlowStats:
+    """A storage whose ``stat`` takes a while, counting how many run at once."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.running = self.peak = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def stat(self, key: str) -> Any:
+        import anyio
+
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await anyio.sleep(0.02)
+            return await self._inner.stat(key)
+        finally:
+            self.running -= 1
+
+
+async def test_member_indexes_are_read_a_few_at_a_time_in_order(tmp_path: Path) -> None:
+    """A retrieval, a verify and an archive's resume read every datablock's index first: a few
+    at a time (two round trips each on S3), given back in the datablocks' order, a missing one
+    as None."""
+    from moverd.datablocks import INDEXES_AT_ONCE, read_indexes
+
+    small_files_tree(tmp_path / "src", 40, size=100_000)
+    async with App(make_settings(tmp_path, pipeline={"target_size": "200KiB"})) as app:
+        ds, src = await register_folder(app, tmp_path / "src")
+        result = await archive_dataset(app, ds.pid, source=src)
+        ids = [b.archive_id for b in result.datablocks]
+        assert len(ids) > INDEXES_AT_ONCE
+        slow = _SlowStats(app.storage("lts"))
+        got = await read_indexes(slow, [*ids, f"{ds.pid}/datablocks/none.tar"])  # type: ignore[arg-type]
+        assert 1 < slow.peak <= INDEXES_AT_ONCE
+        assert [b.archive_id if b else None for b in got] == [*ids, None]
+        assert [b.members for b in got[:-1] if b] == [b.members for b in result.datablocks]

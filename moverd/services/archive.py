@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from ..app import App
-from ..datablocks import read_index, verify_datablock, write_index
+from ..datablocks import read_index, read_indexes, verify_datablock, write_index
 from ..errors import MissingFileError, ServiceError, SourceChangedError, VerificationError
 from ..events import Transfer
 from ..keys import join_key
@@ -242,15 +242,8 @@ async def _blocks_to_read(
     committed on the LTS with the planned files. The indexes read here land in ``committed``
     for :func:`_archive_block` (not read twice)."""
     unregistered = [plan for plan in plans if plan.archive_id not in registered]
-    limiter = anyio.CapacityLimiter(16)
-
-    async def look(plan: DatablockPlan) -> None:
-        async with limiter:
-            committed[plan.archive_id] = await read_index(lts, plan.archive_id)
-
-    async with anyio.create_task_group() as tg:
-        for plan in unregistered:
-            tg.start_soon(look, plan)
+    indexes = await read_indexes(lts, [plan.archive_id for plan in unregistered])
+    committed.update(zip((plan.archive_id for plan in unregistered), indexes, strict=True))
     return [plan for plan in unregistered if not _reusable(committed[plan.archive_id], plan)]
 
 

@@ -21,7 +21,7 @@ import anyio
 
 from ..app import App
 from ..buffers import fill
-from ..datablocks import checksum_range, copy_range_verified, read_index
+from ..datablocks import checksum_range, copy_range_verified, read_indexes
 from ..errors import NotAFileError, NotFoundError, ServiceError, StorageError, UserError, VerificationError
 from ..events import Transfer
 from ..keys import safe_key
@@ -78,8 +78,8 @@ async def load_indexes(app: App, pid: str) -> list[Datablock]:
     """The dataset's datablocks with their member index (offsets) read from the LTS."""
     lts = app.storage("lts")
     out = []
-    for block in await app.catalog.list_datablocks(pid):
-        index = await read_index(lts, block.archive_id)
+    blocks = await app.catalog.list_datablocks(pid)
+    for block, index in zip(blocks, await read_indexes(lts, [b.archive_id for b in blocks]), strict=True):
         if index is None:
             raise ServiceError(f"member index of datablock {block.archive_id!r} is missing on {lts.name!r}")
         index.catalog_id = block.catalog_id
