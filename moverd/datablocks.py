@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from .buffers import SlabPool, fill, fill_and_hash
 from .checksums import THREAD_HASH_MIN, Hasher
-from .errors import NotFoundError, VerificationError
+from .errors import NotFoundError, VerificationError, root_cause
 from .events import Transfer
 from .models import Datablock, Member, index_key
 from .storage import VERIFY_READ_BACK, VERIFY_SERVER_CHECKSUM, BlockingReads, Reader, Storage
@@ -59,9 +59,12 @@ async def read_indexes(storage: Storage, archive_ids: Sequence[str]) -> list[Dat
         async with limiter:
             out[i] = await read_index(storage, archive_id)
 
-    async with anyio.create_task_group() as tg:
-        for i, archive_id in enumerate(archive_ids):
-            tg.start_soon(one, i, archive_id)
+    try:
+        async with anyio.create_task_group() as tg:
+            for i, archive_id in enumerate(archive_ids):
+                tg.start_soon(one, i, archive_id)
+    except BaseExceptionGroup as group:  # the storage's error, not "unhandled errors in a TaskGroup"
+        raise root_cause(group) from None
     return out
 
 

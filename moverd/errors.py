@@ -85,3 +85,10 @@ class CatalogError(ServiceError):
 
 class PluginError(MoverdError):
     """A storage, catalog or checksum name that no loaded plugin provides."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The first real error of a task group (anyio wraps them in exception groups)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

@@ -143,7 +143,9 @@ class ReadAhead:
         :meth:`_Room.release`."""
         cost = min(size, self._max_cost)
         while self.files < 1 or self.bytes < cost:
-            self._freed = anyio.Event()
+            # Every waiter waits on the same event, which a release sets and replaces: two
+            # schedulers may wait at once (a committed datablock that did not verify is written
+            # again out of turn), and neither may miss its wake-up.
             await self._freed.wait()
         self.files -= 1
         self.bytes -= cost
@@ -152,7 +154,8 @@ class ReadAhead:
     def _release(self, cost: int) -> None:
         self.files += 1
         self.bytes += cost
-        self._freed.set()
+        freed, self._freed = self._freed, anyio.Event()
+        freed.set()
 
 
 class _Room:

@@ -349,7 +349,7 @@ def upload(
     """Upload a dataset's files into the landing zone through a moverd daemon's upload API, in
     parallel parts with SHA-256 checksums, and finalize it. Run it again after an interruption:
     it resumes, sending no part twice."""
-    from moverd.services.observed import root_cause
+    from moverd.errors import root_cause
     from moverd.units import parse_size
 
     from .upload import Uploader

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from moverd import MissingFileError, UnsafePathError, UserError, VerificationError
+from moverd import MissingFileError, MoverdError, UnsafePathError, UserError, VerificationError
 from moverd.app import App
 from moverd.datablocks import read_index
 from moverd.services import archive_dataset, retrieve_dataset, verify_dataset
@@ -383,6 +383,32 @@ async def test_round_trip_of_a_file_over_8_gib(tmp_path: Path) -> None:
             assert f.read() == b"tail!"
 
 
+async def test_two_schedulers_waiting_on_one_read_ahead_window_both_get_room() -> None:
+    """A committed datablock that does not verify is written again out of turn, so two
+    schedulers may wait on the dataset's one window at once: each release wakes them both."""
+    import anyio
+
+    from moverd.pipeline import ReadAhead
+
+    window = ReadAhead(1, 1024)
+    held = await window.acquire(10)
+    got: list[str] = []
+
+    async def scheduler(name: str) -> None:
+        room = await window.acquire(10)
+        got.append(name)
+        await anyio.sleep(0.01)
+        room.release()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler, "a")
+            tg.start_soon(scheduler, "b")
+            await anyio.sleep(0.05)  # both wait now
+            held.release()
+    assert sorted(got) == ["a", "b"] and (window.files, window.bytes) == (1, 1024)
+
+
 async def test_datablocks_take_their_streaming_turns_in_plan_order_whoever_asks_first() -> None:
     """A datablock's task may reach its turn before an earlier one does (each reads its index on
     the LTS first); a datablock that does not stream passes its turn."""
@@ -448,3 +474,12 @@ async def test_member_indexes_are_read_a_few_at_a_time_in_order(tmp_path: Path) 
         assert 1 < slow.peak <= INDEXES_AT_ONCE
         assert [b.archive_id if b else None for b in got] == [*ids, None]
         assert [b.members for b in got[:-1] if b] == [b.members for b in result.datablocks]
+        # An index that cannot be read is the storage's error, not an exception group.
+        from moverd.models import index_key
+
+        damaged = tmp_path / "state" / "lts" / index_key(ids[3])
+        damaged.unlink()
+        damaged.mkdir()
+        with pytest.raises(MoverdError) as raised:
+            await read_indexes(app.storage("lts"), ids)
+        assert not isinstance(raised.value, BaseExceptionGroup) and index_key(ids[3]) in str(raised.value)

@@ -15,13 +15,12 @@ from collections.abc import Awaitable
 import anyio
 
 from ..app import App
-from ..errors import MoverdError, UserError
+from ..errors import MoverdError, UserError, root_cause
 from ..events import Transfer
 from ..models import ArchiveStatus, LifecycleUpdate, index_key
 from .archive import ArchiveResult, BlockRunner, archive_dataset
 from .archive import _direct as _direct_block
 from .folders import dataset_source
-from .observed import root_cause
 
 log = logging.getLogger(__name__)
 

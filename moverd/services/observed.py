@@ -6,14 +6,8 @@ import contextlib
 from collections.abc import Iterator
 
 from ..app import App
+from ..errors import root_cause
 from ..events import Transfer
-
-
-def root_cause(exc: BaseException) -> BaseException:
-    """The first real error of a task group (anyio wraps them in exception groups)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 @contextlib.contextmanager
