@@ -227,13 +227,15 @@ async def test_cancelled_lean_read_lets_go_of_its_connection(s3_options: dict[st
             await reader.aclose()
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+@pytest.mark.parametrize("mode", ["http", "https", "https-via-https-proxy"])
 async def test_cancelled_read_mid_body_lets_go_of_its_connection(
-    s3_options: dict[str, Any], tmp_path: Path, tls: bool
+    s3_options: dict[str, Any], tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server that sends the head and part of the body, then goes silent: cancelling the read
     wakes the worker thread blocked in the body (the server sees the connection end within
-    seconds, not ``read_timeout``), over TLS as over plain HTTP."""
+    seconds, not ``read_timeout``), over TLS as over plain HTTP, and with TLS inside the TLS of
+    an ``https://`` proxy (urllib3's ``SSLTransport``, not a socket, is what the thread reads)."""
+    tls = mode != "http"
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -256,6 +258,16 @@ async def test_cancelled_read_mid_body_lets_go_of_its_connection(
             if tls:
                 proxy = stack.enter_context(TLSProxy("127.0.0.1", listener.getsockname()[1], tmp_path))
                 endpoint, extra = proxy.url, {"ca_bundle": str(proxy.ca_bundle)}
+            if mode == "https-via-https-proxy":
+                (tmp_path / "proxy-tls").mkdir()
+                forward = stack.enter_context(FaultProxy("127.0.0.1", 9))
+                secure = stack.enter_context(TLSProxy("127.0.0.1", forward.port, tmp_path / "proxy-tls"))
+                bundle = tmp_path / "both-cas.pem"
+                bundle.write_bytes(proxy.ca_bundle.read_bytes() + secure.ca_bundle.read_bytes())
+                extra = {"ca_bundle": str(bundle)}
+                for var in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
+                    monkeypatch.delenv(var, raising=False)
+                monkeypatch.setenv("HTTPS_PROXY", secure.url)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(anyio.to_thread.run_sync, serve)
                 async with opened(s3_options, endpoint_url=endpoint, read_timeout=600, max_attempts=1,
@@ -597,6 +609,35 @@ async def test_https_endpoint_through_a_proxy_of_the_environment(
     basic = "Basic " + base64.b64encode(b"mover:s:cret").decode()
     assert forward.proxy_authorizations == [basic] * len(forward.seen)
     assert b"GET /" + s3_options["bucket"].encode() + b"/px/r.bin HTTP/1.1" in tls_proxy.sent
+
+
+async def test_https_endpoint_through_an_https_proxy(
+    s3_options: dict[str, Any], s3_server: S3Server, tls_proxy: TLSProxy, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TLS inside TLS: an ``https://`` proxy (its certificate checked against ``ca_bundle``,
+    which holds both CAs) tunnels to an ``https://`` endpoint. Reads go through, and a reader
+    closed in the middle of a body stops at once (the plain socket under both TLS layers is
+    shut down)."""
+    data = os.urandom(3 * MIB)
+    s3_server.client().put_object(Bucket=s3_options["bucket"], Key="tt/r.bin", Body=data)
+    (tmp_path / "proxy-tls").mkdir()
+    with FaultProxy("127.0.0.1", 9) as forward, \
+            TLSProxy("127.0.0.1", forward.port, tmp_path / "proxy-tls") as secure_proxy:
+        bundle = tmp_path / "both-cas.pem"
+        bundle.write_bytes(tls_proxy.ca_bundle.read_bytes() + secure_proxy.ca_bundle.read_bytes())
+        for var in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", f"https://mover:pw@127.0.0.1:{secure_proxy.port}")
+        opts = {**s3_options, "endpoint_url": tls_proxy.url, "ca_bundle": str(bundle), **FAST_RETRIES}
+        async with opened(opts) as storage:
+            assert await read_all(await storage.open_reader("tt/r.bin", 5, 1000)) == data[5:1005]
+            reader = await storage.open_reader("tt/r.bin")
+            assert await reader.readinto(memoryview(bytearray(64 * 1024))) == 64 * 1024
+            await reader.aclose()  # mid-body
+            assert [(i.key, i.size) async for i in storage.list("tt")] == [("tt/r.bin", len(data))]
+        assert forward.seen and all(method == "CONNECT" for method, _, _ in forward.seen), forward.seen
+        assert forward.proxy_authorizations == ["Basic " + base64.b64encode(b"mover:pw").decode()] * len(forward.seen)
 
 
 async def test_https_certificate_is_verified(s3_options: dict[str, Any], tls_proxy: TLSProxy) -> None:

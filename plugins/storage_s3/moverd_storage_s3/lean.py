@@ -117,8 +117,12 @@ class Interrupt:
     def fired(self) -> bool:
         return self._event.is_set()
 
-    def track(self, sock: socket.socket) -> None:
-        """Register the socket the calling thread is about to wait on (raises when fired)."""
+    def track(self, sock: Any) -> None:
+        """Register the socket the calling thread is about to wait on (raises when fired): the
+        plain one under it, when it is TLS inside TLS (an ``https://`` endpoint through an
+        ``https://`` proxy: urllib3's ``SSLTransport`` over the proxy's TLS socket)."""
+        while not isinstance(sock, socket.socket):
+            sock = sock.socket
         with self._lock:
             if self._event.is_set():
                 raise AbandonedError("abandoned")
@@ -275,7 +279,7 @@ class LeanClient:
             cert_reqs="CERT_REQUIRED" if opts.verify_tls else "CERT_NONE",
             ca_certs=ca if opts.verify_tls else None, assert_hostname=None if opts.verify_tls else False,
         )
-        self.proxy = environment_proxy(opts.endpoint_url, opts.region)
+        self.proxy = environment_proxy(self.origin)
         """The proxy of the environment that carries this endpoint's requests, as botocore
         decides it (so uploads and reads take the same way); None: straight to the endpoint."""
         self._forward = False
@@ -499,14 +503,15 @@ class LeanClient:
         return await self.run(self.list_page_blocking, prefix, token, stop, interrupt=stop.fire)
 
 
-def environment_proxy(endpoint_url: str | None, region: str) -> str | None:
-    """The proxy of the environment (``HTTP_PROXY``/``HTTPS_PROXY`` for the endpoint's scheme,
-    unless ``NO_PROXY`` names its host) that botocore would send this endpoint's requests
-    through, decided with the same standard-library calls and completed as botocore completes it
-    (``host:port`` means ``http://host:port``); None when there is none."""
+def environment_proxy(origin: str) -> str | None:
+    """The proxy of the environment (``HTTP_PROXY``/``HTTPS_PROXY`` for the scheme, unless
+    ``NO_PROXY`` names the host: with virtual-hosted addressing, ``bucket.host``) that botocore
+    would send requests to ``origin`` through, decided with the same standard-library calls and
+    completed as botocore completes it (``host:port`` means ``http://host:port``); None when
+    there is none."""
     import urllib.request
 
-    url = urlsplit(endpoint_url or f"https://s3.{region}.amazonaws.com")
+    url = urlsplit(origin)
     try:
         if urllib.request.proxy_bypass(url.netloc):
             return None
@@ -521,11 +526,12 @@ def environment_proxy(endpoint_url: str | None, region: str) -> str | None:
 
 
 def masked(proxy: str) -> str:
-    """A proxy URL fit for a log line: its password replaced."""
+    """A proxy URL fit for a log line: its user and password replaced (some proxies take a token
+    as the user), as botocore masks them."""
     parsed = urlsplit(proxy)
-    if parsed.password is None:
+    if "@" not in parsed.netloc:
         return proxy
-    return proxy.replace(f":{parsed.password}@", ":***@", 1)
+    return proxy.replace(parsed.netloc, "***:***@" + parsed.netloc.rpartition("@")[2], 1)
 
 
 def _through_proxy(
@@ -535,8 +541,9 @@ def _through_proxy(
     ``https://`` endpoint through a CONNECT tunnel (TLS end to end with the endpoint, inside TLS
     to the proxy when the proxy's URL is ``https://``); an ``http://`` one by sending the proxy
     each request with the whole URL (``forward``). Also the ``Proxy-Authorization`` header of
-    the user and password in the proxy's URL. The proxy's own certificate is checked against the
-    default CA bundle (``ca_bundle`` is the endpoint's)."""
+    the user and password in the proxy's URL (only with both, as botocore). An ``https://``
+    proxy's certificate is checked as the endpoint's is (``verify_tls``, ``ca_bundle``: one
+    bundle may hold both CAs), as botocore checks it for a tunnel."""
     from urllib3.connection import ProxyConfig
     from urllib3.util import make_headers, parse_url
 
@@ -545,7 +552,8 @@ def _through_proxy(
         raise ValueError(f"proxy {masked(proxy)!r} names no host")
     secure = url.scheme == "https"
     proxy_port = url.port or (443 if secure else 80)
-    headers = make_headers(proxy_basic_auth=unquote(url.auth)) if url.auth else {}
+    user, _, password = (url.auth or "").partition(":")
+    headers = make_headers(proxy_basic_auth=f"{unquote(user)}:{unquote(password)}") if user and password else {}
     proxy_host: str = url.host
     if https:
         config = ProxyConfig(None, False, None, None)
@@ -557,8 +565,7 @@ def _through_proxy(
 
         return tunnel, False, {}
     if secure:
-        ca = _default_ca()
-        return (lambda: HTTPSConnection(proxy_host, proxy_port, cert_reqs="CERT_REQUIRED", ca_certs=ca)), True, headers
+        return (lambda: HTTPSConnection(proxy_host, proxy_port, **tls)), True, headers
     return (lambda: HTTPConnection(proxy_host, proxy_port)), True, headers
 
 
