@@ -514,6 +514,12 @@ async def test_expedited_restore_without_capacity_falls_back_to_standard(
         assert len(posts) == 3  # two Expedited attempts refused, then the Standard one
         assert "no Expedited restore available for cold/k now; asking for a Standard one" in caplog.text
         assert (await storage.restore_state("cold/k")).value in ("in_progress", "available")
+        # The next restore goes as Standard straight away: one request, no warning.
+        s3_server.client().put_object(Bucket=s3_options["bucket"], Key="cold/k2", Body=b"y", StorageClass="GLACIER")
+        caplog.clear()
+        await storage.request_restore("cold/k2")
+        posts = [t for m, t, _ in s3_fault_proxy.seen if m == "POST" and t.endswith("?restore")]
+        assert len(posts) == 4 and "Expedited" not in caplog.text
         s3_fault_proxy.fail_next(2, status=503, code="SlowDown", method="POST")
         with pytest.raises(StorageError, match="SlowDown"):
             await storage.request_restore("cold/k")

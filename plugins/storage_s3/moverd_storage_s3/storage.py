@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -50,6 +51,9 @@ T = TypeVar("T")
 DELETE_BATCH = 1000
 """DeleteObjects takes at most 1000 keys per request."""
 
+EXPEDITED_PAUSE = 600.0
+"""After S3 had no Expedited capacity, how long restores are asked as Standard."""
+
 
 class S3Storage(S3DirectUploads, Storage):
     """Objects under ``prefix`` in one bucket; keys are relative to that prefix."""
@@ -70,6 +74,8 @@ class S3Storage(S3DirectUploads, Storage):
             log.info("storage %r: %s is reached through the proxy %s (HTTP(S)_PROXY)",
                      name, options.endpoint_url or "AWS S3", lean.masked(self._fast.proxy))
         self._bucket_ready = not options.create_bucket
+        self._standard_until = 0.0
+        """Until when restores go as Standard: S3 had no Expedited capacity (monotonic clock)."""
         self.waits = Waits(options.connect_timeout, options.read_timeout, options.max_attempts)
         if options.verification == "auto":
             self.verification = VERIFY_SERVER_CHECKSUM if options.cold else VERIFY_READ_BACK
@@ -222,15 +228,20 @@ class S3Storage(S3DirectUploads, Storage):
         An Expedited restore that S3 cannot serve now (``GlacierExpeditedRetrievalNotAvailable``,
         a 503 once botocore's retries are spent: expedited capacity is not guaranteed) is asked
         again in the Standard tier, with a warning: the job would otherwise fail, and a later
-        one wait longer still."""
+        one wait longer still. The restores of the next :data:`EXPEDITED_PAUSE` seconds are
+        asked as Standard straight away, rather than each spending the retries first."""
         tier = self.options.restore_tier
+        if tier == "Expedited" and time.monotonic() < self._standard_until:
+            tier = "Standard"
         while True:
             try:
                 await self._restore(key, tier)
                 return
             except _ExpeditedUnavailableError:
-                log.warning("storage %r: no Expedited restore available for %s now; asking for a Standard one",
-                            self.name, key)
+                log.warning("storage %r: no Expedited restore available for %s now; asking for a Standard one, "
+                            "and so for the next %g s (Standard restores take hours: restore_timeout is %g s)",
+                            self.name, key, EXPEDITED_PAUSE, self.options.restore_timeout)
+                self._standard_until = time.monotonic() + EXPEDITED_PAUSE
                 tier = "Standard"
 
     async def _restore(self, key: str, tier: str) -> None:
