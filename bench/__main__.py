@@ -177,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
                     s5, raw = ser[-2:]
                     ref = min((s5, raw), key=lambda s: s.median)
                     gib = ds.total / 1024**3
+                    # The project's targets: 0.75 for the 1 GiB set (both shapes), 0.9 for the
+                    # 20,000 small files (the bench said 0.75 for both before).
                     for moverd_s, shape in zip(ser[: len(shapes)], ("", ", four datablocks"), strict=False):
                         rname = f"archive {ds.name}{shape} / raw"
                         cpu = f"CPU s/GiB moverd {moverd_s.median_cpu / gib:.2f}, {ref.tool} {ref.median_cpu / gib:.2f}"
                         ratios[rname] = Ratio(
-                            rname, ref.median / moverd_s.median, 0.75, aim=0.9,
+                            rname, ref.median / moverd_s.median, 0.75 if ds is big else 0.9, aim=0.9,
                             detail=f"reference {ref.tool} {ref.median:.2f} s, moverd {moverd_s.median:.2f} s; {cpu}",
                             extra={"reference": ref.tool, "reference_seconds": ref.median,
                                    "moverd_seconds": moverd_s.median,
