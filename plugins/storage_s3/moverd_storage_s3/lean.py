@@ -50,7 +50,7 @@ from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, TypeVarTuple
-from urllib.parse import quote, unquote, unquote_plus, urlsplit
+from urllib.parse import quote, unquote_plus, urlsplit
 
 import anyio
 import urllib3
@@ -257,7 +257,8 @@ class LeanClient:
     """
 
     def __init__(self, opts: S3Options) -> None:
-        url = urlsplit(opts.endpoint_url or f"https://s3.{opts.region}.amazonaws.com")
+        endpoint_url = opts.endpoint_url or f"https://s3.{opts.region}.amazonaws.com"
+        url = urlsplit(endpoint_url)
         self.endpoint = opts.endpoint_url or f"AWS S3 ({opts.region})"
         """What errors name (as the aiobotocore client's do)."""
         self.bucket = opts.bucket
@@ -279,7 +280,7 @@ class LeanClient:
             cert_reqs="CERT_REQUIRED" if opts.verify_tls else "CERT_NONE",
             ca_certs=ca if opts.verify_tls else None, assert_hostname=None if opts.verify_tls else False,
         )
-        self.proxy = environment_proxy(self.origin)
+        self.proxy = environment_proxy(endpoint_url)
         """The proxy of the environment that carries this endpoint's requests, as botocore
         decides it (so uploads and reads take the same way); None: straight to the endpoint."""
         self._forward = False
@@ -503,35 +504,21 @@ class LeanClient:
         return await self.run(self.list_page_blocking, prefix, token, stop, interrupt=stop.fire)
 
 
-def environment_proxy(origin: str) -> str | None:
-    """The proxy of the environment (``HTTP_PROXY``/``HTTPS_PROXY`` for the scheme, unless
-    ``NO_PROXY`` names the host: with virtual-hosted addressing, ``bucket.host``) that botocore
-    would send requests to ``origin`` through, decided with the same standard-library calls and
-    completed as botocore completes it (``host:port`` means ``http://host:port``); None when
-    there is none."""
+def environment_proxy(endpoint_url: str) -> str | None:
+    """The proxy of the environment (``HTTP_PROXY``/``HTTPS_PROXY``, ``NO_PROXY``) that botocore
+    sends this endpoint's requests through, decided and completed by botocore's own calls (its
+    clients' ``get_environ_proxies`` of the endpoint URL, ``ProxyConfiguration.proxy_url_for``),
+    so that reads and uploads take the same way; None when there is none. botocore is imported
+    only when the environment names a proxy at all."""
     import urllib.request
 
-    url = urlsplit(origin)
-    try:
-        if urllib.request.proxy_bypass(url.netloc):
-            return None
-    except (TypeError, socket.gaierror):
-        pass
-    proxy = urllib.request.getproxies().get(url.scheme)
-    if not proxy:
+    if not urllib.request.getproxies():
         return None
-    if proxy.startswith(("http:", "https:")):
-        return proxy
-    return f"http:{proxy}" if proxy.startswith("//") else f"http://{proxy}"
+    from botocore.httpsession import ProxyConfiguration
+    from botocore.utils import get_environ_proxies
 
-
-def masked(proxy: str) -> str:
-    """A proxy URL fit for a log line: its user and password replaced (some proxies take a token
-    as the user), as botocore masks them."""
-    parsed = urlsplit(proxy)
-    if "@" not in parsed.netloc:
-        return proxy
-    return proxy.replace(parsed.netloc, "***:***@" + parsed.netloc.rpartition("@")[2], 1)
+    proxy: str | None = ProxyConfiguration(get_environ_proxies(endpoint_url)).proxy_url_for(endpoint_url)
+    return proxy
 
 
 def _through_proxy(
@@ -540,20 +527,20 @@ def _through_proxy(
     """How to reach ``host:port`` through ``proxy``, as urllib3's ProxyManager does it: an
     ``https://`` endpoint through a CONNECT tunnel (TLS end to end with the endpoint, inside TLS
     to the proxy when the proxy's URL is ``https://``); an ``http://`` one by sending the proxy
-    each request with the whole URL (``forward``). Also the ``Proxy-Authorization`` header of
-    the user and password in the proxy's URL (only with both, as botocore). An ``https://``
+    each request with the whole URL (``forward``). Also botocore's ``Proxy-Authorization``
+    header of the user and password in the proxy's URL (only with both). An ``https://``
     proxy's certificate is checked as the endpoint's is (``verify_tls``, ``ca_bundle``: one
     bundle may hold both CAs), as botocore checks it for a tunnel."""
+    from botocore.httpsession import ProxyConfiguration, mask_proxy_url
     from urllib3.connection import ProxyConfig
-    from urllib3.util import make_headers, parse_url
+    from urllib3.util import parse_url
 
     url = parse_url(proxy)
     if url.host is None:
-        raise ValueError(f"proxy {masked(proxy)!r} names no host")
+        raise ValueError(f"proxy {mask_proxy_url(proxy)!r} names no host")
     secure = url.scheme == "https"
     proxy_port = url.port or (443 if secure else 80)
-    user, _, password = (url.auth or "").partition(":")
-    headers = make_headers(proxy_basic_auth=f"{unquote(user)}:{unquote(password)}") if user and password else {}
+    headers: dict[str, str] = ProxyConfiguration().proxy_headers_for(proxy)
     proxy_host: str = url.host
     if https:
         config = ProxyConfig(None, False, None, None)

@@ -71,8 +71,10 @@ class S3Storage(S3DirectUploads, Storage):
         self.clients = S3Clients(options)
         self._fast = lean.LeanClient(options)
         if self._fast.proxy is not None:
+            from botocore.httpsession import mask_proxy_url
+
             log.info("storage %r: %s is reached through the proxy %s (HTTP(S)_PROXY)",
-                     name, options.endpoint_url or "AWS S3", lean.masked(self._fast.proxy))
+                     name, options.endpoint_url or "AWS S3", mask_proxy_url(self._fast.proxy))
         self._bucket_ready = not options.create_bucket
         self._standard_until = 0.0
         """Until when restores go as Standard: S3 had no Expedited capacity (monotonic clock)."""
