@@ -105,6 +105,10 @@ class PipelineContext:
             return MULTI_BUFFER_MD5()
         return self.hasher(self.checksum)
 
+    def read_ahead(self) -> ReadAhead:
+        """A new read-ahead window of this context's size (one per dataset archive)."""
+        return ReadAhead(self.prefetch_files, self.prefetch_bytes)
+
     def slabs_for(self, size: int) -> int:
         """Slabs one file may hold: enough for the whole file, at most a quarter of the pool."""
         if size == 0:
@@ -522,7 +526,7 @@ async def write_datablock(
     consumed: list[_Consumed] = []
     taken: set[_FileStream] = set()  # files whose slabs are out: only those in flight
     rooms: list[_Room] = []  # read-ahead taken by this datablock's files
-    window = read_ahead if read_ahead is not None else ReadAhead(ctx.prefetch_files, ctx.prefetch_bytes)
+    window = read_ahead if read_ahead is not None else ctx.read_ahead()
     try:
         out = TarSink(writer, block_hash, ctx.pool.capacity, ctx.prefetch_bytes)
         async with anyio.create_task_group() as tg:

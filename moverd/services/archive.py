@@ -185,8 +185,7 @@ async def _archive(
     # others in flight commit, verify and register meanwhile. Two streaming at once shared the
     # same CPU and source and then finished together, leaving both tails (the disk catching up,
     # the read-back, the catalog) with nothing to overlap.
-    pipeline = app.pipeline
-    turns = _Turns([plan.index for plan in plans], ReadAhead(pipeline.prefetch_files, pipeline.prefetch_bytes))
+    turns = _Turns([plan.index for plan in plans], app.pipeline.read_ahead())
 
     async def one(plan: DatablockPlan) -> None:
         async def work() -> Datablock:
