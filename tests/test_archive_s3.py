@@ -12,6 +12,7 @@ from moverd import FileEntry, MissingFileError
 from moverd.app import App
 from moverd.services import archive_dataset, retrieve_dataset
 from tests.support.apps import make_settings
+from tests.support.faultproxy import only_proxy
 from tests.support.trees import awkward_tree, read_tree, small_files_tree
 
 pytestmark = pytest.mark.anyio
@@ -78,9 +79,7 @@ async def test_a_proxy_of_the_environment_carries_every_request(
     credentials; NO_PROXY naming the endpoint's host bypasses it."""
     files = small_files_tree(tmp_path / "src", 30, size=3000)
     upload(s3_server, s3_options["bucket"], "openem-network/datasets/px/raw_files", files)
-    for var in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", f"http://archiver:pw@127.0.0.1:{s3_fault_proxy.port}")
+    only_proxy(monkeypatch, "HTTP_PROXY", f"http://archiver:pw@127.0.0.1:{s3_fault_proxy.port}")
     settings = make_settings(tmp_path / "a", storages={"landing": {"type": "s3", **s3_options}},
                              archive={"landing_prefix": "openem-network/datasets/{pid}/raw_files"})
     async with App(settings) as app:

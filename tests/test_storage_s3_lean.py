@@ -24,7 +24,7 @@ import pytest
 from moverd_storage_s3.lean import LeanReader
 
 from moverd import NotFoundError, StorageError, UnsafePathError
-from tests.support.faultproxy import FaultProxy
+from tests.support.faultproxy import FaultProxy, only_proxy
 from tests.support.s3 import S3Server
 from tests.support.tlsproxy import TLSProxy
 from tests.test_storage_s3 import FAST_RETRIES, MIB, opened, read_all
@@ -259,15 +259,9 @@ async def test_cancelled_read_mid_body_lets_go_of_its_connection(
                 proxy = stack.enter_context(TLSProxy("127.0.0.1", listener.getsockname()[1], tmp_path))
                 endpoint, extra = proxy.url, {"ca_bundle": str(proxy.ca_bundle)}
             if mode == "https-via-https-proxy":
-                (tmp_path / "proxy-tls").mkdir()
-                forward = stack.enter_context(FaultProxy("127.0.0.1", 9))
-                secure = stack.enter_context(TLSProxy("127.0.0.1", forward.port, tmp_path / "proxy-tls"))
-                bundle = tmp_path / "both-cas.pem"
-                bundle.write_bytes(proxy.ca_bundle.read_bytes() + secure.ca_bundle.read_bytes())
-                extra = {"ca_bundle": str(bundle)}
-                for var in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
-                    monkeypatch.delenv(var, raising=False)
-                monkeypatch.setenv("HTTPS_PROXY", secure.url)
+                _, secure = stack.enter_context(https_forward_proxy(tmp_path / "proxy-tls"))
+                extra = {"ca_bundle": str(bundle_of(tmp_path / "both-cas.pem", proxy, secure))}
+                only_proxy(monkeypatch, "HTTPS_PROXY", secure.url)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(anyio.to_thread.run_sync, serve)
                 async with opened(s3_options, endpoint_url=endpoint, read_timeout=600, max_attempts=1,
@@ -539,6 +533,21 @@ def test_lean_path_imports_no_aioboto3(s3_options: dict[str, Any], s3_server: S3
 # -- every endpoint, every kind of credentials ---------------------------------------------------
 
 
+@contextlib.contextmanager
+def https_forward_proxy(folder: Path) -> Iterator[tuple[FaultProxy, TLSProxy]]:
+    """An ``https://`` forward proxy: TLS (its own CA, in ``folder``) in front of a fault proxy
+    that tunnels CONNECT to the address it names."""
+    folder.mkdir()
+    with FaultProxy("127.0.0.1", 9) as forward, TLSProxy("127.0.0.1", forward.port, folder) as secure:
+        yield forward, secure
+
+
+def bundle_of(path: Path, *proxies: TLSProxy) -> Path:
+    """One CA bundle trusting each of ``proxies``' CAs."""
+    path.write_bytes(b"".join(p.ca_bundle.read_bytes() for p in proxies))
+    return path
+
+
 @pytest.fixture
 def tls_proxy(s3_fault_proxy: FaultProxy, tmp_path: Path) -> Iterator[TLSProxy]:
     """``https://127.0.0.1:PORT`` (its own CA in ``ca_bundle``) in front of the fault proxy in
@@ -588,9 +597,7 @@ async def test_https_endpoint_through_a_proxy_of_the_environment(
     the tunnel is resumed on a new one."""
     data = os.urandom(2 * MIB + 11)
     with FaultProxy("127.0.0.1", 9) as forward:  # a forward proxy only: CONNECT names the address
-        for var in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setenv("HTTPS_PROXY", f"http://mover:s%3Acret@127.0.0.1:{forward.port}")
+        only_proxy(monkeypatch, "HTTPS_PROXY", f"http://mover:s%3Acret@127.0.0.1:{forward.port}")
         opts = {**s3_options, "endpoint_url": tls_proxy.url, "ca_bundle": str(tls_proxy.ca_bundle), **FAST_RETRIES}
         async with opened(opts) as storage:
             assert storage._fast.proxy == f"http://mover:s%3Acret@127.0.0.1:{forward.port}"
@@ -621,14 +628,9 @@ async def test_https_endpoint_through_an_https_proxy(
     shut down)."""
     data = os.urandom(3 * MIB)
     s3_server.client().put_object(Bucket=s3_options["bucket"], Key="tt/r.bin", Body=data)
-    (tmp_path / "proxy-tls").mkdir()
-    with FaultProxy("127.0.0.1", 9) as forward, \
-            TLSProxy("127.0.0.1", forward.port, tmp_path / "proxy-tls") as secure_proxy:
-        bundle = tmp_path / "both-cas.pem"
-        bundle.write_bytes(tls_proxy.ca_bundle.read_bytes() + secure_proxy.ca_bundle.read_bytes())
-        for var in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setenv("HTTPS_PROXY", f"https://mover:pw@127.0.0.1:{secure_proxy.port}")
+    with https_forward_proxy(tmp_path / "proxy-tls") as (forward, secure_proxy):
+        bundle = bundle_of(tmp_path / "both-cas.pem", tls_proxy, secure_proxy)
+        only_proxy(monkeypatch, "HTTPS_PROXY", f"https://mover:pw@127.0.0.1:{secure_proxy.port}")
         opts = {**s3_options, "endpoint_url": tls_proxy.url, "ca_bundle": str(bundle), **FAST_RETRIES}
         async with opened(opts) as storage:
             assert await read_all(await storage.open_reader("tt/r.bin", 5, 1000)) == data[5:1005]

@@ -40,7 +40,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Any, Self
 
 _REASONS = {
     500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 429: "Too Many Requests",
@@ -381,3 +381,14 @@ def _parse_request(head: bytes) -> _Request:
     first, headers = _parse_headers(head)
     method, target, _ = first.split(" ", 2)
     return _Request(method=method, target=target, headers=headers)
+
+
+PROXY_VARIABLES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")
+
+
+def only_proxy(monkeypatch: Any, variable: str, url: str) -> None:
+    """An environment whose one proxy setting is ``variable`` (``HTTP_PROXY``, ``HTTPS_PROXY``)
+    = ``url``: none of the machine's proxies or bypasses leak into the test."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, url)
