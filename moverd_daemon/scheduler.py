@@ -155,7 +155,11 @@ def _logged(name: str, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitab
         try:
             await fn()
         except asyncio.CancelledError:
-            raise
+            # The scheduler's shutdown cancels the tasks still running, and APScheduler logs
+            # whatever its task raises with a traceback. A task that stops there is not a
+            # fault: every task is idempotent and runs again at the next start. This frame is
+            # the task's outermost, so nothing above it waits for the cancellation.
+            log.debug("housekeeping task %s stopped by the shutdown", name)
         except Exception as exc:
             log.warning("housekeeping task %s failed: %s", name, exc)
 

@@ -146,3 +146,31 @@ async def test_job_view_progress(app: App) -> None:
     assert JobView.of(run, {"status": "inProgress", "type": "archive"}).catalog == {
         "status": "inProgress", "type": "archive"}
     assert not run.final
+
+
+async def test_a_task_running_at_shutdown_stops_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The daemon's stop cancels the housekeeping still running; that is a stop, not a fault,
+    and its log holds no traceback (APScheduler logs one for anything its task raises)."""
+    import anyio
+
+    async with App(make_settings(tmp_path, DaemonSettings, scheduler={"stale_temp_interval": 0.05})) as app:
+        d, journal = dispatcher(app, tmp_path)
+        hk = Housekeeping(app, d, journal, d.metrics)
+        started = anyio.Event()
+
+        async def slow() -> int:
+            started.set()
+            await anyio.sleep(60)
+            return 0
+
+        hk.stale_temp_files = slow  # type: ignore[method-assign]
+        scheduler = build_scheduler(hk, pickup=False)
+        scheduler.start()
+        with anyio.fail_after(10):
+            await started.wait()
+        scheduler.shutdown(wait=False)
+        await anyio.sleep(0.2)  # the cancelled task ends and the executor's callback runs
+        journal.close()
+    assert not [r for r in caplog.records if r.levelno >= 30 or r.exc_info], caplog.text
