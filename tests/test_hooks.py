@@ -12,11 +12,22 @@ from typing import Any
 
 import pytest
 
-from moverd import CatalogType, Datablock, MissingFileError, Options, StorageType, Transfer, hookimpl, hookspecs
+from moverd import (
+    CatalogType,
+    Datablock,
+    MissingFileError,
+    MoverdError,
+    Options,
+    StorageType,
+    Transfer,
+    VerificationError,
+    hookimpl,
+    hookspecs,
+)
 from moverd.app import App
 from moverd.builtin.local_catalog import LocalCatalog
 from moverd.plugins import describe_plugins, load_plugins
-from moverd.services import archive_dataset
+from moverd.services import archive_dataset, verify_dataset
 from moverd.services.folders import register_folder
 from tests.support.apps import make_settings
 from tests.support.trees import awkward_tree
@@ -123,6 +134,38 @@ async def test_observer_hooks_see_a_transfer(recorder_app, tmp_path: Path) -> No
             await archive_dataset(app, ds2.pid, source=src2)
         assert rec.events[-2][0] == "transfer_started" and rec.events[-1][0] == "transfer_failed"
         assert "'empty.txt' is missing" in rec.events[-1][1]
+
+
+@pytest.mark.anyio
+async def test_observer_hooks_see_a_verify_end_either_way(recorder_app, tmp_path: Path) -> None:
+    """A damaged datablock is reported in the result and to the observers; a datablock the LTS
+    cannot read at all (its tar gone) ends the verify, and the observers hear of that too."""
+    app, rec = recorder_app
+    async with app:
+        awkward_tree(tmp_path / "src")
+        ds, src = await register_folder(app, tmp_path / "src")
+        blocks = (await archive_dataset(app, ds.pid, source=src)).datablocks
+        rec.events.clear()
+        assert not (await verify_dataset(app, ds.pid)).failed
+        assert rec.events == [("transfer_started", ds.pid)] + [("datablock_verified", b.archive_id) for b in blocks] + [
+            ("transfer_finished", sum(b.packed_size for b in blocks))]
+        block = blocks[-1]
+        victim = next(m for m in block.members if m.size > 100)
+        tar = Path(app.settings.storages["lts"]["root"]) / block.archive_id
+        data = bytearray(tar.read_bytes())
+        data[victim.offset + victim.size // 2] ^= 0x01
+        tar.write_bytes(bytes(data))
+        rec.events.clear()
+        result = await verify_dataset(app, ds.pid)
+        assert list(result.failed) == [block.archive_id]
+        assert rec.events[-1] == ("transfer_failed", result.failed[block.archive_id])
+        tar.unlink()
+        rec.events.clear()
+        with pytest.raises(MoverdError) as caught:
+            await verify_dataset(app, ds.pid)
+        assert not isinstance(caught.value, VerificationError)
+        ends = [e for e in rec.events if e[0] != "datablock_verified"]
+        assert ends == [("transfer_started", ds.pid), ("transfer_failed", str(caught.value))]
 
 
 @pytest.mark.anyio

@@ -9,6 +9,7 @@ from ..app import App
 from ..datablocks import verify_datablock
 from ..errors import VerificationError
 from ..events import Transfer
+from .observed import observed
 from .retrieve import load_indexes
 
 
@@ -30,20 +31,18 @@ async def verify_dataset(app: App, pid: str, transfer: Transfer | None = None) -
     transfer.bytes_total = sum(b.packed_size for b in blocks)
     transfer.datablocks_total = len(blocks)
     result = VerifyResult(pid=pid)
-    app.observers.transfer_started(transfer=transfer)
-    for block in blocks:
-        try:
-            async with app.slot(lts, "read"):
-                how = await verify_datablock(lts, block, app.registry.hasher, app.pool, transfer)
-        except VerificationError as exc:
-            result.failed[block.archive_id] = str(exc)
-        else:
-            result.ok.append(block.archive_id)
-            result.verified_by[block.archive_id] = how
-            app.observers.datablock_verified(transfer=transfer, datablock=block)
-        transfer.datablocks_done += 1
-    if result.failed:
-        app.observers.transfer_failed(transfer=transfer, error=VerificationError("; ".join(result.failed.values())))
-    else:
-        app.observers.transfer_finished(transfer=transfer)
+    with observed(app, transfer) as outcome:
+        for block in blocks:
+            try:
+                async with app.slot(lts, "read"):
+                    how = await verify_datablock(lts, block, app.registry.hasher, app.pool, transfer)
+            except VerificationError as exc:
+                result.failed[block.archive_id] = str(exc)
+            else:
+                result.ok.append(block.archive_id)
+                result.verified_by[block.archive_id] = how
+                app.observers.datablock_verified(transfer=transfer, datablock=block)
+            transfer.datablocks_done += 1
+        if result.failed:
+            outcome.fail(VerificationError("; ".join(result.failed.values())))
     return result
