@@ -68,11 +68,11 @@ class App:
         self._catalog: Catalog | None = None
         self._locks: dict[str, anyio.Lock] = {}
         self.global_slots = global_slots
+        """Limits named ``<storage>-read``/``<storage>-write`` that hold across every process and
+        host sharing the Prefect server (None: this process's semaphores are the bound)."""
         self.global_locks = global_locks
         """Locks that hold across processes and hosts (one retrieval of a dataset at a time);
         None: only this process's."""
-        """Limits named ``<storage>-read``/``<storage>-write`` that hold across every process and
-        host sharing the Prefect server (None: this process's semaphores are the bound)."""
 
     @classmethod
     def load(cls, config: str | Path | None = None) -> App:
