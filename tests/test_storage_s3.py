@@ -189,6 +189,41 @@ async def test_multipart_round_trip(s3_options: dict[str, Any], s3_server: S3Ser
 
 
 @pytest.mark.anyio
+async def test_an_object_beyond_the_part_limit_is_written_in_bigger_parts(
+    s3_options: dict[str, Any], s3_server: S3Server, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """S3 takes at most 10 000 parts (here lowered to 3, the rest is real): an object whose size
+    hint needs more at part_size goes in bigger parts; one that outgrows its hint fails at the
+    part past the limit, naming the setting, and leaves no upload behind."""
+    from moverd_storage_s3 import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "MAX_PARTS", 3)
+    bucket = s3_options["bucket"]
+    data = os.urandom(20 * MIB)
+    caplog.set_level("INFO", logger="moverd_storage_s3")
+    async with opened(s3_options, part_size="5MiB", upload_concurrency=2) as storage:
+        writer = await write(storage, "big/over.tar", data)
+        # 20 MiB (+1 %) in 3 parts: 7 MiB each, the last one shorter
+        assert (await storage.stat("big/over.tar")).etag.endswith("-3")  # type: ignore[union-attr]
+        assert writer.buffers_allocated <= 3
+        assert await read_all(await storage.open_reader("big/over.tar")) == data
+        assert "parts of 7.0 MiB instead of part_size 5.0 MiB" in caplog.text
+        # the hint said 10 MiB, 20 MiB came: part 4 would be refused by S3, the writer stops first
+        short = await storage.open_writer("big/outgrown.tar", size_hint=10 * MIB)
+        with pytest.raises(StorageError, match=r"outgrew 3 parts of 5\.0 MiB .* raise part_size \(now 5\.0 MiB\)"):
+            for i in range(0, len(data), MIB):
+                await short.write(data[i : i + MIB])
+            await short.commit()
+        await short.abort()
+        assert uploads(s3_server, bucket) == []
+        assert "big/outgrown.tar" not in keys(s3_server, bucket)
+    # beyond even 5 GiB parts: refused when the writer opens, before anything is sent
+    with pytest.raises(StorageError, match=r"cannot be uploaded: S3 takes at most 3 parts of 5\.0 GiB"):
+        writer_module.part_size_for(5 * MIB, 16 * 1024**3)
+
+
+@pytest.mark.anyio
 async def test_commit_replaces_and_writer_is_single_use(s3_options: dict[str, Any]) -> None:
     async with opened(s3_options) as storage:
         await write(storage, "k", b"old")

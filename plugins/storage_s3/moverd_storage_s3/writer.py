@@ -6,6 +6,12 @@ reused from a pool of ``upload_concurrency + 1``, so memory stays at that many p
 object's size. A part is sent only when the next byte arrives, so an object that fits in one
 part is written with a single PutObject and no multipart upload at all.
 
+S3 takes at most 10 000 parts. An object whose expected size (the datablock's, known from its
+plan) needs more parts than that at ``part_size`` is written in bigger parts, so a datablock
+larger than the setting allows is not refused at part 10 001, after the first 10 000 were sent;
+an object that outgrows its size hint fails there with an error that says which setting to
+raise.
+
 Every part carries its CRC32 (``x-amz-checksum-crc32``, computed in a worker thread beside the
 other parts' uploads), which the server checks on receipt, and the upload declares a
 full-object checksum (or COMPOSITE, for servers without one), which :meth:`object_checksum`
@@ -25,10 +31,11 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from moverd import StorageError, Writer
+from moverd import StorageError, Writer, format_size
 
 from . import crc
 from .errors import Waits, to_storage_error, within
+from .options import MAX_PART_SIZE, MIB
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,28 @@ ClientGetter = Callable[[], Coroutine[Any, Any, Any]]
 """The storage's aiobotocore client, opened on first use."""
 
 MIN_FIRST_BUFFER = 64 * 1024
+
+MAX_PARTS = 10_000
+"""S3's largest part number."""
+
+HINT_MARGIN = 1.01
+"""Room kept above the size hint when parts are sized for it: a datablock's size is planned
+exactly, but a hint from elsewhere may be an estimate."""
+
+
+def part_size_for(part_size: int, size_hint: int | None) -> int:
+    """``part_size``, or the smallest whole MiB that fits an object of ``size_hint`` (and the
+    margin) in :data:`MAX_PARTS` parts."""
+    if size_hint is None or size_hint * HINT_MARGIN <= part_size * MAX_PARTS:
+        return part_size
+    need = -(-int(size_hint * HINT_MARGIN) // MAX_PARTS)
+    need = -(-need // MIB) * MIB
+    if need > MAX_PART_SIZE:
+        raise StorageError(
+            f"an object of {format_size(size_hint)} cannot be uploaded: S3 takes at most {MAX_PARTS} "
+            f"parts of {format_size(MAX_PART_SIZE)}"
+        )
+    return need
 
 
 class PartBody(io.RawIOBase):
@@ -125,15 +154,23 @@ class MultipartWriter(Writer):
         self._key = key
         self._full_key = full_key
         self._endpoint = endpoint
-        self._part_size = part_size
+        self._part_size = part_size_for(part_size, size_hint)
+        if self._part_size != part_size:
+            log.info(
+                "s3 %s/%s: parts of %s instead of part_size %s, for an object of %s (S3 takes at most "
+                "%d parts); the upload buffers take up to %s", bucket, key, format_size(self._part_size),
+                format_size(part_size), format_size(size_hint or 0), MAX_PARTS,
+                format_size(self._part_size * (concurrency + 1)),
+            )
+        self._configured_part_size = part_size
         self._deadline = deadline
         self._waits = waits
         self._request = f"PUT {bucket}/{full_key}"
-        self._pool = BufferPool(part_size, concurrency + 1)
+        self._pool = BufferPool(self._part_size, concurrency + 1)
         self._slots = asyncio.Semaphore(concurrency)
         # A small object does not need a whole part's buffer; it grows if the hint was low.
         self._first_size = (
-            part_size if size_hint is None else min(part_size, max(size_hint, MIN_FIRST_BUFFER))
+            self._part_size if size_hint is None else min(self._part_size, max(size_hint, MIN_FIRST_BUFFER))
         )
         self._buf: bytearray | None = None
         self._fill = 0
@@ -264,6 +301,12 @@ class MultipartWriter(Writer):
     async def _start_part(self, buf: bytearray, size: int) -> None:
         """Start uploading a full buffer as the next part (waiting for a free upload slot)."""
         self._check_failure()
+        if self._next_part > MAX_PARTS:
+            raise StorageError(
+                f"s3 {self._bucket}/{self._key}: the object outgrew {MAX_PARTS} parts of "
+                f"{format_size(self._part_size)} ({format_size(self.size)} so far), the most S3 takes; "
+                f"raise part_size (now {format_size(self._configured_part_size)}) for objects this big"
+            )
         client = await self._client()
         if self._upload_id is None:
             resp = await self._bounded(
