@@ -352,14 +352,14 @@ def upload(
     from moverd.errors import root_cause
     from moverd.units import parse_size
 
-    from .upload import Uploader
+    from .upload import MAX_PART_SIZE, MIN_PART_SIZE, Uploader
 
     token = token_file.read_text().strip() if token_file else os.environ.get("MOVERD_TOKEN")
     try:
         size = parse_size(part_size)
     except ValueError as exc:
         fail(UserError(f"--part-size: {exc}"))
-    if not 5 * 1024**2 <= size <= 5 * 1024**3:
+    if not MIN_PART_SIZE <= size <= MAX_PART_SIZE:
         fail(UserError("--part-size must be between 5 MiB and 5 GiB (S3's limits)"))
     owner = {"user": owner_user, "group": owner_group, "email": contact_email}
 
@@ -388,7 +388,7 @@ def upload(
     if as_json:
         emit_json({"dataset": res.dataset, "files": res.files, "bytes": res.bytes, "skipped_files": res.skipped_files,
                    "parts_sent": res.parts_sent, "parts_resumed": res.parts_resumed,
-                   "urls_renewed": res.urls_renewed, "finalized": res.finalized,
+                   "urls_renewed": res.urls_renewed, "finalized": res.finalized, "part_size": res.part_size,
                    "seconds": round(seconds, 3)})
     else:
         resumed = f", {res.parts_resumed} part(s) and {res.skipped_files} file(s) already there" if (

@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import logging
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,9 +52,16 @@ from moverd.errors import MoverdError, UserError
 from moverd.events import Transfer
 from moverd.keys import safe_key
 from moverd.retry import retry_blocking
+from moverd.units import format_size
+from moverd_daemon.ingest.models import MAX_PARTS
 
+MIB = 1024**2
 GIB = 1024**3
+MIN_PART_SIZE, MAX_PART_SIZE = 5 * MIB, 5 * GIB
+"""S3's bounds on a part (the last one may be smaller)."""
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(MoverdError):
@@ -91,6 +99,9 @@ class Result:
     urls_renewed: int = 0
     job_id: str | None = None
     finalized: bool = False
+    part_size: int = 0
+    """The part size used: ``--part-size``, or bigger when a file needs more than S3's 10 000
+    parts of it."""
     sent: list[str] = field(default_factory=list)
 
 
@@ -213,12 +224,29 @@ class Uploader:
         """A file under one part: read, hashed and sent in one worker thread's turn."""
         self._put_blocking(url_b64, view, _read_and_sum(path, 0, view))
 
+    def _part_size_for(self, files: list[LocalFile]) -> int:
+        """``--part-size``, or the smallest whole MiB that fits the largest file in S3's 10 000
+        parts: refused by the API at its first request otherwise, after the smaller files went."""
+        largest = max(files, key=lambda f: f.size, default=None)
+        if largest is None or largest.size <= self.part_size * MAX_PARTS:
+            return self.part_size
+        need = -(-largest.size // MAX_PARTS)
+        need = -(-need // MIB) * MIB
+        if need > MAX_PART_SIZE:
+            raise UserError(f"{largest.rel} ({format_size(largest.size)}) cannot be uploaded: S3 takes at most "
+                            f"{MAX_PARTS} parts of {format_size(MAX_PART_SIZE)}")
+        log.warning("parts of %s instead of --part-size %s: %s (%s) needs them (S3 takes at most %d parts); "
+                    "the buffers take up to %s", format_size(need), format_size(self.part_size), largest.rel,
+                    format_size(largest.size), MAX_PARTS, format_size(need * self.parallel))
+        return need
+
     async def upload(self, root: Path, pid: str, transfer: Transfer, *, finalize: bool, archive: bool,
                      owner: dict[str, str]) -> Result:
         files = local_files(root)
         total = sum(f.size for f in files)
         transfer.files_total, transfer.bytes_total = len(files), total
         result = Result(dataset=pid, files=len(files), bytes=total)
+        self.part_size = result.part_size = self._part_size_for(files)
         # no buffer larger than the largest file needs
         size = max(1, min(self.part_size, max((f.size for f in files), default=0)))
         self.buffers = SlabPool(size, self.parallel * size)

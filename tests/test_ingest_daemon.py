@@ -293,3 +293,44 @@ def test_measure_upload_throughput_and_daemon_cpu_per_gib(served: Served, tmp_pa
     print(f"\nupload of {gib:.2f} GiB: moverd upload {upload_s:.1f} s, s5cmd cp {s5_s:.1f} s, "
           f"ratio (s5cmd/moverd) {s5_s / upload_s:.2f}; daemon CPU {cpu:.2f} s = {cpu / gib:.2f} s per GiB")
     assert cpu / gib < 5  # the bytes do not pass through the daemon
+
+
+def test_a_file_beyond_the_part_limit_is_sent_in_bigger_parts(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S3 takes at most 10 000 parts (lowered to 2 in the client here; the daemon and S3 are
+    real): a file that needs more at --part-size goes in the smallest whole-MiB parts that fit
+    it, and S3 holds its bytes in that many parts."""
+    import anyio
+
+    from moverd.errors import UserError
+    from moverd.events import Transfer
+    from moverd_cli import upload as upload_module
+
+    monkeypatch.setattr(upload_module, "MAX_PARTS", 2)
+    files = {"big.bin": 11 * MIB + 5, "small.txt": 10}
+    pid = served.facility.scicat.add_dataset(list(files.items()), owner_group=GROUP, lifecycle=UPLOADING)
+    make_files(tmp_path / "ds", files)
+    token = served.idp.mint(groups=[f"/{GROUP}"], expires_in=3600)
+    client = upload_module.Uploader(served.daemon.url, token, part_size=5 * MIB, parallel=2)
+
+    async def go() -> upload_module.Result:
+        return await client.upload(tmp_path / "ds", pid, Transfer(kind="upload", dataset=pid), finalize=False,
+                                   archive=False, owner={"user": "", "group": "", "email": ""})
+
+    res = anyio.run(go)
+    assert res.part_size == 6 * MIB and res.parts_sent == 2  # 11 MiB in 2 parts: 6 MiB each
+    assert "parts of 6.0 MiB instead of --part-size 5.0 MiB: big.bin" in caplog.text
+    key = f"openem-network/datasets/{pid}/raw_files/big.bin"
+    head = served.s3.client().head_object(Bucket=served.facility.landing_bucket, Key=key)
+    assert head["ContentLength"] == files["big.bin"] and head["ETag"].strip('"').endswith("-2")
+    body = served.s3.client().get_object(Bucket=served.facility.landing_bucket, Key=key)["Body"].read()
+    assert body == (tmp_path / "ds" / "big.bin").read_bytes()
+    # beyond 2 parts of 5 GiB (a sparse file): refused before any request
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    with open(huge / "h.bin", "wb") as f:
+        f.truncate(2 * 5 * 1024**3 + 1)
+    with pytest.raises(UserError, match=r"h\.bin \(10\.0 GiB\) cannot be uploaded: S3 takes at most 2 parts"):
+        anyio.run(lambda: client.upload(huge, pid, Transfer(kind="upload", dataset=pid), finalize=False,
+                                        archive=False, owner={}))

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+MAX_PARTS = 10_000
+"""S3's largest part number: no upload asks for more parts (the client sizes its parts to fit)."""
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")

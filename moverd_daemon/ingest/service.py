@@ -46,6 +46,7 @@ from moverd.services.folders import landing_prefix
 
 from ..auth import Principal
 from ..settings import IngestSettings
+from .models import MAX_PARTS
 from .quota import IngestState, LandingQuota, NoLandingSpaceError, Usage
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ DATASET_TTL = 30.0
 """How long a dataset read from the catalog answers the group check of later requests: a client
 asks for every file and every complete, and the owner and access groups do not change while a
 dataset uploads."""
-MAX_PARTS = 10_000
-"""S3's largest part number."""
 _COMPOSITE = re.compile(r"^(?P<value>[A-Za-z0-9+/=]+?)(?:-(?P<parts>\d+))?$")
 
 Submit = Callable[[Job], Awaitable[None]]
