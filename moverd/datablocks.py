@@ -233,9 +233,9 @@ async def verify_datablock(
     """
     alg, _, expected = datablock.datablock_checksum.partition(":")
     key = datablock.archive_id
-    if storage.verification != VERIFY_SERVER_CHECKSUM:
-        await storage.ensure_online(key)
     try:
+        if storage.verification != VERIFY_SERVER_CHECKSUM:
+            await storage.ensure_online(key)
         info = await storage.stat(key)
     except NotFoundError:
         raise VerificationError(f"datablock {key!r} is missing from {storage.name!r}") from None

@@ -138,13 +138,14 @@ async def test_observer_hooks_see_a_transfer(recorder_app, tmp_path: Path) -> No
 
 @pytest.mark.anyio
 async def test_observer_hooks_see_a_verify_end_either_way(recorder_app, tmp_path: Path) -> None:
-    """A damaged datablock is reported in the result and to the observers; a datablock the LTS
-    cannot read at all (its tar gone) ends the verify, and the observers hear of that too."""
+    """Damaged datablocks (a flipped byte, a tar gone) are reported in the result and to the
+    observers; a storage's refusal ends the verify, and the observers hear of that too."""
     app, rec = recorder_app
     async with app:
         awkward_tree(tmp_path / "src")
         ds, src = await register_folder(app, tmp_path / "src")
         blocks = (await archive_dataset(app, ds.pid, source=src)).datablocks
+        assert len(blocks) > 1
         rec.events.clear()
         assert not (await verify_dataset(app, ds.pid)).failed
         assert rec.events == [("transfer_started", ds.pid)] + [("datablock_verified", b.archive_id) for b in blocks] + [
@@ -159,11 +160,22 @@ async def test_observer_hooks_see_a_verify_end_either_way(recorder_app, tmp_path
         result = await verify_dataset(app, ds.pid)
         assert list(result.failed) == [block.archive_id]
         assert rec.events[-1] == ("transfer_failed", result.failed[block.archive_id])
+        # a tar gone is damage like any other: reported, and the other datablocks still checked
         tar.unlink()
+        rec.events.clear()
+        result = await verify_dataset(app, ds.pid)
+        assert list(result.failed) == [block.archive_id] and "is missing" in result.failed[block.archive_id]
+        assert len(result.ok) == len(blocks) - 1
+        assert rec.events[-1] == ("transfer_failed", result.failed[block.archive_id])
+        # a storage that refuses to read one (a symbolic link planted in the LTS) ends the verify
+        first = Path(app.settings.storages["lts"]["root"]) / blocks[0].archive_id
+        first.unlink()
+        first.symlink_to(first.name)
         rec.events.clear()
         with pytest.raises(MoverdError) as caught:
             await verify_dataset(app, ds.pid)
         assert not isinstance(caught.value, VerificationError)
+        assert "is a symlink (refused)" in str(caught.value) and blocks[0].archive_id in str(caught.value)
         ends = [e for e in rec.events if e[0] != "datablock_verified"]
         assert ends == [("transfer_started", ds.pid), ("transfer_failed", str(caught.value))]
 
