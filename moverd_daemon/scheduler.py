@@ -155,10 +155,14 @@ def _logged(name: str, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitab
         try:
             await fn()
         except asyncio.CancelledError:
-            # The scheduler's shutdown cancels the tasks still running, and APScheduler logs
-            # whatever its task raises with a traceback. A task that stops there is not a
-            # fault: every task is idempotent and runs again at the next start. This frame is
-            # the task's outermost, so nothing above it waits for the cancellation.
+            # The scheduler's shutdown cancels the tasks still running, and APScheduler's
+            # run_coroutine_job, the only frame above this one in that task, logs whatever it
+            # gets, a cancellation included, as a failed job with a traceback. A task stopped
+            # there is no fault: every task is idempotent and runs again at the next start. A
+            # CancelledError without a cancellation of this task is not that, and goes on.
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():
+                raise
             log.debug("housekeeping task %s stopped by the shutdown", name)
         except Exception as exc:
             log.warning("housekeeping task %s failed: %s", name, exc)
