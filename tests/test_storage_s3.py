@@ -209,18 +209,24 @@ async def test_an_object_beyond_the_part_limit_is_written_in_bigger_parts(
         assert writer.buffers_allocated <= 3
         assert await read_all(await storage.open_reader("big/over.tar")) == data
         assert "parts of 7.0 MiB instead of part_size 5.0 MiB" in caplog.text
-        # the hint said 10 MiB, 20 MiB came: part 4 would be refused by S3, the writer stops first
-        short = await storage.open_writer("big/outgrown.tar", size_hint=10 * MIB)
-        with pytest.raises(StorageError, match=r"outgrew 3 parts of 5\.0 MiB .* raise part_size \(now 5\.0 MiB\)"):
-            for i in range(0, len(data), MIB):
-                await short.write(data[i : i + MIB])
-            await short.commit()
-        await short.abort()
-        assert uploads(s3_server, bucket) == []
-        assert "big/outgrown.tar" not in keys(s3_server, bucket)
+        # the hint said 10 MiB, more came: part 4 would be refused by S3, the writer stops first,
+        # in a write (21 MiB: a fifth part's bytes arrive) or at the commit (exactly 4 parts)
+        for size in (21 * MIB, 20 * MIB):
+            short = await storage.open_writer("big/outgrown.tar", size_hint=10 * MIB)
+            with pytest.raises(StorageError, match=r"outgrew 3 parts of 5\.0 MiB \(more than 15\.0 MiB\), the "
+                               r"most S3 takes; raise part_size \(now 5\.0 MiB\)"):
+                more = data + os.urandom(size - len(data))
+                for i in range(0, size, MIB):
+                    await short.write(more[i : i + MIB])
+                await short.commit()
+            await short.abort()
+            assert uploads(s3_server, bucket) == []
+            assert "big/outgrown.tar" not in keys(s3_server, bucket)
     # beyond even 5 GiB parts: refused when the writer opens, before anything is sent
     with pytest.raises(StorageError, match=r"cannot be uploaded: S3 takes at most 3 parts of 5\.0 GiB"):
         writer_module.part_size_for(5 * MIB, 16 * 1024**3)
+    # within 3 parts of 5 GiB, but not with the 1 % margin: the margin gives way
+    assert writer_module.part_size_for(5 * MIB, 15 * 1024**3 - 1) == 5 * 1024**3
 
 
 @pytest.mark.anyio

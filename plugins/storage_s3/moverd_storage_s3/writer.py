@@ -50,23 +50,22 @@ MAX_PARTS = 10_000
 """S3's largest part number."""
 
 HINT_MARGIN = 1.01
-"""Room kept above the size hint when parts are sized for it: a datablock's size is planned
-exactly, but a hint from elsewhere may be an estimate."""
+"""Room kept above the size hint when parts are sized for it. A datablock's hint is an upper
+bound of its tar (its plan's estimate), but a caller's hint may fall short."""
 
 
 def part_size_for(part_size: int, size_hint: int | None) -> int:
-    """``part_size``, or the smallest whole MiB that fits an object of ``size_hint`` (and the
-    margin) in :data:`MAX_PARTS` parts."""
+    """``part_size``, or the smallest whole MiB that fits an object of ``size_hint`` and 1 % more
+    in :data:`MAX_PARTS` parts (at most 5 GiB parts: the margin then gives way)."""
     if size_hint is None or size_hint * HINT_MARGIN <= part_size * MAX_PARTS:
         return part_size
-    need = -(-int(size_hint * HINT_MARGIN) // MAX_PARTS)
-    need = -(-need // MIB) * MIB
-    if need > MAX_PART_SIZE:
+    if size_hint > MAX_PART_SIZE * MAX_PARTS:
         raise StorageError(
             f"an object of {format_size(size_hint)} cannot be uploaded: S3 takes at most {MAX_PARTS} "
             f"parts of {format_size(MAX_PART_SIZE)}"
         )
-    return need
+    need = -(-int(size_hint * HINT_MARGIN) // MAX_PARTS)
+    return min(-(-need // MIB) * MIB, MAX_PART_SIZE)
 
 
 class PartBody(io.RawIOBase):
@@ -304,8 +303,9 @@ class MultipartWriter(Writer):
         if self._next_part > MAX_PARTS:
             raise StorageError(
                 f"s3 {self._bucket}/{self._key}: the object outgrew {MAX_PARTS} parts of "
-                f"{format_size(self._part_size)} ({format_size(self.size)} so far), the most S3 takes; "
-                f"raise part_size (now {format_size(self._configured_part_size)}) for objects this big"
+                f"{format_size(self._part_size)} (more than {format_size(MAX_PARTS * self._part_size)}), the "
+                f"most S3 takes; raise part_size (now {format_size(self._configured_part_size)}) for objects "
+                "this big"
             )
         client = await self._client()
         if self._upload_id is None:
