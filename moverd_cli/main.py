@@ -388,7 +388,8 @@ def upload(
     if as_json:
         emit_json({"dataset": res.dataset, "files": res.files, "bytes": res.bytes, "skipped_files": res.skipped_files,
                    "parts_sent": res.parts_sent, "parts_resumed": res.parts_resumed,
-                   "urls_renewed": res.urls_renewed, "finalized": res.finalized, "part_size": res.part_size,
+                   "urls_renewed": res.urls_renewed, "uploads_aborted": res.uploads_aborted,
+                   "finalized": res.finalized, "part_size": res.part_size,
                    "seconds": round(seconds, 3)})
     else:
         resumed = f", {res.parts_resumed} part(s) and {res.skipped_files} file(s) already there" if (

@@ -97,6 +97,8 @@ class Result:
     parts_sent: int = 0
     parts_resumed: int = 0
     urls_renewed: int = 0
+    uploads_aborted: int = 0
+    """Open multipart uploads of an earlier run whose parts did not fit this run's part size."""
     job_id: str | None = None
     finalized: bool = False
     part_size: int = 0
@@ -157,6 +159,8 @@ class Uploader:
             timeout=urllib3.Timeout(connect=timeout, read=max(timeout, 300)),
         )
         self.threads = anyio.CapacityLimiter(parallel)
+        self.configured_part_size = part_size
+        """``--part-size``; :attr:`part_size` is the run's, which a very large file may raise."""
         self.part_size = part_size
         self.parallel = parallel
         self.buffers = SlabPool(part_size, parallel * part_size)
@@ -228,17 +232,26 @@ class Uploader:
         """``--part-size``, or the smallest whole MiB that fits the largest file in S3's 10 000
         parts: refused by the API at its first request otherwise, after the smaller files went."""
         largest = max(files, key=lambda f: f.size, default=None)
-        if largest is None or largest.size <= self.part_size * MAX_PARTS:
-            return self.part_size
+        if largest is None or largest.size <= self.configured_part_size * MAX_PARTS:
+            return self.configured_part_size
         need = -(-largest.size // MAX_PARTS)
         need = -(-need // MIB) * MIB
         if need > MAX_PART_SIZE:
             raise UserError(f"{largest.rel} ({format_size(largest.size)}) cannot be uploaded: S3 takes at most "
                             f"{MAX_PARTS} parts of {format_size(MAX_PART_SIZE)}")
         log.warning("parts of %s instead of --part-size %s: %s (%s) needs them (S3 takes at most %d parts); "
-                    "the buffers take up to %s", format_size(need), format_size(self.part_size), largest.rel,
+                    "the buffers take up to %s", format_size(need), format_size(self.configured_part_size), largest.rel,
                     format_size(largest.size), MAX_PARTS, format_size(need * self.parallel))
         return need
+
+    def _resumable(self, f: LocalFile, parts: list[dict[str, Any]]) -> bool:
+        """Whether an open upload's parts are parts of ``f`` at this run's part size."""
+        if f.size < self.part_size:
+            return False
+        count = math.ceil(f.size / self.part_size)
+        return all(1 <= p["part_number"] <= count
+                   and p["size"] == min(self.part_size, f.size - (p["part_number"] - 1) * self.part_size)
+                   for p in parts)
 
     async def upload(self, root: Path, pid: str, transfer: Transfer, *, finalize: bool, archive: bool,
                      owner: dict[str, str]) -> Result:
@@ -265,6 +278,14 @@ class Uploader:
                 transfer.files_done += 1
             else:
                 (small if f.size < self.part_size else big).append((name, f))
+                stale = open_uploads.get(name)
+                if stale is not None and not self._resumable(f, stale["parts"]):
+                    # Left by a run with another part size (or the file changed size): none of its
+                    # parts would be reused, and parts past this run's last would stay listed.
+                    await self.call("/s3/abortMultipartUpload", {
+                        "dataset_id": pid, "object_name": name, "upload_id": stale["upload_id"]})
+                    del open_uploads[name]
+                    result.uploads_aborted += 1
         # Batches of small files, and big files, are started a few at a time: their URLs are
         # signed shortly before they are used, and no more multipart uploads are open than can
         # have a part in flight.
@@ -335,7 +356,7 @@ class Uploader:
         count = math.ceil(f.size / self.part_size)
         have: dict[int, dict[str, Any]] = {}
         body: dict[str, Any] = {"dataset_id": pid, "object_name": name, "parts": count}
-        if resume is not None and len(resume["parts"]) <= count:
+        if resume is not None:  # its parts fit this run's layout (see upload)
             body["upload_id"] = resume["upload_id"]
             have = {p["part_number"]: p for p in resume["parts"]}
         answer = await self.call("/s3/presignedUrls", body)

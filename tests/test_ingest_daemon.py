@@ -314,11 +314,23 @@ def test_a_file_beyond_the_part_limit_is_sent_in_bigger_parts(
     token = served.idp.mint(groups=[f"/{GROUP}"], expires_in=3600)
     client = upload_module.Uploader(served.daemon.url, token, part_size=5 * MIB, parallel=2)
 
-    async def go() -> upload_module.Result:
-        return await client.upload(tmp_path / "ds", pid, Transfer(kind="upload", dataset=pid), finalize=False,
-                                   archive=False, owner={"user": "", "group": "", "email": ""})
+    huge = tmp_path / "huge"  # beyond 2 parts of 5 GiB (a sparse file): refused before any request
+    huge.mkdir()
+    with open(huge / "h.bin", "wb") as f:
+        f.truncate(2 * 5 * 1024**3 + 1)
 
-    res = anyio.run(go)
+    async def go() -> tuple[upload_module.Result, str]:
+        try:
+            res = await client.upload(tmp_path / "ds", pid, Transfer(kind="upload", dataset=pid), finalize=False,
+                                      archive=False, owner={"user": "", "group": "", "email": ""})
+            with pytest.raises(UserError) as refused:
+                await client.upload(huge, pid, Transfer(kind="upload", dataset=pid), finalize=False,
+                                    archive=False, owner={})
+            return res, str(refused.value)
+        finally:
+            await client.aclose()
+
+    res, refusal = anyio.run(go)
     assert res.part_size == 6 * MIB and res.parts_sent == 2  # 11 MiB in 2 parts: 6 MiB each
     assert "parts of 6.0 MiB instead of --part-size 5.0 MiB: big.bin" in caplog.text
     key = f"openem-network/datasets/{pid}/raw_files/big.bin"
@@ -326,11 +338,48 @@ def test_a_file_beyond_the_part_limit_is_sent_in_bigger_parts(
     assert head["ContentLength"] == files["big.bin"] and head["ETag"].strip('"').endswith("-2")
     body = served.s3.client().get_object(Bucket=served.facility.landing_bucket, Key=key)["Body"].read()
     assert body == (tmp_path / "ds" / "big.bin").read_bytes()
-    # beyond 2 parts of 5 GiB (a sparse file): refused before any request
-    huge = tmp_path / "huge"
-    huge.mkdir()
-    with open(huge / "h.bin", "wb") as f:
-        f.truncate(2 * 5 * 1024**3 + 1)
-    with pytest.raises(UserError, match=r"h\.bin \(10\.0 GiB\) cannot be uploaded: S3 takes at most 2 parts"):
-        anyio.run(lambda: client.upload(huge, pid, Transfer(kind="upload", dataset=pid), finalize=False,
-                                        archive=False, owner={}))
+    assert refusal == "h.bin (10.0 GiB) cannot be uploaded: S3 takes at most 2 parts of 5.0 GiB"
+
+
+def test_an_open_upload_of_another_part_size_is_aborted_and_its_file_sent_again(
+    served: Served, tmp_path: Path
+) -> None:
+    """A run with 5 MiB parts left two multipart uploads open; the next run, with 6 MiB parts,
+    could reuse none of their parts (and parts past its last would stay listed, so S3 would
+    refuse the complete): it aborts them and sends both files again, one now in a single PUT."""
+    import anyio
+
+    from moverd_cli.upload import Uploader, b64sha256
+
+    files = {"big.bin": 11 * MIB + 5, "mid.bin": 5 * MIB + 1}
+    pid = served.facility.scicat.add_dataset(list(files.items()), owner_group=GROUP, lifecycle=UPLOADING)
+    make_files(tmp_path / "ds", files)
+    bucket, prefix = served.facility.landing_bucket, f"openem-network/datasets/{pid}/raw_files"
+    earlier = Uploader(served.daemon.url, served.idp.mint(groups=[f"/{GROUP}"], expires_in=3600),
+                       part_size=5 * MIB, parallel=2)
+
+    async def left_open() -> None:
+        await earlier.call("/s3/requestDatasetUpload", {"dataset_id": pid, "dataset_size_gib": 0})
+        for rel, sent in (("big.bin", (1, 3)), ("mid.bin", (2,))):
+            data = (tmp_path / "ds" / rel).read_bytes()
+            count = -(-len(data) // (5 * MIB))
+            answer = await earlier.call("/s3/presignedUrls", {"dataset_id": pid, "object_name": f"{prefix}/{rel}",
+                                                              "parts": count})
+            for n in sent:
+                view = memoryview(data)[(n - 1) * 5 * MIB : n * 5 * MIB]
+                await anyio.to_thread.run_sync(earlier._put_blocking, answer["urls"][n - 1], view, b64sha256(view))
+        await earlier.aclose()
+
+    anyio.run(left_open)
+    assert len(served.s3.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])) == 2
+    args = ["upload", str(tmp_path / "ds"), "--dataset", pid, "--part-size", "6MiB", "--no-finalize", "--json"]
+    p = moverd(args, served.env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["uploads_aborted"] == 2 and res["parts_resumed"] == 0 and res["parts_sent"] == 2
+    assert served.landing(pid) == {f"{prefix}/{rel}": size for rel, size in files.items()}
+    assert served.s3.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", []) == []
+    body = served.s3.client().get_object(Bucket=bucket, Key=f"{prefix}/big.bin")["Body"].read()
+    assert body == (tmp_path / "ds" / "big.bin").read_bytes()
+    again = json.loads(moverd(args, served.env(tmp_path)).stdout)
+    assert again["skipped_files"] == 2 and again["parts_sent"] == 0
