@@ -25,7 +25,8 @@ The PUTs are blocking urllib3 requests in worker threads, as the S3 plugin's rea
 socket sends straight from the buffer (no slice is copied), and a small file is read, hashed and
 sent in one worker thread's turn. Through httpx's async client each PUT cost the event loop about
 2 ms of CPU (h11 framing, a copy of every 256 KiB slice), which on a busy host made the client,
-not S3, the limit for many small files. The few API calls stay on httpx.
+not S3, the limit for many small files. The few API calls stay on httpx. Both go through the
+proxy the environment names, if any (:meth:`Uploader._pool_for`).
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ import hashlib
 import logging
 import math
 import os
+import threading
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import httpx
@@ -154,10 +158,15 @@ class Uploader:
         self.api = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         # One connection per PUT in flight (``parallel``, held by the buffers), kept alive; no
         # retries or redirects of urllib3's own: :meth:`_put_blocking` retries.
-        self.s3 = urllib3.PoolManager(
-            num_pools=4, maxsize=parallel, retries=False,
-            timeout=urllib3.Timeout(connect=timeout, read=max(timeout, 300)),
-        )
+        self._pool_options: dict[str, Any] = {
+            "num_pools": 4, "maxsize": parallel, "retries": False,
+            "timeout": urllib3.Timeout(connect=timeout, read=max(timeout, 300)),
+        }
+        self.s3 = urllib3.PoolManager(**self._pool_options)
+        self._pools: dict[str, urllib3.PoolManager] = {}
+        """``scheme://host:port`` of a PUT's URL → the pool that carries it (:meth:`_pool_for`)."""
+        self._pools_lock = threading.Lock()
+        self._proxied: dict[str, urllib3.ProxyManager] = {}
         self.threads = anyio.CapacityLimiter(parallel)
         self.configured_part_size = part_size
         """``--part-size``; :attr:`part_size` is the run's, which a very large file may raise."""
@@ -184,6 +193,38 @@ class Uploader:
     async def aclose(self) -> None:
         await self.api.aclose()
         self.s3.clear()
+        for pool in self._proxied.values():
+            pool.clear()
+
+    def _pool_for(self, url: str) -> urllib3.PoolManager:
+        """The pool that carries a PUT to ``url``: straight to S3, or through the proxy the
+        environment names for it (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``, ``NO_PROXY``, as
+        :mod:`urllib.request` reads them), the way the API calls go through httpx. The proxy's
+        user and password, if its URL has both, go in ``Proxy-Authorization``. Decided once per
+        host and scheme (the environment is read once per run, as httpx reads it once)."""
+        target = urlsplit(url)
+        where = f"{target.scheme}://{target.netloc}"
+        pool = self._pools.get(where)
+        if pool is not None:
+            return pool
+        with self._pools_lock:
+            if where not in self._pools:
+                self._pools[where] = self._new_pool(target.scheme, target.netloc)
+            return self._pools[where]
+
+    def _new_pool(self, scheme: str, netloc: str) -> urllib3.PoolManager:
+        proxies = urllib.request.getproxies()
+        proxy = proxies.get(scheme) or proxies.get("all")
+        if not proxy or urllib.request.proxy_bypass(netloc):
+            return self.s3
+        if proxy not in self._proxied:  # one pool per proxy, whatever the hosts behind it
+            parsed = urllib3.util.parse_url(proxy if "://" in proxy else f"http://{proxy}")
+            user, _, password = (parsed.auth or "").partition(":")
+            headers = (urllib3.util.make_headers(proxy_basic_auth=f"{unquote(user)}:{unquote(password)}")
+                       if user and password else None)
+            self._proxied[proxy] = urllib3.ProxyManager(parsed._replace(auth=None).url, proxy_headers=headers,
+                                                        **self._pool_options)
+        return self._proxied[proxy]
 
     async def call(self, path: str, body: dict[str, Any]) -> Any:
         try:
@@ -210,7 +251,8 @@ class Uploader:
         def attempt() -> str:
             try:
                 # urllib3 sends any buffer as it is (body_to_chunks); its annotation names only bytes.
-                resp = self.s3.request("PUT", url, body=data, headers=headers, redirect=False)  # type: ignore[arg-type]
+                pool = self._pool_for(url)
+                resp = pool.request("PUT", url, body=data, headers=headers, redirect=False)  # type: ignore[arg-type]
             except urllib3.exceptions.HTTPError as exc:
                 raise _TransientPutError(f"PUT to S3 failed: {type(exc).__name__}: {exc}") from None
             if resp.status == 200:

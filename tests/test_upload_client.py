@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from moverd_cli.upload import ApiError, Uploader, b64sha256
-from tests.support.faultproxy import FaultProxy
+from tests.support.faultproxy import FaultProxy, only_proxy
 from tests.support.s3 import S3Server
 
 
@@ -59,3 +59,28 @@ def test_a_refused_put_is_not_sent_again_and_names_the_answer(
     assert [r[0] for r in s3_fault_proxy.seen] == ["PUT"]
     assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
+
+
+def test_a_put_goes_through_the_proxy_the_environment_names(
+    s3_server: S3Server, s3_fault_proxy: FaultProxy, uploader: Uploader, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With HTTP_PROXY set (a user and a password in it, one of them %-encoded), the PUT goes to
+    the proxy with the whole URL and the proxy's credentials, as the API calls go through httpx;
+    NO_PROXY naming S3's host sends it straight again."""
+    only_proxy(monkeypatch, "HTTP_PROXY", f"http://uploader:p%40ss@127.0.0.1:{s3_fault_proxy.port}")
+    bucket = s3_server.create_bucket()
+    data = hashlib.sha256(b"proxied").digest() * 1000
+    (tmp_path / "p.bin").write_bytes(data)
+    url = presigned_put(s3_server, s3_server.endpoint_url, bucket, "ds/p.bin")  # S3's own address
+    uploader._send_file_blocking(url, tmp_path / "p.bin", memoryview(bytearray(len(data))))
+    puts = [target for method, target, _ in s3_fault_proxy.seen if method == "PUT"]
+    assert len(puts) == 1 and puts[0].startswith(f"{s3_server.endpoint_url}/{bucket}/ds/p.bin?"), puts
+    assert s3_fault_proxy.proxy_authorizations == ["Basic " + base64.b64encode(b"uploader:p@ss").decode()]
+    assert s3_server.client().get_object(Bucket=bucket, Key="ds/p.bin")["Body"].read() == data
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # read once per run: the next run's client
+    url = presigned_put(s3_server, s3_server.endpoint_url, bucket, "ds/q.bin")
+    next_run = Uploader("http://127.0.0.1:9", None, part_size=5 * 1024**2, parallel=2, timeout=10)
+    next_run._send_file_blocking(url, tmp_path / "p.bin", memoryview(bytearray(len(data))))
+    assert len(s3_fault_proxy.seen) == 1
+    assert s3_server.client().get_object(Bucket=bucket, Key="ds/q.bin")["Body"].read() == data

@@ -65,7 +65,9 @@ class S3Server:
 
     def client(self, endpoint_url: str | None = None) -> Any:
         """A boto3 S3 client (sync) for test setup and assertions; one per endpoint, shared
-        (boto3 clients are thread-safe and cost ~0.1 s to make)."""
+        (boto3 clients are thread-safe and cost ~0.1 s to make). It never takes a proxy of the
+        environment: botocore fixes a client's proxies when it is made, and one first made in a
+        test that sets HTTP_PROXY would send every later test's setup through that proxy."""
         import boto3
         from botocore.config import Config
 
@@ -75,7 +77,7 @@ class S3Server:
         self._clients[url] = boto3.client(
             "s3", endpoint_url=endpoint_url or self.endpoint_url, region_name=self.region,
             aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key,
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32),
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32, proxies={}),
         )
         return self._clients[url]
 
