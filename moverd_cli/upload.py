@@ -37,7 +37,6 @@ import hashlib
 import logging
 import math
 import os
-import threading
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -163,9 +162,8 @@ class Uploader:
             "timeout": urllib3.Timeout(connect=timeout, read=max(timeout, 300)),
         }
         self.s3 = urllib3.PoolManager(**self._pool_options)
-        self._pools: dict[str, urllib3.PoolManager] = {}
-        """``scheme://host:port`` of a PUT's URL → the pool that carries it (:meth:`_pool_for`)."""
-        self._pools_lock = threading.Lock()
+        self._pools: dict[tuple[str, str], urllib3.PoolManager] = {}
+        """(scheme, host:port) of a PUT's URL → the pool that carries it (:meth:`_pool_for`)."""
         self._proxied: dict[str, urllib3.ProxyManager] = {}
         self.threads = anyio.CapacityLimiter(parallel)
         self.configured_part_size = part_size
@@ -203,28 +201,26 @@ class Uploader:
         user and password, if its URL has both, go in ``Proxy-Authorization``. Decided once per
         host and scheme (the environment is read once per run, as httpx reads it once)."""
         target = urlsplit(url)
-        where = f"{target.scheme}://{target.netloc}"
+        where = (target.scheme, target.netloc)
         pool = self._pools.get(where)
-        if pool is not None:
-            return pool
-        with self._pools_lock:
-            if where not in self._pools:
-                self._pools[where] = self._new_pool(target.scheme, target.netloc)
-            return self._pools[where]
+        if pool is None:  # two threads at once may both build one: the first stored is used
+            pool = self._pools.setdefault(where, self._new_pool(*where))
+        return pool
 
     def _new_pool(self, scheme: str, netloc: str) -> urllib3.PoolManager:
         proxies = urllib.request.getproxies()
         proxy = proxies.get(scheme) or proxies.get("all")
         if not proxy or urllib.request.proxy_bypass(netloc):
             return self.s3
-        if proxy not in self._proxied:  # one pool per proxy, whatever the hosts behind it
-            parsed = urllib3.util.parse_url(proxy if "://" in proxy else f"http://{proxy}")
-            user, _, password = (parsed.auth or "").partition(":")
-            headers = (urllib3.util.make_headers(proxy_basic_auth=f"{unquote(user)}:{unquote(password)}")
-                       if user and password else None)
-            self._proxied[proxy] = urllib3.ProxyManager(parsed._replace(auth=None).url, proxy_headers=headers,
-                                                        **self._pool_options)
-        return self._proxied[proxy]
+        known = self._proxied.get(proxy)  # one pool per proxy, whatever the hosts behind it
+        if known is not None:
+            return known
+        parsed = urllib3.util.parse_url(proxy if "://" in proxy else f"http://{proxy}")
+        user, _, password = (parsed.auth or "").partition(":")
+        headers = (urllib3.util.make_headers(proxy_basic_auth=f"{unquote(user)}:{unquote(password)}")
+                   if user and password else None)
+        manager = urllib3.ProxyManager(parsed._replace(auth=None).url, proxy_headers=headers, **self._pool_options)
+        return self._proxied.setdefault(proxy, manager)
 
     async def call(self, path: str, body: dict[str, Any]) -> Any:
         try:
@@ -291,9 +287,12 @@ class Uploader:
         if f.size < self.part_size:
             return False
         count = math.ceil(f.size / self.part_size)
-        return all(1 <= p["part_number"] <= count
-                   and p["size"] == min(self.part_size, f.size - (p["part_number"] - 1) * self.part_size)
+        return all(1 <= p["part_number"] <= count and p["size"] == self._part_length(f, p["part_number"])
                    for p in parts)
+
+    def _part_length(self, f: LocalFile, n: int) -> int:
+        """The length of part ``n`` (from 1) of ``f`` at this run's part size."""
+        return min(self.part_size, f.size - (n - 1) * self.part_size)
 
     async def upload(self, root: Path, pid: str, transfer: Transfer, *, finalize: bool, archive: bool,
                      owner: dict[str, str]) -> Result:
@@ -417,7 +416,7 @@ class Uploader:
 
         async def part(n: int) -> None:
             offset = (n - 1) * self.part_size
-            length = min(self.part_size, f.size - offset)
+            length = self._part_length(f, n)
             async with self._buffer() as buf:
                 view = memoryview(buf)[:length]
                 checksum = await self._in_thread(_read_and_sum, f.path, offset, view)
