@@ -154,7 +154,10 @@ def _read_into(path: Path, offset: int, view: memoryview) -> None:
 class Uploader:
     def __init__(self, url: str, token: str | None, *, part_size: int, parallel: int, timeout: float = 60) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.api = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        try:  # httpx reads the environment's proxies here
+            self.api = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        except (ValueError, ImportError) as exc:  # an unknown scheme; SOCKS without socksio
+            raise UserError(f"the proxy the environment names cannot be used: {exc}") from None
         # One connection per PUT in flight (``parallel``, held by the buffers), kept alive; no
         # retries or redirects of urllib3's own: :meth:`_put_blocking` retries.
         self._pool_options: dict[str, Any] = {
@@ -215,11 +218,16 @@ class Uploader:
         known = self._proxied.get(proxy)  # one pool per proxy, whatever the hosts behind it
         if known is not None:
             return known
-        parsed = urllib3.util.parse_url(proxy if "://" in proxy else f"http://{proxy}")
-        user, _, password = (parsed.auth or "").partition(":")
-        headers = (urllib3.util.make_headers(proxy_basic_auth=f"{unquote(user)}:{unquote(password)}")
-                   if user and password else None)
-        manager = urllib3.ProxyManager(parsed._replace(auth=None).url, proxy_headers=headers, **self._pool_options)
+        try:
+            parsed = urllib3.util.parse_url(proxy if "://" in proxy else f"http://{proxy}")
+            user, _, password = (parsed.auth or "").partition(":")
+            headers = (urllib3.util.make_headers(proxy_basic_auth=f"{unquote(user)}:{unquote(password)}")
+                       if user and password else None)
+            manager = urllib3.ProxyManager(parsed._replace(auth=None).url, proxy_headers=headers,
+                                           **self._pool_options)
+        except ValueError as exc:  # urllib3's LocationValueError: a URL it cannot parse or use
+            why = str(exc).replace(proxy, "<its URL>")  # which may hold a password
+            raise UserError(f"the proxy the environment names for {scheme}:// URLs cannot be used: {why}") from None
         return self._proxied.setdefault(proxy, manager)
 
     async def call(self, path: str, body: dict[str, Any]) -> Any:
@@ -244,10 +252,11 @@ class Uploader:
         url = base64.b64decode(url_b64).decode()
         headers = {"x-amz-checksum-sha256": checksum, "Content-Type": "", "Content-Length": str(len(data))}
 
+        pool = self._pool_for(url)  # a proxy setting it cannot use is the user's to mend, not retried
+
         def attempt() -> str:
             try:
                 # urllib3 sends any buffer as it is (body_to_chunks); its annotation names only bytes.
-                pool = self._pool_for(url)
                 resp = pool.request("PUT", url, body=data, headers=headers, redirect=False)  # type: ignore[arg-type]
             except urllib3.exceptions.HTTPError as exc:
                 raise _TransientPutError(f"PUT to S3 failed: {type(exc).__name__}: {exc}") from None

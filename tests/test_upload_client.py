@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from moverd.errors import UserError
 from moverd_cli.upload import ApiError, Uploader, b64sha256
 from tests.support.faultproxy import FaultProxy, only_proxy
 from tests.support.s3 import S3Server
@@ -84,3 +85,20 @@ def test_a_put_goes_through_the_proxy_the_environment_names(
     next_run._send_file_blocking(url, tmp_path / "p.bin", memoryview(bytearray(len(data))))
     assert len(s3_fault_proxy.seen) == 1
     assert s3_server.client().get_object(Bucket=bucket, Key="ds/q.bin")["Body"].read() == data
+
+
+@pytest.mark.parametrize(("variable", "proxy", "said"), [
+    ("HTTPS_PROXY", "ftp://up:secret@127.0.0.1:21", "Unknown scheme for proxy URL"),  # httpx refuses it
+    ("HTTP_PROXY", "http://up:secret@127.0.0.1:99999", "Failed to parse: <its URL>"),  # urllib3 refuses it
+])
+def test_a_proxy_setting_that_cannot_be_used_is_one_clear_error(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, proxy: str, said: str
+) -> None:
+    """Named at once, without the proxy's password, and not retried as if S3 had failed."""
+    bucket = s3_server.create_bucket()
+    url = presigned_put(s3_server, s3_server.endpoint_url, bucket, "ds/x")
+    only_proxy(monkeypatch, variable, proxy)
+    with pytest.raises(UserError, match="the proxy the environment names") as refused:
+        uploader = Uploader("http://127.0.0.1:9", None, part_size=5 * 1024**2, parallel=2, timeout=10)
+        uploader._put_blocking(url, memoryview(b"x"), b64sha256(b"x"))
+    assert said in str(refused.value) and "secret" not in str(refused.value)
